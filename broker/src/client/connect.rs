@@ -1,0 +1,186 @@
+//! CONNECT: validation, the session claim, CONNACK.
+
+use jetmq_codec::{ConnAck, ConnAckProperties, Connect, LastWill, Packet, ProtocolVersion, ReasonCode};
+
+use crate::server::Node;
+use crate::session::{now_ms, Owner, SessionRecord, StoreError, StoredProperties, StoredWill};
+use crate::topic;
+
+/// What the handshake settled.
+pub(super) struct Admission {
+    pub client_id: String,
+    pub assigned_client_id: bool,
+    pub keep_alive: u16,
+    pub server_keep_alive: Option<u16>,
+    pub expiry_secs: u32,
+    pub expiry_capped: bool,
+}
+
+/// Checks a CONNECT. `Err` carries the CONNACK reason to refuse it with.
+pub(super) fn admit(node: &Node, connect: &Connect) -> Result<Admission, ReasonCode> {
+    let limits = &node.config.limits;
+    let v5 = connect.protocol.is_v5();
+    let mut client_id = connect.client_id.clone();
+    let mut assigned = false;
+    if client_id.is_empty() {
+        if !v5 && !connect.clean_start {
+            // 3.1.1: a server-chosen id cannot be resumed, so a persistent session needs one.
+            return Err(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+        }
+        client_id = format!("jetmq-{}-{:016x}", node.config.node_id, rand_u64());
+        assigned = true;
+    }
+    if client_id.len() > limits.max_client_id_length {
+        return Err(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+    }
+    let mut keep_alive = connect.keep_alive;
+    let mut server_keep_alive = None;
+    if keep_alive > limits.max_keepalive {
+        if v5 {
+            keep_alive = limits.max_keepalive;
+            server_keep_alive = Some(keep_alive);
+        } else {
+            // 3.1.1 cannot tell the client to use less; refuse like mosquitto does.
+            return Err(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+        }
+    }
+    let requested_expiry = if v5 {
+        connect.properties.session_expiry_interval.unwrap_or(0)
+    } else if connect.clean_start {
+        0
+    } else {
+        limits.max_session_expiry
+    };
+    let expiry_secs = requested_expiry.min(limits.max_session_expiry);
+    if let Some(will) = &connect.will {
+        if topic::validate_topic_name(&will.topic, limits.max_topic_levels, limits.max_topic_length).is_err() {
+            return Err(ReasonCode::TOPIC_NAME_INVALID);
+        }
+        if will.payload.len() > limits.max_packet_size as usize {
+            return Err(ReasonCode::PACKET_TOO_LARGE);
+        }
+    }
+    if connect.properties.authentication_method.is_some() {
+        return Err(ReasonCode::BAD_AUTHENTICATION_METHOD);
+    }
+    Ok(Admission {
+        client_id,
+        assigned_client_id: assigned,
+        keep_alive,
+        server_keep_alive,
+        expiry_secs,
+        expiry_capped: v5 && expiry_secs != requested_expiry,
+    })
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    hasher.finish()
+}
+
+pub(super) fn stored_will(will: &LastWill) -> StoredWill {
+    StoredWill {
+        topic: will.topic.clone(),
+        payload: will.payload.to_vec(),
+        qos: will.qos as u8,
+        retain: will.retain,
+        delay_secs: will.delay_interval.unwrap_or(0),
+        properties: StoredProperties {
+            payload_format_indicator: will.properties.payload_format_indicator,
+            message_expiry_interval: will.properties.message_expiry_interval,
+            content_type: will.properties.content_type.clone(),
+            response_topic: will.properties.response_topic.clone(),
+            correlation_data: will.properties.correlation_data.as_ref().map(|b| b.to_vec()),
+            user_properties: will.properties.user_properties.clone(),
+        },
+    }
+}
+
+/// The claimed session: the record now names this connection as its owner.
+pub(super) struct Claim {
+    pub record: SessionRecord,
+    pub revision: u64,
+    pub session_present: bool,
+}
+
+/// Makes this connection the owner of the client id's session, cluster-wide. Races with
+/// other connections are settled by the KV revision check; the loser retries on fresh data.
+pub(super) async fn claim_session(
+    node: &Node,
+    admission: &Admission,
+    connect: &Connect,
+    connection: u64,
+) -> Result<Claim, StoreError> {
+    let store = &node.cluster.sessions;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (existing, revision) = store.load(&admission.client_id).await?;
+        let now = now_ms();
+        let previous_owner = existing.as_ref().and_then(|r| r.owner.clone());
+        let (mut record, session_present) = match existing {
+            Some(record) if !connect.clean_start && !record.is_expired(now) => (record, true),
+            _ => (SessionRecord::new(&admission.client_id, node.router.position()), false),
+        };
+        record.owner = Some(Owner {
+            node: node.config.node_id.clone(),
+            connection,
+        });
+        record.disconnected_at_ms = None;
+        record.expiry_secs = admission.expiry_secs;
+        record.will = connect.will.as_ref().map(stored_will);
+        record.will_due_ms = None;
+        record.protocol_v5 = connect.protocol == ProtocolVersion::V5;
+        match store.save(&record, revision).await {
+            Ok(revision) => {
+                if let Some(owner) = previous_owner {
+                    node.metrics.takeovers.inc();
+                    node.kick(&owner.node, &admission.client_id, owner.connection).await;
+                }
+                return Ok(Claim {
+                    record,
+                    revision,
+                    session_present,
+                });
+            }
+            Err(StoreError::Conflict) if attempt < 8 => continue,
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+pub(super) fn connack(node: &Node, connect: &Connect, admission: &Admission, session_present: bool) -> Packet {
+    let limits = &node.config.limits;
+    let mut properties = ConnAckProperties::default();
+    if connect.protocol.is_v5() {
+        properties.receive_maximum = Some(limits.receive_maximum);
+        properties.maximum_packet_size = Some(limits.max_packet_size);
+        properties.topic_alias_maximum = Some(limits.topic_alias_maximum);
+        properties.retain_available = Some(true);
+        properties.wildcard_subscription_available = Some(true);
+        properties.subscription_identifiers_available = Some(true);
+        properties.shared_subscription_available = Some(false);
+        properties.server_keep_alive = admission.server_keep_alive;
+        if admission.assigned_client_id {
+            properties.assigned_client_identifier = Some(admission.client_id.clone());
+        }
+        if admission.expiry_capped {
+            properties.session_expiry_interval = Some(admission.expiry_secs);
+        }
+    }
+    Packet::ConnAck(Box::new(ConnAck {
+        session_present,
+        reason: ReasonCode::SUCCESS,
+        properties,
+    }))
+}
+
+pub(super) fn refusal(reason: ReasonCode) -> Packet {
+    Packet::ConnAck(Box::new(ConnAck {
+        session_present: false,
+        reason,
+        properties: ConnAckProperties::default(),
+    }))
+}

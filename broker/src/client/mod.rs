@@ -1,0 +1,479 @@
+//! One MQTT connection, from CONNECT to close: where packets enter the broker.
+//!
+//! [`serve`] runs the handshake, claims the session and then drives a single loop that
+//! waits on the socket, on deliveries from the router, on JetStream acknowledgements, on
+//! session writes and on timers. All per-connection state lives in [`Client`]; nothing in
+//! it is needed after the connection ends, because whatever must survive is in the
+//! session record.
+
+mod connect;
+mod inbound;
+mod outbound;
+mod persist;
+mod subscriptions;
+mod will;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use jetmq_codec::{Disconnect, Packet, ProtocolVersion, ReasonCode};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::connection::{FrameReader, FrameWriter, ReadError, Transport};
+use crate::routing::{Delivery, SessionKey, SessionLink, SubEntry, NOT_LAGGED};
+use crate::server::{control_reason, Control, LocalClient, Node};
+use crate::session::SessionRecord;
+
+use inbound::PendingAck;
+use outbound::Outgoing;
+use persist::AfterPersist;
+
+/// How often the session's position is written back while it changes.
+const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+/// Deliveries buffered between the router and one connection.
+const ROUTER_QUEUE: usize = 1024;
+/// Outgoing bytes above which we stop taking new deliveries until the socket drains.
+const WRITE_SOFT_LIMIT: usize = 64 * 1024;
+
+/// Why the loop ended.
+#[derive(Debug)]
+enum Exit {
+    /// DISCONNECT from the client; `publish_will` for reason 0x04.
+    Disconnect { publish_will: bool },
+    /// Socket closed, keep alive expired, protocol error: the will goes out.
+    Abnormal,
+    /// Another connection owns the session now; leave the record alone.
+    TakenOver,
+    Shutdown,
+}
+
+pub(crate) struct Client<R, W> {
+    node: Arc<Node>,
+    reader: FrameReader<R>,
+    writer: FrameWriter<W>,
+    peer: SocketAddr,
+    v5: bool,
+    client_id: Arc<str>,
+    username: Option<String>,
+    connection: u64,
+    session_key: SessionKey,
+    keep_alive: Duration,
+    last_packet_at: Instant,
+
+    // The session record as last written, and its revision (for compare-and-set).
+    record: SessionRecord,
+    revision: u64,
+
+    // Deliveries towards the client.
+    deliveries: mpsc::Receiver<Delivery>,
+    lagged: Arc<AtomicU64>,
+    subscriptions: Vec<(String, SubEntry)>,
+    queue: VecDeque<Delivery>,
+    inflight: HashMap<u16, Outgoing>,
+    inflight_limit: usize,
+    next_extra_packet_id: u16,
+    /// Every message up to this stream sequence has been seen by this session.
+    position: u64,
+    /// Messages in (position, replay_upto] must come from a replay, not the router queue.
+    replay_upto: Option<u64>,
+    replay: Option<outbound::ReplayFuture>,
+    released: HashSet<u64>,
+    /// Stream sequences a previous connection may already have sent (DUP on resend).
+    maybe_sent_before: std::ops::RangeInclusive<u64>,
+    aliases_out: HashMap<String, u16>,
+    alias_out_max: u16,
+
+    // PUBLISHes from the client.
+    acks: FuturesOrdered<PendingAck>,
+    inbound_unacked: usize,
+    aliases_in: HashMap<u16, String>,
+    qos2_publishing: HashSet<u16>,
+    /// QoS 2 messages this connection stored (PUBREC sent), awaiting PUBREL.
+    qos2_stored: HashSet<u16>,
+
+    // Session record writes.
+    persist: Option<persist::PersistFuture>,
+    waiting_for_persist: Vec<AfterPersist>,
+    riding_on_persist: Vec<AfterPersist>,
+    persisted_cursor: u64,
+    /// Record fields changed that no pending write covers yet.
+    record_dirty: bool,
+    persist_failures: u32,
+}
+
+/// Serves one accepted socket until it closes. Never panics on client input; every way out
+/// is logged with the client id.
+pub async fn serve<S: Transport>(node: Arc<Node>, stream: S, peer: SocketAddr) {
+    node.metrics.connections.inc();
+    node.metrics.connections_total.inc();
+    let (read_half, write_half) = tokio::io::split(stream);
+    let reader = FrameReader::new(read_half, node.config.limits.max_packet_size as usize);
+    let writer = FrameWriter::new(write_half);
+    run(node.clone(), reader, writer, peer).await;
+    node.metrics.connections.dec();
+}
+
+async fn run<S: Transport>(
+    node: Arc<Node>,
+    mut reader: FrameReader<ReadHalf<S>>,
+    mut writer: FrameWriter<WriteHalf<S>>,
+    peer: SocketAddr,
+) {
+    let timeout = Duration::from_millis(node.config.limits.connect_timeout_ms);
+    let first = match tokio::time::timeout(timeout, reader.next()).await {
+        Err(_) => {
+            tracing::info!(%peer, "no CONNECT within {timeout:?}; closing");
+            return;
+        }
+        Ok(Err(ReadError::Decode(jetmq_codec::DecodeError::UnsupportedProtocol(level)))) => {
+            tracing::info!(%peer, level, "unsupported protocol level; refusing");
+            writer.version = if level >= 5 {
+                ProtocolVersion::V5
+            } else {
+                ProtocolVersion::V311
+            };
+            let _ = writer.queue(&connect::refusal(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION));
+            let _ = writer.flush().await;
+            return;
+        }
+        Ok(Err(err)) => {
+            node.metrics.protocol_errors.inc();
+            tracing::info!(%peer, error = %err, "closing before CONNECT completed");
+            return;
+        }
+        Ok(Ok(packet)) => packet,
+    };
+    let Packet::Connect(connect) = first else {
+        node.metrics.protocol_errors.inc();
+        tracing::info!(%peer, packet = first.name(), "first packet was not CONNECT; closing");
+        return;
+    };
+    writer.version = connect.protocol;
+    let admission = match connect::admit(&node, &connect) {
+        Ok(admission) => admission,
+        Err(reason) => {
+            tracing::info!(%peer, client_id = %connect.client_id, reason = reason.0, "CONNECT refused");
+            let _ = writer.queue(&connect::refusal(reason));
+            let _ = writer.flush().await;
+            return;
+        }
+    };
+    if let Some(max) = connect.properties.maximum_packet_size {
+        writer.peer_max_packet_size = max as usize;
+    }
+    let connection = node.next_id();
+    let claim = match connect::claim_session(&node, &admission, &connect, connection).await {
+        Ok(claim) => claim,
+        Err(err) => {
+            tracing::warn!(%peer, client_id = %admission.client_id, error = %err, "cannot claim session; refusing");
+            let _ = writer.queue(&connect::refusal(ReasonCode::SERVER_UNAVAILABLE));
+            let _ = writer.flush().await;
+            return;
+        }
+    };
+    let client_id: Arc<str> = Arc::from(admission.client_id.as_str());
+    let (control_tx, mut control_rx) = mpsc::channel(4);
+    if let Some(previous) = node.clients.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        admission.client_id.clone(),
+        LocalClient {
+            connection,
+            control: control_tx,
+        },
+    ) {
+        let _ = previous.control.try_send(Control::TakenOver);
+    }
+    if writer.queue(&connect::connack(&node, &connect, &admission, claim.session_present)).is_err() {
+        return;
+    }
+    tracing::debug!(%peer, client_id = %client_id, session_present = claim.session_present, "connected");
+
+    let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
+    let lagged = Arc::new(AtomicU64::new(NOT_LAGGED));
+    let subscriptions = subscriptions::entries(&claim.record.subscriptions);
+    let live_from = node.router.attach(
+        connection,
+        SessionLink {
+            client_id: client_id.clone(),
+            tx,
+            lagged: lagged.clone(),
+        },
+        &subscriptions,
+    );
+    let receive_maximum = connect.properties.receive_maximum.unwrap_or(u16::MAX);
+    let mut client = Client {
+        node: node.clone(),
+        reader,
+        writer,
+        peer,
+        v5: connect.protocol.is_v5(),
+        client_id: client_id.clone(),
+        username: connect.username.clone(),
+        connection,
+        session_key: connection,
+        keep_alive: Duration::from_secs(u64::from(admission.keep_alive)),
+        last_packet_at: Instant::now(),
+        position: claim.record.cursor,
+        persisted_cursor: claim.record.cursor,
+        record_dirty: false,
+        released: claim.record.released.iter().copied().collect(),
+        maybe_sent_before: if claim.session_present {
+            claim.record.cursor + 1..=live_from
+        } else {
+            std::ops::RangeInclusive::new(1, 0)
+        },
+        record: claim.record,
+        revision: claim.revision,
+        deliveries: rx,
+        lagged,
+        subscriptions,
+        queue: VecDeque::new(),
+        inflight: HashMap::new(),
+        inflight_limit: usize::from(node.config.limits.max_inflight.min(receive_maximum)),
+        next_extra_packet_id: outbound::FIRST_EXTRA_PACKET_ID,
+        replay_upto: Some(live_from),
+        replay: None,
+        aliases_out: HashMap::new(),
+        alias_out_max: connect.properties.topic_alias_maximum.unwrap_or(0),
+        acks: FuturesOrdered::new(),
+        inbound_unacked: 0,
+        aliases_in: HashMap::new(),
+        qos2_publishing: HashSet::new(),
+        qos2_stored: HashSet::new(),
+        persist: None,
+        waiting_for_persist: Vec::new(),
+        riding_on_persist: Vec::new(),
+        persist_failures: 0,
+    };
+    client.resend_released();
+    let exit = client.run_loop(&mut control_rx).await;
+    client.finish(exit).await;
+}
+
+impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
+    async fn run_loop(&mut self, control: &mut mpsc::Receiver<Control>) -> Exit {
+        let mut persist_tick = tokio::time::interval(PERSIST_INTERVAL);
+        persist_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stall_limit = self.node.config.limits.max_write_buffer;
+        loop {
+            if let Err(exit) = self.pump() {
+                return exit;
+            }
+            self.maybe_start_replay();
+            self.maybe_start_persist(false);
+            if self.writer.pending() > stall_limit {
+                tracing::info!(client_id = %self.client_id, bytes = self.writer.pending(), "client is not reading; disconnecting");
+                return Exit::Abnormal;
+            }
+            let keep_alive_deadline = if self.keep_alive.is_zero() {
+                None
+            } else {
+                Some(self.last_packet_at + self.keep_alive + self.keep_alive / 2)
+            };
+            let accept_deliveries = self.replay_upto.is_none()
+                && self.queue.len() < self.node.config.limits.max_queued_messages
+                && self.writer.pending() < WRITE_SOFT_LIMIT;
+            tokio::select! {
+                read = self.reader.fill() => {
+                    if let Err(err) = read {
+                        return self.read_failed(err);
+                    }
+                    self.last_packet_at = Instant::now();
+                    loop {
+                        match self.reader.try_next() {
+                            Ok(Some(packet)) => {
+                                if let Err(exit) = self.handle_packet(packet).await {
+                                    return exit;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(err) => return self.read_failed(ReadError::Decode(err)),
+                        }
+                    }
+                }
+                written = self.writer.write_some(), if self.writer.pending() > 0 => {
+                    if let Err(err) = written {
+                        tracing::debug!(client_id = %self.client_id, error = %err, "write failed");
+                        return Exit::Abnormal;
+                    }
+                }
+                delivery = self.deliveries.recv(), if accept_deliveries => {
+                    if let Some(delivery) = delivery {
+                        self.accept_delivery(delivery);
+                        while self.queue.len() < self.node.config.limits.max_queued_messages {
+                            match self.deliveries.try_recv() {
+                                Ok(delivery) => self.accept_delivery(delivery),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+                Some(done) = self.acks.next() => {
+                    if let Err(exit) = self.publish_acknowledged(done) {
+                        return exit;
+                    }
+                }
+                replayed = async { self.replay.as_mut().expect("guarded").await }, if self.replay.is_some() => {
+                    self.replay = None;
+                    self.replay_finished(replayed);
+                }
+                persisted = async { self.persist.as_mut().expect("guarded").await }, if self.persist.is_some() => {
+                    self.persist = None;
+                    if let Err(exit) = self.persist_finished(persisted).await {
+                        return exit;
+                    }
+                }
+                _ = persist_tick.tick() => {
+                    self.advance_position();
+                    self.maybe_start_persist(true);
+                }
+                _ = sleep_until(keep_alive_deadline) => {
+                    tracing::info!(client_id = %self.client_id, "keep alive expired");
+                    self.send_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
+                    return Exit::Abnormal;
+                }
+                command = control.recv() => {
+                    let command = command.unwrap_or(Control::Shutdown);
+                    self.send_disconnect(control_reason(command));
+                    return match command {
+                        Control::TakenOver => {
+                            tracing::info!(client_id = %self.client_id, "session taken over by a newer connection");
+                            Exit::TakenOver
+                        }
+                        Control::Shutdown => Exit::Shutdown,
+                    };
+                }
+                _ = self.node.shutdown.cancelled() => {
+                    self.send_disconnect(ReasonCode::SERVER_SHUTTING_DOWN);
+                    return Exit::Shutdown;
+                }
+            }
+        }
+    }
+
+    fn read_failed(&mut self, err: ReadError) -> Exit {
+        match err {
+            ReadError::Closed => tracing::debug!(client_id = %self.client_id, "connection closed by client"),
+            ReadError::Decode(err) => {
+                self.node.metrics.protocol_errors.inc();
+                tracing::info!(client_id = %self.client_id, peer = %self.peer, error = %err, "protocol violation; disconnecting");
+                self.send_disconnect(err.reason_code());
+            }
+            other => tracing::debug!(client_id = %self.client_id, error = %other, "connection lost"),
+        }
+        Exit::Abnormal
+    }
+
+    /// Closes with a reason: MQTT 5 clients get a DISCONNECT, 3.1.1 clients just the close.
+    fn send_disconnect(&mut self, reason: ReasonCode) {
+        if self.v5 {
+            let _ = self.writer.queue(&Packet::Disconnect(Disconnect::new(reason)));
+        }
+    }
+
+    fn protocol_error(&mut self, reason: ReasonCode, what: &str) -> Exit {
+        self.node.metrics.protocol_errors.inc();
+        tracing::info!(client_id = %self.client_id, peer = %self.peer, reason = reason.0, "{what}; disconnecting");
+        self.send_disconnect(reason);
+        Exit::Abnormal
+    }
+
+    async fn handle_packet(&mut self, packet: Packet) -> Result<(), Exit> {
+        match packet {
+            Packet::Publish(publish) => self.handle_publish(publish).await,
+            Packet::PubAck(ack) => {
+                self.outgoing_acked(ack.packet_id, outbound::AckKind::PubAck, ack.reason);
+                Ok(())
+            }
+            Packet::PubRec(rec) => {
+                self.outgoing_acked(rec.packet_id, outbound::AckKind::PubRec, rec.reason);
+                Ok(())
+            }
+            Packet::PubComp(comp) => {
+                self.outgoing_acked(comp.packet_id, outbound::AckKind::PubComp, comp.reason);
+                Ok(())
+            }
+            Packet::PubRel(rel) => {
+                self.handle_pubrel(rel.packet_id);
+                Ok(())
+            }
+            Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe),
+            Packet::Unsubscribe(unsubscribe) => {
+                self.handle_unsubscribe(unsubscribe);
+                Ok(())
+            }
+            Packet::PingReq => {
+                let _ = self.writer.queue(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(disconnect) => {
+                if let Some(expiry) = disconnect.properties.session_expiry_interval {
+                    if self.record.expiry_secs == 0 && expiry != 0 {
+                        return Err(self.protocol_error(
+                            ReasonCode::PROTOCOL_ERROR,
+                            "DISCONNECT set a session expiry on a session that had none",
+                        ));
+                    }
+                    self.record.expiry_secs = expiry.min(self.node.config.limits.max_session_expiry);
+                }
+                Err(Exit::Disconnect {
+                    publish_will: disconnect.reason == ReasonCode::DISCONNECT_WITH_WILL,
+                })
+            }
+            Packet::Connect(_) => Err(self.protocol_error(ReasonCode::PROTOCOL_ERROR, "second CONNECT")),
+            Packet::Auth(_) => Err(self.protocol_error(
+                ReasonCode::PROTOCOL_ERROR,
+                "AUTH without an authentication method",
+            )),
+            other => Err(self.protocol_error(
+                ReasonCode::PROTOCOL_ERROR,
+                &format!("client sent server-only packet {}", other.name()),
+            )),
+        }
+    }
+
+    /// Cleans up after the loop: the will, the session record, the router and registry.
+    async fn finish(mut self, exit: Exit) {
+        self.node.router.detach(
+            self.session_key,
+            self.subscriptions.iter().map(|(f, _)| f.clone()),
+        );
+        {
+            let mut clients = self.node.clients.lock().unwrap_or_else(|p| p.into_inner());
+            if clients.get(&*self.client_id).is_some_and(|c| c.connection == self.connection) {
+                clients.remove(&*self.client_id);
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.writer.flush()).await;
+        self.writer.shutdown().await;
+        tracing::debug!(client_id = %self.client_id, ?exit, "connection ended");
+        match exit {
+            Exit::TakenOver => {
+                if self.record.will.as_ref().is_some_and(|w| w.delay_secs == 0) {
+                    self.publish_own_will().await;
+                }
+            }
+            Exit::Disconnect { publish_will } => {
+                if publish_will {
+                    self.publish_own_will().await;
+                }
+                self.record.will = None;
+                self.end_session().await;
+            }
+            Exit::Abnormal | Exit::Shutdown => self.end_session().await,
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

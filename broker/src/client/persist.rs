@@ -1,0 +1,120 @@
+//! Writing the session record back: batched, one write in flight, compare-and-set.
+//!
+//! Actions that must not happen before the record is durable (SUBACK, PUBREL, PUBCOMP, the
+//! JetStream publish of a QoS 2 message) wait in `waiting_for_persist` and run when the
+//! write that covers them has been acknowledged.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use jetmq_codec::Packet;
+use jetmq_common::envelope::Envelope;
+
+use super::{Client, Exit};
+use crate::session::StoreError;
+
+pub(super) type PersistFuture = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>;
+
+/// Consecutive failed writes after which the connection gives up.
+const MAX_PERSIST_FAILURES: u32 = 5;
+
+pub(super) enum AfterPersist {
+    Send(Packet),
+    /// Retained messages for a new subscription: they follow its SUBACK.
+    Deliver(Vec<crate::routing::Delivery>),
+    PublishQos2 {
+        topic: String,
+        envelope: Box<Envelope>,
+        payload: Bytes,
+        packet_id: u16,
+        msg_id: String,
+    },
+}
+
+impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
+    pub(super) fn after_persist(&mut self, action: AfterPersist) {
+        self.waiting_for_persist.push(action);
+    }
+
+    /// Starts a write if something waits for one, or (`periodic`) if the position moved.
+    pub(super) fn maybe_start_persist(&mut self, periodic: bool) {
+        if self.persist.is_some() {
+            return;
+        }
+        let cursor = self.durable_cursor();
+        let needed = !self.waiting_for_persist.is_empty()
+            || (periodic && (cursor != self.persisted_cursor || self.record_dirty));
+        if !needed {
+            return;
+        }
+        self.record.cursor = cursor;
+        let mut released: Vec<u64> = self.released.iter().copied().collect();
+        released.sort_unstable();
+        self.record.released = released;
+        self.record_dirty = false;
+        self.riding_on_persist = std::mem::take(&mut self.waiting_for_persist);
+        let store = self.node.cluster.sessions.clone();
+        let record = self.record.clone();
+        let revision = self.revision;
+        self.persist = Some(Box::pin(async move { store.save(&record, revision).await }));
+    }
+
+    pub(super) async fn persist_finished(&mut self, result: Result<u64, StoreError>) -> Result<(), Exit> {
+        match result {
+            Ok(revision) => {
+                self.revision = revision;
+                self.persisted_cursor = self.record.cursor;
+                self.persist_failures = 0;
+                for action in std::mem::take(&mut self.riding_on_persist) {
+                    self.run_after_persist(action).await?;
+                }
+                Ok(())
+            }
+            Err(StoreError::Conflict) => {
+                tracing::info!(client_id = %self.client_id, "session record changed elsewhere: taken over");
+                self.send_disconnect(jetmq_codec::ReasonCode::SESSION_TAKEN_OVER);
+                Err(Exit::TakenOver)
+            }
+            Err(err) => {
+                self.persist_failures += 1;
+                tracing::warn!(client_id = %self.client_id, error = %err, failures = self.persist_failures, "session write failed");
+                let mut retry = std::mem::take(&mut self.riding_on_persist);
+                retry.append(&mut self.waiting_for_persist);
+                self.waiting_for_persist = retry;
+                self.record_dirty = true;
+                if self.persist_failures >= MAX_PERSIST_FAILURES {
+                    self.send_disconnect(jetmq_codec::ReasonCode::SERVER_UNAVAILABLE);
+                    return Err(Exit::Abnormal);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100 << self.persist_failures.min(4))).await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn run_after_persist(&mut self, action: AfterPersist) -> Result<(), Exit> {
+        match action {
+            AfterPersist::Send(packet) => {
+                let _ = self.writer.queue(&packet);
+                Ok(())
+            }
+            AfterPersist::Deliver(deliveries) => {
+                for delivery in deliveries {
+                    self.queue.push_back(delivery);
+                }
+                Ok(())
+            }
+            AfterPersist::PublishQos2 {
+                topic,
+                envelope,
+                payload,
+                packet_id,
+                msg_id,
+            } => {
+                self.store_inbound(topic, *envelope, payload, packet_id, Some(&msg_id))
+                    .await
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! SUBSCRIBE and UNSUBSCRIBE.
+
+use jetmq_codec::{Packet, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe};
+
+use super::persist::AfterPersist;
+use super::{Client, Exit};
+use crate::auth::Action;
+use crate::routing::{Delivery, SubEntry};
+use crate::session::StoredSubscription;
+use crate::topic;
+
+/// Router entries for stored subscriptions.
+pub(super) fn entries(subs: &[StoredSubscription]) -> Vec<(String, SubEntry)> {
+    subs.iter()
+        .map(|s| {
+            (
+                s.filter.clone(),
+                SubEntry {
+                    qos: s.qos(),
+                    no_local: s.no_local,
+                    retain_as_published: s.retain_as_published,
+                    subscription_id: s.subscription_id,
+                },
+            )
+        })
+        .collect()
+}
+
+fn granted(qos: QoS) -> ReasonCode {
+    match qos {
+        QoS::AtMostOnce => ReasonCode::GRANTED_QOS_0,
+        QoS::AtLeastOnce => ReasonCode::GRANTED_QOS_1,
+        QoS::ExactlyOnce => ReasonCode::GRANTED_QOS_2,
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
+    pub(super) fn handle_subscribe(&mut self, subscribe: Subscribe) -> Result<(), Exit> {
+        let limits = &self.node.config.limits;
+        let (max_levels, max_len, max_subs) = (limits.max_topic_levels, limits.max_topic_length, limits.max_subscriptions);
+        let mut reasons = Vec::with_capacity(subscribe.filters.len());
+        let mut added = Vec::new();
+        let mut retained = Vec::new();
+        for request in &subscribe.filters {
+            let parsed = match topic::parse_filter(&request.filter, max_levels, max_len) {
+                Ok(parsed) => parsed,
+                Err(err) => {
+                    tracing::info!(client_id = %self.client_id, filter = %request.filter, ?err, "invalid topic filter");
+                    reasons.push(ReasonCode::TOPIC_FILTER_INVALID);
+                    continue;
+                }
+            };
+            if parsed.share_group.is_some() {
+                reasons.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
+                continue;
+            }
+            if !self.node.config.acl.allowed(self.principal(), Action::Subscribe, &request.filter) {
+                tracing::info!(client_id = %self.client_id, filter = %request.filter, "subscription denied by ACL");
+                reasons.push(ReasonCode::NOT_AUTHORIZED);
+                continue;
+            }
+            let existing = self.record.subscriptions.iter().position(|s| s.filter == request.filter);
+            if existing.is_none() && self.record.subscriptions.len() >= max_subs {
+                reasons.push(ReasonCode::QUOTA_EXCEEDED);
+                continue;
+            }
+            let options = request.options;
+            let stored = StoredSubscription {
+                filter: request.filter.clone(),
+                qos: options.qos as u8,
+                no_local: options.no_local,
+                retain_as_published: options.retain_as_published,
+                subscription_id: subscribe.subscription_identifier,
+            };
+            let entry = entries(std::slice::from_ref(&stored))[0].1;
+            match existing {
+                Some(index) => self.record.subscriptions[index] = stored,
+                None => self.record.subscriptions.push(stored),
+            }
+            self.subscriptions.retain(|(f, _)| *f != request.filter);
+            self.subscriptions.push((request.filter.clone(), entry));
+            added.push((request.filter.clone(), entry));
+            let send_retained = match options.retain_handling {
+                0 => true,
+                1 => existing.is_none(),
+                _ => false,
+            };
+            if send_retained {
+                for msg in self.node.retained.matching(parsed.filter) {
+                    if entry.no_local && *msg.envelope.client_id == *self.client_id {
+                        continue;
+                    }
+                    retained.push(Delivery {
+                        qos: entry.qos.min(msg.qos()),
+                        retain: true,
+                        subscription_ids: entry.subscription_id.into_iter().collect(),
+                        msg,
+                    });
+                }
+            }
+            reasons.push(granted(options.qos));
+        }
+        if !added.is_empty() {
+            self.node.router.subscribe(self.session_key, &added);
+        }
+        let reasons = if self.v5 {
+            reasons
+        } else {
+            reasons
+                .into_iter()
+                .map(|r| if r.is_error() { ReasonCode::UNSPECIFIED_ERROR } else { r })
+                .collect()
+        };
+        let suback = Packet::SubAck(SubAck {
+            packet_id: subscribe.packet_id,
+            properties: Default::default(),
+            reasons,
+        });
+        self.after_persist(AfterPersist::Send(suback));
+        if !retained.is_empty() {
+            self.after_persist(AfterPersist::Deliver(retained));
+        }
+        Ok(())
+    }
+
+    pub(super) fn handle_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        for filter in &unsubscribe.filters {
+            let before = self.record.subscriptions.len();
+            self.record.subscriptions.retain(|s| s.filter != *filter);
+            self.subscriptions.retain(|(f, _)| f != filter);
+            self.node.router.unsubscribe(self.session_key, filter);
+            reasons.push(if self.record.subscriptions.len() < before {
+                ReasonCode::SUCCESS
+            } else {
+                ReasonCode::NO_SUBSCRIPTION_EXISTED
+            });
+        }
+        let unsuback = Packet::UnsubAck(UnsubAck {
+            packet_id: unsubscribe.packet_id,
+            properties: Default::default(),
+            reasons: if self.v5 { reasons } else { Vec::new() },
+        });
+        self.after_persist(AfterPersist::Send(unsuback));
+    }
+}

@@ -1,0 +1,385 @@
+//! Configuration: defaults, then the TOML file, then `JETMQ_*` environment variables, then
+//! command-line flags. Every key is documented in docs/configuration.md.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::AclConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Identifies this node in session ownership records and logs (default: host name).
+    pub node_id: String,
+    pub listen: ListenConfig,
+    pub nats: NatsConfig,
+    pub limits: Limits,
+    pub acl: AclConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// MQTT over TCP.
+    pub tcp: Option<SocketAddr>,
+    /// HTTP for /healthz and /readyz.
+    pub http: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URLs; a host name that resolves to several addresses means all of them.
+    pub urls: Vec<String>,
+    /// JetStream replicas for streams and buckets this node creates (1 or 3).
+    pub replicas: usize,
+    /// How long stored messages are kept for offline sessions, seconds.
+    pub message_max_age_secs: u64,
+    /// Upper bound on the message stream's size in bytes (-1: unlimited).
+    pub message_max_bytes: i64,
+    /// Messages kept in memory per node for fast session resume and catch-up.
+    pub replay_buffer_messages: usize,
+    /// Upper bound on that buffer's memory, bytes.
+    pub replay_buffer_bytes: usize,
+    pub token: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub credentials_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest packet accepted from a client and advertised in CONNACK, bytes.
+    pub max_packet_size: u32,
+    /// How many QoS 1/2 PUBLISHes a client may have unacknowledged towards us.
+    pub receive_maximum: u16,
+    /// How many QoS 1/2 messages we keep in flight towards one client.
+    pub max_inflight: u16,
+    /// Messages queued for one session (online backlog or offline replay) before dropping.
+    pub max_queued_messages: usize,
+    pub max_topic_levels: usize,
+    pub max_topic_length: usize,
+    pub max_client_id_length: usize,
+    /// Keep alive granted at most, seconds; MQTT 5 clients asking for more get this value.
+    pub max_keepalive: u16,
+    /// Session expiry granted at most, seconds.
+    pub max_session_expiry: u32,
+    /// A socket that has not completed CONNECT by then is closed.
+    pub connect_timeout_ms: u64,
+    /// Topic aliases a client may use towards us (MQTT 5).
+    pub topic_alias_maximum: u16,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions: usize,
+    /// Bytes that may wait in one connection's outgoing buffer before it counts as stuck.
+    pub max_write_buffer: usize,
+    /// Connections this node accepts at once.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// tracing filter, e.g. "info" or "jetmq_broker=debug".
+    pub level: String,
+    pub json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: default_node_id(),
+            listen: ListenConfig::default(),
+            nats: NatsConfig::default(),
+            limits: Limits::default(),
+            acl: AclConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            tcp: Some(SocketAddr::from(([0, 0, 0, 0], 1883))),
+            http: None,
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            urls: vec!["nats://127.0.0.1:4222".to_owned()],
+            replicas: 1,
+            message_max_age_secs: 7 * 24 * 3600,
+            message_max_bytes: -1,
+            replay_buffer_messages: 65_536,
+            replay_buffer_bytes: 32 * 1024 * 1024,
+            token: None,
+            user: None,
+            password: None,
+            credentials_file: None,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 128,
+            max_inflight: 32,
+            max_queued_messages: 1000,
+            max_topic_levels: 32,
+            max_topic_length: 1024,
+            max_client_id_length: 256,
+            max_keepalive: 3600,
+            max_session_expiry: 7 * 24 * 3600,
+            connect_timeout_ms: 10_000,
+            topic_alias_maximum: 16,
+            max_subscriptions: 256,
+            max_write_buffer: 4 * 1024 * 1024,
+            max_connections: 100_000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_owned(),
+            json: false,
+        }
+    }
+}
+
+fn default_node_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "jetmq".to_owned())
+}
+
+/// Values given on the command line; they win over file and environment.
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_tcp: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_http: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_urls: Option<Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {key}: {reason}")]
+    Value { key: &'static str, reason: String },
+}
+
+impl Config {
+    pub fn load(file: Option<&std::path::Path>, overrides: Overrides) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile(path.to_owned()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("JETMQ_").split("__"));
+        let mut flags = Figment::new();
+        if let Some(v) = overrides.node_id {
+            flags = flags.merge(Serialized::default("node_id", v));
+        }
+        if let Some(v) = overrides.listen_tcp {
+            flags = flags.merge(Serialized::default("listen.tcp", v));
+        }
+        if let Some(v) = overrides.listen_http {
+            flags = flags.merge(Serialized::default("listen.http", v));
+        }
+        if let Some(v) = overrides.nats_urls {
+            flags = flags.merge(Serialized::default("nats.urls", v));
+        }
+        let config: Config = figment
+            .merge(flags)
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        fn check(ok: bool, key: &'static str, reason: &str) -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Value {
+                    key,
+                    reason: reason.to_owned(),
+                })
+            }
+        }
+        let l = &self.limits;
+        check(!self.node_id.is_empty(), "node_id", "must not be empty")?;
+        check(
+            self.node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "node_id",
+            "only ASCII letters, digits, '-' and '_' are allowed",
+        )?;
+        check(!self.nats.urls.is_empty(), "nats.urls", "at least one URL is needed")?;
+        check(
+            matches!(self.nats.replicas, 1..=5),
+            "nats.replicas",
+            "must be between 1 and 5",
+        )?;
+        check(
+            l.max_packet_size >= 64,
+            "limits.max_packet_size",
+            "must be at least 64 bytes",
+        )?;
+        check(
+            l.max_packet_size < 256 * 1024 * 1024,
+            "limits.max_packet_size",
+            "MQTT cannot carry packets over 268435455 bytes",
+        )?;
+        check(l.receive_maximum > 0, "limits.receive_maximum", "must be at least 1")?;
+        check(l.max_inflight > 0, "limits.max_inflight", "must be at least 1")?;
+        check(
+            l.max_queued_messages > 0,
+            "limits.max_queued_messages",
+            "must be at least 1",
+        )?;
+        check(l.max_topic_levels > 0, "limits.max_topic_levels", "must be at least 1")?;
+        check(
+            l.max_client_id_length > 0,
+            "limits.max_client_id_length",
+            "must be at least 1",
+        )?;
+        check(
+            l.connect_timeout_ms > 0,
+            "limits.connect_timeout_ms",
+            "must be positive",
+        )?;
+        check(
+            l.max_write_buffer >= 4096,
+            "limits.max_write_buffer",
+            "must be at least 4096 bytes",
+        )?;
+        check(
+            self.nats.replay_buffer_messages > 0,
+            "nats.replay_buffer_messages",
+            "must be at least 1",
+        )?;
+        self.acl.validate().map_err(|reason| ConfigError::Value {
+            key: "acl.rules",
+            reason,
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().expect("defaults validate");
+    }
+
+    #[test]
+    fn file_values_are_read_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("jetmq-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("broker.toml");
+        std::fs::write(
+            &path,
+            "node_id = \"file-node\"\n[limits]\nmax_packet_size = 2048\n",
+        )
+        .expect("write config");
+        let config = Config::load(
+            Some(&path),
+            Overrides {
+                node_id: Some("flag-node".into()),
+                ..Default::default()
+            },
+        )
+        .expect("loads");
+        assert_eq!(config.node_id, "flag-node");
+        assert_eq!(config.limits.max_packet_size, 2048);
+    }
+
+    #[test]
+    fn unknown_and_invalid_keys_are_named() {
+        let dir = std::env::temp_dir().join(format!("jetmq-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("broker.toml");
+        std::fs::write(&path, "[limits]\nmax_pakcet_size = 1\n").expect("write");
+        let err = Config::load(Some(&path), Overrides::default()).expect_err("rejects");
+        assert!(err.to_string().contains("max_pakcet_size"), "{err}");
+
+        std::fs::write(&path, "[limits]\nreceive_maximum = 0\n").expect("write");
+        let err = Config::load(Some(&path), Overrides::default()).expect_err("rejects");
+        assert!(err.to_string().contains("limits.receive_maximum"), "{err}");
+    }
+
+    fn reference_block() -> String {
+        let doc = include_str!("../../docs/configuration.md");
+        let start = doc.find("```toml\n").expect("doc has a toml block") + 8;
+        let end = doc[start..].find("```").expect("block ends") + start;
+        doc[start..end].to_owned()
+    }
+
+    fn leaf_keys(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                    leaf_keys(&path, value, out);
+                }
+            }
+            _ => out.push(prefix.to_owned()),
+        }
+    }
+
+    #[test]
+    fn documented_reference_parses_and_names_every_key() {
+        let block = reference_block();
+        let documented: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(&block))
+            .extract()
+            .expect("docs/configuration.md block is a valid configuration");
+        documented.validate().expect("documented values validate");
+        let mut keys = Vec::new();
+        leaf_keys("", &serde_json::to_value(Config::default()).expect("serializes"), &mut keys);
+        // Optional keys that default to "unset" are documented commented out.
+        let text = block.replace("# ", "");
+        for key in keys {
+            let name = key.rsplit('.').next().unwrap_or(&key);
+            assert!(
+                text.contains(&format!("{name} =")) || text.contains(&format!(".{name}]]")),
+                "docs/configuration.md does not document `{key}`"
+            );
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `jetmq-broker`: command line, configuration, signals.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use jetmq_broker::config::{Config, Overrides};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "jetmq-broker", version, about = "Stateless MQTT 3.1.1/5.0 node over NATS JetStream")]
+struct Cli {
+    /// TOML configuration file; every key can also be set as JETMQ_<SECTION>__<KEY>.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// MQTT over TCP (default 0.0.0.0:1883).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// HTTP for /healthz, /readyz and /metrics.
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// NATS server URLs, comma separated; a name with several addresses means all of them.
+    #[arg(long, value_delimiter = ',')]
+    nats: Option<Vec<String>>,
+    /// This node's id (default: host name).
+    #[arg(long)]
+    node_id: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        node_id: cli.node_id,
+        listen_tcp: cli.listen,
+        listen_http: cli.http_listen,
+        nats_urls: cli.nats,
+    };
+    let config = match Config::load(cli.config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("jetmq-broker: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    jetmq_broker::telemetry::init_logging(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("jetmq-broker: cannot start runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(wait_for_signal(shutdown.clone()));
+        match jetmq_broker::server::run(config, shutdown).await {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                tracing::error!(error = format!("{err:#}"), "fatal");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
+}

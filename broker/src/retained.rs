@@ -1,0 +1,139 @@
+//! Retained messages: stored in the `JETMQ_RETAINED` stream (one message per topic), and
+//! mirrored in memory on every node so a SUBSCRIBE is answered without a round trip.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use jetmq_common::envelope::Envelope;
+use jetmq_common::subject;
+use tokio_util::sync::CancellationToken;
+
+use crate::routing::{MessageRef, StoredMessage};
+use crate::topic;
+
+#[derive(Default)]
+pub struct RetainedCache {
+    by_topic: RwLock<HashMap<String, MessageRef>>,
+}
+
+impl RetainedCache {
+    /// Records the retained message of a topic; an empty payload deletes it.
+    pub fn apply(&self, msg: MessageRef) {
+        let mut map = self.by_topic.write().unwrap_or_else(|p| p.into_inner());
+        if msg.payload.is_empty() {
+            map.remove(&msg.topic);
+        } else {
+            map.insert(msg.topic.clone(), msg);
+        }
+    }
+
+    /// Retained messages whose topic matches `filter` (without `$share/`).
+    pub fn matching(&self, filter: &str) -> Vec<MessageRef> {
+        let map = self.by_topic.read().unwrap_or_else(|p| p.into_inner());
+        if !filter.contains(['+', '#']) {
+            return map.get(filter).cloned().into_iter().collect();
+        }
+        map.values().filter(|m| topic::matches(filter, &m.topic)).cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_topic.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Mirrors the retained stream into `cache`: first the last message of every topic, then
+/// every change. Resolves `loaded` once the initial state is in.
+pub async fn run_retained_reader(
+    cache: Arc<RetainedCache>,
+    stream: async_nats::jetstream::stream::Stream,
+    client: async_nats::Client,
+    loaded: tokio::sync::oneshot::Sender<()>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{push, DeliverPolicy};
+    let mut loaded = Some(loaded);
+    let initial = stream.get_info().await?.state.messages;
+    if initial == 0 {
+        if let Some(tx) = loaded.take() {
+            let _ = tx.send(());
+        }
+    }
+    let consumer = stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: format!("{}.>", subject::RETAINED_PREFIX),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            next = messages.next() => next,
+        };
+        let Some(message) = next else {
+            anyhow::bail!("retained reader ended");
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(err) => {
+                tracing::warn!(error = %err, "retained reader: transient error");
+                continue;
+            }
+        };
+        let pending = message.info().map(|i| i.pending).unwrap_or(0);
+        match decode_retained(message.subject.as_str(), message.payload.clone()) {
+            Ok(msg) => cache.apply(Arc::new(msg)),
+            Err(err) => tracing::warn!(subject = %message.subject, error = %err, "skipping undecodable retained message"),
+        }
+        if pending == 0 {
+            if let Some(tx) = loaded.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+fn decode_retained(subject_name: &str, body: bytes::Bytes) -> anyhow::Result<StoredMessage> {
+    let topic = subject::parse_retained_subject(subject_name)?;
+    let (envelope, payload) = Envelope::decode(body)?;
+    Ok(StoredMessage {
+        seq: 0,
+        topic,
+        envelope,
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn msg(topic: &str, payload: &'static [u8]) -> MessageRef {
+        Arc::new(StoredMessage {
+            seq: 0,
+            topic: topic.into(),
+            envelope: Envelope::default(),
+            payload: Bytes::from_static(payload),
+        })
+    }
+
+    #[test]
+    fn empty_payload_deletes() {
+        let cache = RetainedCache::default();
+        cache.apply(msg("a/b", b"1"));
+        cache.apply(msg("a/c", b"2"));
+        assert_eq!(cache.matching("a/+").len(), 2);
+        assert_eq!(cache.matching("a/b").len(), 1);
+        cache.apply(msg("a/b", b""));
+        assert_eq!(cache.matching("a/#").len(), 1);
+        assert!(cache.matching("#").iter().all(|m| m.topic == "a/c"));
+    }
+}

@@ -1,0 +1,445 @@
+//! Where messages leave: the node reads the whole message stream once, in order, and hands
+//! each message to the local sessions whose subscriptions match.
+//!
+//! Every message carries its stream sequence, so a session always knows exactly how far it
+//! got. A session that attaches (connect, resume) or falls behind (its queue was full)
+//! catches up by replaying from its own position: from the in-memory [`ReplayRing`] when it
+//! still covers the gap, else from JetStream.
+
+pub mod index;
+mod replay;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use jetmq_codec::QoS;
+use jetmq_common::envelope::Envelope;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use index::{Match, SessionKey, SubEntry, SubscriptionIndex};
+pub use replay::{replay_range, ReplayError};
+
+use crate::telemetry::Metrics;
+
+/// One MQTT message as stored in the message stream.
+#[derive(Debug)]
+pub struct StoredMessage {
+    /// Stream sequence in `JETMQ_MSGS`; 0 for messages that did not come from it (retained).
+    pub seq: u64,
+    pub topic: String,
+    pub envelope: Envelope,
+    pub payload: Bytes,
+}
+
+pub type MessageRef = Arc<StoredMessage>;
+
+impl StoredMessage {
+    pub fn qos(&self) -> QoS {
+        QoS::from_u8(self.envelope.qos).unwrap_or(QoS::AtMostOnce)
+    }
+
+    fn approximate_size(&self) -> usize {
+        std::mem::size_of::<Self>() + self.topic.len() + self.payload.len() + self.envelope.client_id.len()
+    }
+}
+
+/// A message on its way to one session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub msg: MessageRef,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+}
+
+/// Builds the delivery of `msg` for a session from all its matching subscriptions: one copy,
+/// at the highest granted QoS, carrying every subscription identifier.
+pub fn merge_matches(msg: &MessageRef, matches: &[SubEntry], publisher_is_self: bool) -> Option<Delivery> {
+    let mut qos = None::<QoS>;
+    let mut retain = false;
+    let mut ids = Vec::new();
+    for entry in matches {
+        if entry.no_local && publisher_is_self {
+            continue;
+        }
+        let granted = entry.qos.min(msg.qos());
+        qos = Some(qos.map_or(granted, |q| q.max(granted)));
+        retain |= entry.retain_as_published && msg.envelope.retain;
+        if let Some(id) = entry.subscription_id {
+            ids.push(id);
+        }
+    }
+    qos.map(|qos| Delivery {
+        msg: msg.clone(),
+        qos,
+        retain,
+        subscription_ids: ids,
+    })
+}
+
+/// The link from the router to one local session.
+pub struct SessionLink {
+    pub client_id: Arc<str>,
+    pub tx: mpsc::Sender<Delivery>,
+    /// Set by the router when it had to skip a QoS 1/2 message because the queue was full:
+    /// the lowest skipped sequence. The session then replays from its own position.
+    pub lagged: Arc<AtomicU64>,
+}
+
+pub const NOT_LAGGED: u64 = u64::MAX;
+
+/// The most recent messages of the stream, kept so that resuming sessions rarely need
+/// JetStream at all.
+#[derive(Default)]
+pub struct ReplayRing {
+    messages: VecDeque<MessageRef>,
+    bytes: usize,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+impl ReplayRing {
+    pub fn new(max_messages: usize, max_bytes: usize) -> ReplayRing {
+        ReplayRing {
+            messages: VecDeque::new(),
+            bytes: 0,
+            max_messages,
+            max_bytes,
+        }
+    }
+
+    fn push(&mut self, msg: MessageRef) {
+        self.bytes += msg.approximate_size();
+        self.messages.push_back(msg);
+        while self.messages.len() > self.max_messages || self.bytes > self.max_bytes {
+            match self.messages.pop_front() {
+                Some(old) => self.bytes -= old.approximate_size(),
+                None => break,
+            }
+        }
+    }
+
+    /// Messages with `after < seq <= upto`, if the ring still holds all of them.
+    pub fn range(&self, after: u64, upto: u64) -> Option<Vec<MessageRef>> {
+        if upto <= after {
+            return Some(Vec::new());
+        }
+        let first = self.messages.front()?.seq;
+        if after + 1 < first {
+            return None;
+        }
+        let start = self.messages.partition_point(|m| m.seq <= after);
+        Some(
+            self.messages
+                .range(start..)
+                .take_while(|m| m.seq <= upto)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+struct RouterState {
+    index: SubscriptionIndex,
+    sessions: HashMap<SessionKey, SessionLink>,
+}
+
+/// The node-wide dispatcher; shared by all connections.
+pub struct Router {
+    state: RwLock<RouterState>,
+    /// Highest stream sequence dispatched so far.
+    position: AtomicU64,
+    ring: Mutex<ReplayRing>,
+    metrics: Arc<Metrics>,
+}
+
+impl Router {
+    pub fn new(start_position: u64, ring: ReplayRing, metrics: Arc<Metrics>) -> Router {
+        Router {
+            state: RwLock::new(RouterState {
+                index: SubscriptionIndex::default(),
+                sessions: HashMap::new(),
+            }),
+            position: AtomicU64::new(start_position),
+            ring: Mutex::new(ring),
+            metrics,
+        }
+    }
+
+    pub fn position(&self) -> u64 {
+        self.position.load(Ordering::Acquire)
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, RouterState> {
+        self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, RouterState> {
+        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a session with its subscriptions. Returns the position from which the
+    /// session receives live messages: everything after it arrives through `link.tx`,
+    /// everything up to it the session must replay itself.
+    pub fn attach(&self, key: SessionKey, link: SessionLink, subs: &[(String, SubEntry)]) -> u64 {
+        let mut state = self.write_state();
+        for (filter, entry) in subs {
+            state.index.insert(filter, key, *entry);
+        }
+        state.sessions.insert(key, link);
+        self.position()
+    }
+
+    pub fn detach(&self, key: SessionKey, filters: impl IntoIterator<Item = String>) {
+        let mut state = self.write_state();
+        for filter in filters {
+            state.index.remove(&filter, key);
+        }
+        state.sessions.remove(&key);
+    }
+
+    /// Adds subscriptions; returns the position after which they take effect.
+    pub fn subscribe(&self, key: SessionKey, subs: &[(String, SubEntry)]) -> u64 {
+        let mut state = self.write_state();
+        for (filter, entry) in subs {
+            state.index.insert(filter, key, *entry);
+        }
+        self.position()
+    }
+
+    /// Lets the router deliver to a lagged session again. Returns the position up to which
+    /// the session must replay: the router skipped it only for messages up to there.
+    pub fn clear_lag(&self, _key: SessionKey, lagged: &AtomicU64) -> u64 {
+        let _state = self.write_state();
+        lagged.store(NOT_LAGGED, Ordering::Release);
+        self.position()
+    }
+
+    pub fn unsubscribe(&self, key: SessionKey, filter: &str) -> bool {
+        self.write_state().index.remove(filter, key)
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.read_state().index.len()
+    }
+
+    pub fn ring_range(&self, after: u64, upto: u64) -> Option<Vec<MessageRef>> {
+        self.ring
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .range(after, upto)
+    }
+
+    /// Hands one message to every matching local session.
+    pub fn dispatch(&self, msg: MessageRef) {
+        let seq = msg.seq;
+        {
+            let state = self.read_state();
+            let mut matches = Vec::new();
+            state.index.matches(&msg.topic, &mut matches);
+            matches.sort_unstable_by_key(|m| m.session);
+            let mut entries = Vec::new();
+            for group in matches.chunk_by(|a, b| a.session == b.session) {
+                let session = group[0].session;
+                let Some(link) = state.sessions.get(&session) else {
+                    continue;
+                };
+                if link.lagged.load(Ordering::Acquire) != NOT_LAGGED {
+                    continue;
+                }
+                entries.clear();
+                entries.extend(group.iter().map(|m| m.entry));
+                let is_self = *link.client_id == *msg.envelope.client_id;
+                let Some(delivery) = merge_matches(&msg, &entries, is_self) else {
+                    continue;
+                };
+                let qos = delivery.qos;
+                match link.tx.try_send(delivery) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) if qos == QoS::AtMostOnce => {
+                        self.metrics.dropped_qos0.inc();
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        link.lagged.store(seq, Ordering::Release);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+            self.position.store(seq, Ordering::Release);
+        }
+        self.ring
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(msg);
+    }
+}
+
+/// Reads the message stream from `router.position() + 1` on, forever, and dispatches it.
+pub async fn run_stream_reader(
+    router: Arc<Router>,
+    stream: async_nats::jetstream::stream::Stream,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{push, DeliverPolicy};
+    let consumer = stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: format!("{}.>", jetmq_common::subject::SHARE_PREFIX),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: router.position() + 1,
+            },
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            next = messages.next() => next,
+        };
+        let Some(message) = next else {
+            anyhow::bail!("message stream reader ended");
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::warn!(error = %err, "message stream reader: transient error");
+                continue;
+            }
+        };
+        let seq = match message.info() {
+            Ok(info) => info.stream_sequence,
+            Err(err) => {
+                tracing::warn!(error = %err, "message without JetStream metadata");
+                continue;
+            }
+        };
+        match decode_stream_message(seq, message.subject.as_str(), message.payload.clone()) {
+            Ok(msg) => router.dispatch(Arc::new(msg)),
+            Err(err) => {
+                tracing::warn!(seq, subject = %message.subject, error = %err, "skipping undecodable message");
+                router.position.store(seq, Ordering::Release);
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeMessageError {
+    #[error(transparent)]
+    Subject(#[from] jetmq_common::subject::SubjectError),
+    #[error(transparent)]
+    Envelope(#[from] jetmq_common::envelope::EnvelopeError),
+}
+
+pub fn decode_stream_message(seq: u64, subject: &str, body: Bytes) -> Result<StoredMessage, DecodeMessageError> {
+    let (_, topic) = jetmq_common::subject::parse_stream_subject(subject)?;
+    let (envelope, payload) = Envelope::decode(body)?;
+    Ok(StoredMessage {
+        seq,
+        topic,
+        envelope,
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u64, qos: u8) -> MessageRef {
+        Arc::new(StoredMessage {
+            seq,
+            topic: "a/b".into(),
+            envelope: Envelope {
+                qos,
+                retain: true,
+                client_id: "pub".into(),
+                ..Default::default()
+            },
+            payload: Bytes::from_static(b"x"),
+        })
+    }
+
+    #[test]
+    fn ring_serves_only_ranges_it_fully_holds() {
+        let mut ring = ReplayRing::new(3, usize::MAX);
+        for seq in 1..=5 {
+            ring.push(msg(seq, 1));
+        }
+        assert!(ring.range(1, 5).is_none());
+        let seqs: Vec<u64> = ring.range(2, 4).expect("held").iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, vec![3, 4]);
+        assert_eq!(ring.range(5, 5).expect("empty").len(), 0);
+    }
+
+    #[test]
+    fn overlapping_subscriptions_merge_into_one_delivery() {
+        let m = msg(1, 2);
+        let subs = [
+            SubEntry {
+                qos: QoS::AtMostOnce,
+                no_local: false,
+                retain_as_published: false,
+                subscription_id: Some(1),
+            },
+            SubEntry {
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published: true,
+                subscription_id: Some(7),
+            },
+        ];
+        let d = merge_matches(&m, &subs, false).expect("delivered");
+        assert_eq!(d.qos, QoS::AtLeastOnce);
+        assert!(d.retain);
+        assert_eq!(d.subscription_ids, vec![1, 7]);
+    }
+
+    #[test]
+    fn no_local_skips_own_messages() {
+        let m = msg(1, 1);
+        let sub = SubEntry {
+            qos: QoS::AtLeastOnce,
+            no_local: true,
+            retain_as_published: false,
+            subscription_id: None,
+        };
+        assert!(merge_matches(&m, &[sub], true).is_none());
+        assert!(merge_matches(&m, &[sub], false).is_some());
+    }
+
+    #[tokio::test]
+    async fn full_queue_marks_qos1_sessions_lagged() {
+        let router = Router::new(0, ReplayRing::new(100, usize::MAX), Arc::new(Metrics::default()));
+        let (tx, mut rx) = mpsc::channel(1);
+        let lagged = Arc::new(AtomicU64::new(NOT_LAGGED));
+        let sub = SubEntry {
+            qos: QoS::AtLeastOnce,
+            no_local: false,
+            retain_as_published: false,
+            subscription_id: None,
+        };
+        router.attach(
+            1,
+            SessionLink {
+                client_id: "sub".into(),
+                tx,
+                lagged: lagged.clone(),
+            },
+            &[("a/#".to_owned(), sub)],
+        );
+        router.dispatch(msg(1, 1));
+        router.dispatch(msg(2, 1));
+        router.dispatch(msg(3, 1));
+        assert_eq!(lagged.load(Ordering::Acquire), 2);
+        assert_eq!(rx.recv().await.expect("first").msg.seq, 1);
+        assert_eq!(router.position(), 3);
+        assert_eq!(router.ring_range(1, 3).expect("held").len(), 2);
+    }
+}

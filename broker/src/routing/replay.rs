@@ -1,0 +1,126 @@
+//! Catching a session up: the messages between its own position and the router's.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::stream::Stream;
+use futures::StreamExt;
+
+use super::{decode_stream_message, MessageRef, Router};
+use crate::topic;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("cannot create replay consumer: {0}")]
+    Consumer(String),
+    #[error("replay fetch failed: {0}")]
+    Fetch(String),
+}
+
+/// Up to `limit` messages with `after < seq <= upto` whose topic matches one of `filters`
+/// (MQTT filters without `$share/`), oldest first, and the sequence up to which the range
+/// has been looked at (`upto` unless `limit` cut it short).
+pub async fn replay_range(
+    router: &Router,
+    stream: &Stream,
+    filters: &[String],
+    after: u64,
+    upto: u64,
+    limit: usize,
+) -> Result<(Vec<MessageRef>, u64), ReplayError> {
+    if upto <= after || filters.is_empty() {
+        return Ok((Vec::new(), upto.max(after)));
+    }
+    let wanted = |msg: &MessageRef| filters.iter().any(|f| topic::matches(f, &msg.topic));
+    if let Some(messages) = router.ring_range(after, upto) {
+        let mut out = Vec::new();
+        for msg in messages {
+            if wanted(&msg) {
+                if out.len() == limit {
+                    return Ok((out, msg.seq - 1));
+                }
+                out.push(msg);
+            }
+        }
+        return Ok((out, upto));
+    }
+    from_jetstream(stream, filters, after, upto, limit, wanted).await
+}
+
+async fn from_jetstream(
+    stream: &Stream,
+    filters: &[String],
+    after: u64,
+    upto: u64,
+    limit: usize,
+    wanted: impl Fn(&MessageRef) -> bool,
+) -> Result<(Vec<MessageRef>, u64), ReplayError> {
+    let prefix = jetmq_common::subject::SHARE_PREFIX;
+    let mut subjects: Vec<String> = filters
+        .iter()
+        .flat_map(|f| jetmq_common::subject::filter_to_subjects(f))
+        .map(|tokens| format!("{prefix}.*.{tokens}"))
+        .collect();
+    subjects.sort();
+    subjects.dedup();
+    let config = |filter_subjects: Vec<String>| pull::Config {
+        deliver_policy: DeliverPolicy::ByStartSequence {
+            start_sequence: after + 1,
+        },
+        ack_policy: AckPolicy::None,
+        filter_subjects,
+        inactive_threshold: Duration::from_secs(30),
+        memory_storage: true,
+        ..Default::default()
+    };
+    // NATS refuses overlapping filter subjects on one consumer; then read everything and
+    // let the MQTT match below do the filtering.
+    let consumer = match stream.create_consumer(config(subjects)).await {
+        Ok(consumer) => consumer,
+        Err(_) => stream
+            .create_consumer(config(vec![format!("{prefix}.>")]))
+            .await
+            .map_err(|e| ReplayError::Consumer(e.to_string()))?,
+    };
+    let mut out = Vec::new();
+    let reached = 'fetching: loop {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(256)
+            .messages()
+            .await
+            .map_err(|e| ReplayError::Fetch(e.to_string()))?;
+        let mut got_any = false;
+        while let Some(message) = batch.next().await {
+            let message = message.map_err(|e| ReplayError::Fetch(e.to_string()))?;
+            got_any = true;
+            let Ok(info) = message.info() else { continue };
+            let seq = info.stream_sequence;
+            if seq > upto {
+                break 'fetching upto;
+            }
+            let pending = info.pending;
+            if let Ok(msg) = decode_stream_message(seq, message.subject.as_str(), message.payload.clone()) {
+                let msg = Arc::new(msg);
+                if wanted(&msg) {
+                    if out.len() == limit {
+                        break 'fetching seq - 1;
+                    }
+                    out.push(msg);
+                }
+            }
+            if pending == 0 {
+                break 'fetching upto;
+            }
+        }
+        if !got_any {
+            break upto;
+        }
+    };
+    let name = consumer.cached_info().name.clone();
+    if let Err(err) = stream.delete_consumer(&name).await {
+        tracing::debug!(consumer = %name, error = %err, "replay consumer left to expire");
+    }
+    Ok((out, reached.max(after)))
+}

@@ -1,0 +1,314 @@
+//! The node: start-up, listeners, health endpoint, shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use jetmq_codec::ReasonCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::client;
+use crate::cluster::{self, Cluster};
+use crate::config::Config;
+use crate::ingress::Ingress;
+use crate::retained::{self, RetainedCache};
+use crate::routing::{self, ReplayRing, Router};
+use crate::telemetry::Metrics;
+
+/// Sent to a connection by whoever needs it gone.
+#[derive(Debug, Clone, Copy)]
+pub enum Control {
+    /// Another connection took the session over.
+    TakenOver,
+    /// The node is shutting down.
+    Shutdown,
+}
+
+pub struct LocalClient {
+    pub connection: u64,
+    pub control: mpsc::Sender<Control>,
+}
+
+/// Everything a connection needs from its node.
+pub struct Node {
+    pub config: Config,
+    pub cluster: Cluster,
+    pub router: Arc<Router>,
+    pub retained: Arc<RetainedCache>,
+    pub ingress: Ingress,
+    pub metrics: Arc<Metrics>,
+    /// Live connections on this node by client id.
+    pub clients: Mutex<HashMap<String, LocalClient>>,
+    next_id: AtomicU64,
+    pub ready: AtomicBool,
+    pub shutdown: CancellationToken,
+}
+
+impl Node {
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Asks the connection `connection` of `client_id` on `node` to go away.
+    pub async fn kick(&self, node: &str, client_id: &str, connection: u64) {
+        if node == self.config.node_id {
+            self.kick_local(client_id, connection);
+            return;
+        }
+        let payload = format!("{connection}\n{client_id}");
+        if let Err(err) = self
+            .cluster
+            .client
+            .publish(cluster::kick_subject(node), payload.into())
+            .await
+        {
+            tracing::warn!(client_id, node, error = %err, "cannot notify previous owner of a session");
+        }
+    }
+
+    fn kick_local(&self, client_id: &str, connection: u64) {
+        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(local) = clients.get(client_id) {
+            if local.connection == connection {
+                let _ = local.control.try_send(Control::TakenOver);
+            }
+        }
+    }
+}
+
+/// Starts the node and serves until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let cluster = cluster::connect(&config).await?;
+    let start = cluster
+        .messages
+        .clone()
+        .get_info()
+        .await
+        .context("cannot read message stream state")?
+        .state
+        .last_sequence;
+    let router = Arc::new(Router::new(
+        start,
+        ReplayRing::new(config.nats.replay_buffer_messages, config.nats.replay_buffer_bytes),
+        metrics.clone(),
+    ));
+    let retained = Arc::new(RetainedCache::default());
+    let ingress = Ingress {
+        client: cluster.client.clone(),
+        js: cluster.js.clone(),
+        retained: retained.clone(),
+    };
+    let node = Arc::new(Node {
+        config,
+        router: router.clone(),
+        retained: retained.clone(),
+        ingress,
+        metrics,
+        clients: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        ready: AtomicBool::new(false),
+        shutdown: shutdown.clone(),
+        cluster,
+    });
+
+    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
+    spawn_critical(
+        "retained reader",
+        retained::run_retained_reader(
+            retained,
+            node.cluster.retained.clone(),
+            node.cluster.client.clone(),
+            loaded_tx,
+            shutdown.clone(),
+        ),
+        shutdown.clone(),
+    );
+    spawn_critical(
+        "message stream reader",
+        routing::run_stream_reader(
+            router,
+            node.cluster.messages.clone(),
+            node.cluster.client.clone(),
+            shutdown.clone(),
+        ),
+        shutdown.clone(),
+    );
+    let kicks = node
+        .cluster
+        .client
+        .subscribe(cluster::kick_subject(&node.config.node_id))
+        .await
+        .context("cannot subscribe to node control subject")?;
+    tokio::spawn(serve_kicks(node.clone(), kicks));
+
+    if tokio::time::timeout(Duration::from_secs(30), loaded_rx).await.is_err() {
+        tracing::warn!("retained messages still loading after 30 s; serving anyway");
+    }
+
+    if let Some(addr) = node.config.listen.http {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
+        tracing::info!(%addr, "health and metrics endpoint");
+        tokio::spawn(serve_http(node.clone(), listener));
+    }
+    let Some(addr) = node.config.listen.tcp else {
+        anyhow::bail!("no MQTT listener configured (listen.tcp)");
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for MQTT on {addr}"))?;
+    node.ready.store(true, Ordering::Release);
+    tracing::info!(%addr, node_id = %node.config.node_id, "MQTT listener ready");
+    accept_loop(node.clone(), listener).await;
+
+    node.ready.store(false, Ordering::Release);
+    disconnect_all(&node).await;
+    if let Err(err) = node.cluster.client.flush().await {
+        tracing::warn!(error = %err, "NATS flush on shutdown failed");
+    }
+    Ok(())
+}
+
+fn spawn_critical<F>(name: &'static str, task: F, shutdown: CancellationToken)
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        match task.await {
+            Ok(()) => {}
+            Err(err) => {
+                tracing::error!(task = name, error = %err, "node task failed; shutting down");
+                shutdown.cancel();
+            }
+        }
+    });
+}
+
+async fn accept_loop(node: Arc<Node>, listener: TcpListener) {
+    let permits = Arc::new(Semaphore::new(node.config.limits.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; refusing");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        tokio::spawn(async move {
+            client::serve(node, stream, peer).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn disconnect_all(node: &Node) {
+    let controls: Vec<mpsc::Sender<Control>> = node
+        .clients
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .map(|c| c.control.clone())
+        .collect();
+    for control in &controls {
+        let _ = control.try_send(Control::Shutdown);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if node.clients.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn serve_kicks(node: Arc<Node>, mut kicks: async_nats::Subscriber) {
+    while let Some(message) = kicks.next().await {
+        let Ok(text) = std::str::from_utf8(&message.payload) else {
+            continue;
+        };
+        let Some((connection, client_id)) = text.split_once('\n') else {
+            continue;
+        };
+        let Ok(connection) = connection.parse() else {
+            continue;
+        };
+        node.kick_local(client_id, connection);
+    }
+}
+
+/// A deliberately tiny HTTP/1.1 responder: three GET paths, no keep-alive.
+async fn serve_http(node: Arc<Node>, listener: TcpListener) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => continue,
+            },
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer_http(node, stream)).await;
+        });
+    }
+}
+
+async fn answer_http(node: Arc<Node>, mut stream: TcpStream) -> std::io::Result<()> {
+    let mut request = vec![0u8; 2048];
+    let n = stream.read(&mut request).await?;
+    let head = String::from_utf8_lossy(&request[..n]);
+    let path = head.split_whitespace().nth(1).unwrap_or("/");
+    let (status, body) = match path {
+        "/healthz" => ("200 OK", "ok\n".to_owned()),
+        "/readyz" => {
+            let connected = node.cluster.client.connection_state() == async_nats::connection::State::Connected;
+            if node.ready.load(Ordering::Acquire) && connected {
+                ("200 OK", "ready\n".to_owned())
+            } else {
+                ("503 Service Unavailable", "not ready\n".to_owned())
+            }
+        }
+        "/metrics" => ("200 OK", node.metrics.render(node.router.subscription_count())),
+        _ => ("404 Not Found", "not found\n".to_owned()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Reason code a connection gets when the node closes it for `control`.
+pub fn control_reason(control: Control) -> ReasonCode {
+    match control {
+        Control::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
+        Control::Shutdown => ReasonCode::SERVER_SHUTTING_DOWN,
+    }
+}
+
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|e| format!("{text:?}: {e}"))
+}

@@ -1,0 +1,230 @@
+//! Where a session lives: one record per client id in the `JETMQ_SESSIONS` KV bucket.
+//!
+//! Every write is a compare-and-set on the record's revision. A connection that loses a
+//! write learns that another connection took the session over, and stops; two nodes can
+//! never both believe they own a client id.
+
+mod store;
+
+use serde::{Deserialize, Serialize};
+
+pub use store::{SessionStore, StoreError};
+
+use jetmq_codec::QoS;
+
+/// Who holds a session right now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub node: String,
+    /// Unique per connection on that node.
+    pub connection: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSubscription {
+    /// As the client sent it, `$share/...` included.
+    pub filter: String,
+    pub qos: u8,
+    #[serde(default)]
+    pub no_local: bool,
+    #[serde(default)]
+    pub retain_as_published: bool,
+    #[serde(default)]
+    pub subscription_id: Option<u32>,
+}
+
+impl StoredSubscription {
+    pub fn qos(&self) -> QoS {
+        QoS::from_u8(self.qos).unwrap_or(QoS::AtMostOnce)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredWill {
+    pub topic: String,
+    #[serde(with = "base64_bytes")]
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+    pub delay_secs: u32,
+    #[serde(default)]
+    pub properties: StoredProperties,
+}
+
+/// MQTT 5 message properties kept with a will.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StoredProperties {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_format_indicator: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_expiry_interval: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "base64_opt")]
+    pub correlation_data: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// A QoS 2 PUBLISH received from the client and not yet released by its PUBREL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundQos2 {
+    pub packet_id: u16,
+    /// JetStream de-duplication id: a retransmission after a crash is stored once.
+    pub msg_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub client_id: String,
+    pub owner: Option<Owner>,
+    /// Seconds the session outlives its connection (0: it ends with it).
+    pub expiry_secs: u32,
+    /// Set while no connection holds the session.
+    #[serde(default)]
+    pub disconnected_at_ms: Option<u64>,
+    pub subscriptions: Vec<StoredSubscription>,
+    /// Every QoS 1/2 message with a stream sequence up to here is done for this session,
+    /// apart from those in `released`.
+    pub cursor: u64,
+    /// Stream sequences of QoS 2 messages whose PUBREC arrived: on resume they get a
+    /// PUBREL, never the PUBLISH again.
+    #[serde(default)]
+    pub released: Vec<u64>,
+    #[serde(default)]
+    pub inbound_qos2: Vec<InboundQos2>,
+    #[serde(default)]
+    pub will: Option<StoredWill>,
+    /// When the will is due, if the connection ended without DISCONNECT.
+    #[serde(default)]
+    pub will_due_ms: Option<u64>,
+    #[serde(default)]
+    pub protocol_v5: bool,
+}
+
+impl SessionRecord {
+    pub fn new(client_id: &str, cursor: u64) -> SessionRecord {
+        SessionRecord {
+            client_id: client_id.to_owned(),
+            owner: None,
+            expiry_secs: 0,
+            disconnected_at_ms: None,
+            subscriptions: Vec::new(),
+            cursor,
+            released: Vec::new(),
+            inbound_qos2: Vec::new(),
+            will: None,
+            will_due_ms: None,
+            protocol_v5: false,
+        }
+    }
+
+    /// A disconnected session whose expiry has passed is gone.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        match self.disconnected_at_ms {
+            Some(at) => now_ms >= at.saturating_add(u64::from(self.expiry_secs) * 1000),
+            None => false,
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+mod base64_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::hex_encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        super::hex_decode(&text).ok_or_else(|| serde::de::Error::custom("invalid hex"))
+    }
+}
+
+mod base64_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => s.serialize_some(&super::hex_encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| super::hex_decode(&t).ok_or_else(|| serde::de::Error::custom("invalid hex")))
+            .transpose()
+    }
+}
+
+pub(crate) fn hex_encode(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+pub(crate) fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_through_json() {
+        let mut record = SessionRecord::new("dev/1 é", 42);
+        record.will = Some(StoredWill {
+            topic: "t".into(),
+            payload: vec![0, 255, 7],
+            qos: 1,
+            retain: true,
+            delay_secs: 5,
+            properties: StoredProperties {
+                correlation_data: Some(vec![1, 2]),
+                ..Default::default()
+            },
+        });
+        record.released = vec![7, 9];
+        let json = serde_json::to_vec(&record).expect("serializes");
+        let back: SessionRecord = serde_json::from_slice(&json).expect("parses");
+        assert_eq!(back, record);
+    }
+
+    #[test]
+    fn expiry_counts_from_disconnect() {
+        let mut record = SessionRecord::new("c", 0);
+        record.expiry_secs = 10;
+        assert!(!record.is_expired(1_000_000));
+        record.disconnected_at_ms = Some(1_000);
+        assert!(!record.is_expired(10_999));
+        assert!(record.is_expired(11_000));
+    }
+
+    #[test]
+    fn hex_rejects_garbage() {
+        assert_eq!(hex_decode("0aff"), Some(vec![10, 255]));
+        assert_eq!(hex_decode("0"), None);
+        assert_eq!(hex_decode("zz"), None);
+    }
+}

@@ -1,0 +1,7 @@
+//! What jetmq-broker and jetmq-ingestor agree on: how MQTT topics become NATS subjects,
+//! how a message is wrapped for JetStream, and the names of streams and buckets.
+
+pub mod envelope;
+pub mod shares;
+pub mod streams;
+pub mod subject;
