@@ -72,7 +72,8 @@ impl AclConfig {
 
     /// True when no rule can ever deny: the per-message check can be skipped.
     pub fn allows_everything(&self) -> bool {
-        self.default == Permission::Allow && self.rules.iter().all(|r| r.permission == Permission::Allow)
+        self.default == Permission::Allow
+            && self.rules.iter().all(|r| r.permission == Permission::Allow)
     }
 
     /// Decides `action` on `topic` (a topic name, or for subscriptions the requested filter,

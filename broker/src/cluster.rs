@@ -37,7 +37,10 @@ pub async fn expand_urls(urls: &[String]) -> Vec<String> {
                 Some((auth, hp)) => (Some(auth), hp),
                 None => (None, rest),
             };
-            let with_port = if hostport.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            let with_port = if hostport
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
                 hostport.to_owned()
             } else {
                 format!("{hostport}:4222")

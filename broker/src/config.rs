@@ -196,7 +196,10 @@ pub enum ConfigError {
 }
 
 impl Config {
-    pub fn load(file: Option<&std::path::Path>, overrides: Overrides) -> Result<Config, ConfigError> {
+    pub fn load(
+        file: Option<&std::path::Path>,
+        overrides: Overrides,
+    ) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.exists() {
@@ -246,7 +249,11 @@ impl Config {
             "node_id",
             "only ASCII letters, digits, '-' and '_' are allowed",
         )?;
-        check(!self.nats.urls.is_empty(), "nats.urls", "at least one URL is needed")?;
+        check(
+            !self.nats.urls.is_empty(),
+            "nats.urls",
+            "at least one URL is needed",
+        )?;
         check(
             matches!(self.nats.replicas, 1..=5),
             "nats.replicas",
@@ -262,14 +269,26 @@ impl Config {
             "limits.max_packet_size",
             "MQTT cannot carry packets over 268435455 bytes",
         )?;
-        check(l.receive_maximum > 0, "limits.receive_maximum", "must be at least 1")?;
-        check(l.max_inflight > 0, "limits.max_inflight", "must be at least 1")?;
+        check(
+            l.receive_maximum > 0,
+            "limits.receive_maximum",
+            "must be at least 1",
+        )?;
+        check(
+            l.max_inflight > 0,
+            "limits.max_inflight",
+            "must be at least 1",
+        )?;
         check(
             l.max_queued_messages > 0,
             "limits.max_queued_messages",
             "must be at least 1",
         )?;
-        check(l.max_topic_levels > 0, "limits.max_topic_levels", "must be at least 1")?;
+        check(
+            l.max_topic_levels > 0,
+            "limits.max_topic_levels",
+            "must be at least 1",
+        )?;
         check(
             l.max_client_id_length > 0,
             "limits.max_client_id_length",
@@ -354,7 +373,11 @@ mod tests {
         match value {
             serde_json::Value::Object(map) => {
                 for (key, value) in map {
-                    let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
                     leaf_keys(&path, value, out);
                 }
             }
@@ -371,7 +394,11 @@ mod tests {
             .expect("docs/configuration.md block is a valid configuration");
         documented.validate().expect("documented values validate");
         let mut keys = Vec::new();
-        leaf_keys("", &serde_json::to_value(Config::default()).expect("serializes"), &mut keys);
+        leaf_keys(
+            "",
+            &serde_json::to_value(Config::default()).expect("serializes"),
+            &mut keys,
+        );
         // Optional keys that default to "unset" are documented commented out.
         let text = block.replace("# ", "");
         for key in keys {

@@ -4,7 +4,9 @@
 //! both halves' async methods are cancellation safe (a `select!` may drop them at any await).
 
 use bytes::BytesMut;
-use jetmq_codec::{decode_packet, encode_packet, encoded_len, DecodeError, EncodeError, Packet, ProtocolVersion};
+use jetmq_codec::{
+    decode_packet, encode_packet, encoded_len, DecodeError, EncodeError, Packet, ProtocolVersion,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Anything a client can connect over: TCP, TLS, WebSocket.
@@ -102,7 +104,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Queues a packet. Returns false (and queues nothing) if it exceeds the peer's limit.
     pub fn queue(&mut self, packet: &Packet) -> Result<bool, EncodeError> {
-        if self.peer_max_packet_size != usize::MAX && encoded_len(packet, self.version) > self.peer_max_packet_size {
+        if self.peer_max_packet_size != usize::MAX
+            && encoded_len(packet, self.version) > self.peer_max_packet_size
+        {
             return Ok(false);
         }
         encode_packet(packet, self.version, &mut self.buf)?;

@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod ingress;
+pub mod janitor;
 pub mod retained;
 pub mod routing;
 pub mod server;

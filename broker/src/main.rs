@@ -9,7 +9,11 @@ use jetmq_broker::config::{Config, Overrides};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(name = "jetmq-broker", version, about = "Stateless MQTT 3.1.1/5.0 node over NATS JetStream")]
+#[command(
+    name = "jetmq-broker",
+    version,
+    about = "Stateless MQTT 3.1.1/5.0 node over NATS JetStream"
+)]
 struct Cli {
     /// TOML configuration file; every key can also be set as JETMQ_<SECTION>__<KEY>.
     #[arg(long, short)]
@@ -44,7 +48,10 @@ fn main() -> ExitCode {
         }
     };
     jetmq_broker::telemetry::init_logging(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("jetmq-broker: cannot start runtime: {err}");

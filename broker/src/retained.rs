@@ -34,11 +34,17 @@ impl RetainedCache {
         if !filter.contains(['+', '#']) {
             return map.get(filter).cloned().into_iter().collect();
         }
-        map.values().filter(|m| topic::matches(filter, &m.topic)).cloned().collect()
+        map.values()
+            .filter(|m| topic::matches(filter, &m.topic))
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.by_topic.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.by_topic
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -90,7 +96,9 @@ pub async fn run_retained_reader(
         let pending = message.info().map(|i| i.pending).unwrap_or(0);
         match decode_retained(message.subject.as_str(), message.payload.clone()) {
             Ok(msg) => cache.apply(Arc::new(msg)),
-            Err(err) => tracing::warn!(subject = %message.subject, error = %err, "skipping undecodable retained message"),
+            Err(err) => {
+                tracing::warn!(subject = %message.subject, error = %err, "skipping undecodable retained message")
+            }
         }
         if pending == 0 {
             if let Some(tx) = loaded.take() {

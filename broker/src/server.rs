@@ -47,6 +47,7 @@ pub struct Node {
     /// Live connections on this node by client id.
     pub clients: Mutex<HashMap<String, LocalClient>>,
     next_id: AtomicU64,
+    first_connection_id: u64,
     pub ready: AtomicBool,
     pub shutdown: CancellationToken,
 }
@@ -54,6 +55,11 @@ pub struct Node {
 impl Node {
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Connection ids of this process start here (see [`crate::janitor::Heartbeat`]).
+    pub fn first_connection_id(&self) -> u64 {
+        self.first_connection_id
     }
 
     /// Asks the connection `connection` of `client_id` on `node` to go away.
@@ -97,10 +103,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .last_sequence;
     let router = Arc::new(Router::new(
         start,
-        ReplayRing::new(config.nats.replay_buffer_messages, config.nats.replay_buffer_bytes),
+        ReplayRing::new(
+            config.nats.replay_buffer_messages,
+            config.nats.replay_buffer_bytes,
+        ),
         metrics.clone(),
     ));
     let retained = Arc::new(RetainedCache::default());
+    let first_connection_id = crate::session::now_ms().saturating_mul(1000);
+    let nodes_kv = jetmq_common::streams::ensure_kv_bucket(
+        &cluster.js,
+        jetmq_common::streams::NODE_BUCKET,
+        config.nats.replicas,
+        crate::janitor::NODE_TTL,
+        64 * 1024,
+    )
+    .await?;
     let ingress = Ingress {
         client: cluster.client.clone(),
         js: cluster.js.clone(),
@@ -113,7 +131,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ingress,
         metrics,
         clients: Mutex::new(HashMap::new()),
-        next_id: AtomicU64::new(1),
+        // Unique across restarts of a node under the same id, so the janitor can tell a
+        // previous process's sessions from the current one's.
+        next_id: AtomicU64::new(first_connection_id),
+        first_connection_id,
         ready: AtomicBool::new(false),
         shutdown: shutdown.clone(),
         cluster,
@@ -148,8 +169,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .context("cannot subscribe to node control subject")?;
     tokio::spawn(serve_kicks(node.clone(), kicks));
+    tokio::spawn(crate::janitor::run(
+        node.clone(),
+        nodes_kv,
+        shutdown.clone(),
+    ));
 
-    if tokio::time::timeout(Duration::from_secs(30), loaded_rx).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(30), loaded_rx)
+        .await
+        .is_err()
+    {
         tracing::warn!("retained messages still loading after 30 s; serving anyway");
     }
 
@@ -236,7 +265,12 @@ async fn disconnect_all(node: &Node) {
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::Instant::now() < deadline {
-        if node.clients.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+        if node
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -283,14 +317,18 @@ async fn answer_http(node: Arc<Node>, mut stream: TcpStream) -> std::io::Result<
     let (status, body) = match path {
         "/healthz" => ("200 OK", "ok\n".to_owned()),
         "/readyz" => {
-            let connected = node.cluster.client.connection_state() == async_nats::connection::State::Connected;
+            let connected =
+                node.cluster.client.connection_state() == async_nats::connection::State::Connected;
             if node.ready.load(Ordering::Acquire) && connected {
                 ("200 OK", "ready\n".to_owned())
             } else {
                 ("503 Service Unavailable", "not ready\n".to_owned())
             }
         }
-        "/metrics" => ("200 OK", node.metrics.render(node.router.subscription_count())),
+        "/metrics" => (
+            "200 OK",
+            node.metrics.render(node.router.subscription_count()),
+        ),
         _ => ("404 Not Found", "not found\n".to_owned()),
     };
     let response = format!(

@@ -7,8 +7,11 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogConfig;
 
 pub fn init_logging(config: &LogConfig) {
-    let filter = EnvFilter::try_from_env("JETMQ_LOG").unwrap_or_else(|_| EnvFilter::new(&config.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let filter =
+        EnvFilter::try_from_env("JETMQ_LOG").unwrap_or_else(|_| EnvFilter::new(&config.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     if config.json {
         builder.json().init();
     } else {
@@ -72,19 +75,76 @@ impl Metrics {
     pub fn render(&self, subscriptions: usize) -> String {
         let mut out = String::new();
         let mut line = |name: &str, kind: &str, help: &str, value: String| {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
         };
-        line("jetmq_connections", "gauge", "Open MQTT connections.", self.connections.get().to_string());
-        line("jetmq_connections_total", "counter", "MQTT connections accepted.", self.connections_total.get().to_string());
-        line("jetmq_subscriptions", "gauge", "Subscriptions of sessions on this node.", subscriptions.to_string());
-        line("jetmq_messages_received_total", "counter", "PUBLISH packets received from clients.", self.messages_received.get().to_string());
-        line("jetmq_messages_sent_total", "counter", "PUBLISH packets sent to clients.", self.messages_sent.get().to_string());
-        line("jetmq_messages_dropped_qos0_total", "counter", "QoS 0 messages dropped for slow subscribers.", self.dropped_qos0.get().to_string());
-        line("jetmq_messages_dropped_queue_full_total", "counter", "Messages dropped because a session queue was full.", self.dropped_queue_full.get().to_string());
-        line("jetmq_protocol_errors_total", "counter", "Connections closed for protocol violations.", self.protocol_errors.get().to_string());
-        line("jetmq_session_takeovers_total", "counter", "Sessions taken over by a newer connection.", self.takeovers.get().to_string());
-        line("jetmq_session_replays_total", "counter", "Catch-up replays run for sessions.", self.session_replays.get().to_string());
-        line("jetmq_wills_published_total", "counter", "Will messages published.", self.wills_published.get().to_string());
+        line(
+            "jetmq_connections",
+            "gauge",
+            "Open MQTT connections.",
+            self.connections.get().to_string(),
+        );
+        line(
+            "jetmq_connections_total",
+            "counter",
+            "MQTT connections accepted.",
+            self.connections_total.get().to_string(),
+        );
+        line(
+            "jetmq_subscriptions",
+            "gauge",
+            "Subscriptions of sessions on this node.",
+            subscriptions.to_string(),
+        );
+        line(
+            "jetmq_messages_received_total",
+            "counter",
+            "PUBLISH packets received from clients.",
+            self.messages_received.get().to_string(),
+        );
+        line(
+            "jetmq_messages_sent_total",
+            "counter",
+            "PUBLISH packets sent to clients.",
+            self.messages_sent.get().to_string(),
+        );
+        line(
+            "jetmq_messages_dropped_qos0_total",
+            "counter",
+            "QoS 0 messages dropped for slow subscribers.",
+            self.dropped_qos0.get().to_string(),
+        );
+        line(
+            "jetmq_messages_dropped_queue_full_total",
+            "counter",
+            "Messages dropped because a session queue was full.",
+            self.dropped_queue_full.get().to_string(),
+        );
+        line(
+            "jetmq_protocol_errors_total",
+            "counter",
+            "Connections closed for protocol violations.",
+            self.protocol_errors.get().to_string(),
+        );
+        line(
+            "jetmq_session_takeovers_total",
+            "counter",
+            "Sessions taken over by a newer connection.",
+            self.takeovers.get().to_string(),
+        );
+        line(
+            "jetmq_session_replays_total",
+            "counter",
+            "Catch-up replays run for sessions.",
+            self.session_replays.get().to_string(),
+        );
+        line(
+            "jetmq_wills_published_total",
+            "counter",
+            "Will messages published.",
+            self.wills_published.get().to_string(),
+        );
         out
     }
 }

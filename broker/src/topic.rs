@@ -18,7 +18,11 @@ pub struct ParsedFilter<'a> {
     pub filter: &'a str,
 }
 
-pub fn validate_topic_name(topic: &str, max_levels: usize, max_len: usize) -> Result<(), TopicError> {
+pub fn validate_topic_name(
+    topic: &str,
+    max_levels: usize,
+    max_len: usize,
+) -> Result<(), TopicError> {
     if topic.is_empty() {
         return Err(TopicError::Empty);
     }
@@ -35,7 +39,11 @@ pub fn validate_topic_name(topic: &str, max_levels: usize, max_len: usize) -> Re
 }
 
 /// Validates a filter, including `$share/<group>/<filter>`.
-pub fn parse_filter(raw: &str, max_levels: usize, max_len: usize) -> Result<ParsedFilter<'_>, TopicError> {
+pub fn parse_filter(
+    raw: &str,
+    max_levels: usize,
+    max_len: usize,
+) -> Result<ParsedFilter<'_>, TopicError> {
     if raw.is_empty() {
         return Err(TopicError::Empty);
     }
@@ -102,7 +110,10 @@ mod tests {
     #[test]
     fn matching_follows_the_spec_examples() {
         assert!(matches("sport/tennis/player1/#", "sport/tennis/player1"));
-        assert!(matches("sport/tennis/player1/#", "sport/tennis/player1/ranking"));
+        assert!(matches(
+            "sport/tennis/player1/#",
+            "sport/tennis/player1/ranking"
+        ));
         assert!(matches("sport/#", "sport"));
         assert!(matches("#", "a/b/c"));
         assert!(matches("sport/tennis/+", "sport/tennis/player1"));
@@ -128,11 +139,23 @@ mod tests {
     fn filters_are_validated() {
         assert!(parse_filter("a/#", 8, 100).is_ok());
         assert!(parse_filter("+/+/#", 8, 100).is_ok());
-        assert_eq!(parse_filter("a/#/b", 8, 100), Err(TopicError::MisplacedWildcard));
-        assert_eq!(parse_filter("a/b#", 8, 100), Err(TopicError::MisplacedWildcard));
-        assert_eq!(parse_filter("a+/b", 8, 100), Err(TopicError::MisplacedWildcard));
+        assert_eq!(
+            parse_filter("a/#/b", 8, 100),
+            Err(TopicError::MisplacedWildcard)
+        );
+        assert_eq!(
+            parse_filter("a/b#", 8, 100),
+            Err(TopicError::MisplacedWildcard)
+        );
+        assert_eq!(
+            parse_filter("a+/b", 8, 100),
+            Err(TopicError::MisplacedWildcard)
+        );
         assert_eq!(parse_filter("", 8, 100), Err(TopicError::Empty));
-        assert_eq!(parse_filter("a/b/c", 2, 100), Err(TopicError::TooManyLevels));
+        assert_eq!(
+            parse_filter("a/b/c", 2, 100),
+            Err(TopicError::TooManyLevels)
+        );
         let shared = parse_filter("$share/g1/a/+", 8, 100).expect("valid");
         assert_eq!(shared.share_group, Some("g1"));
         assert_eq!(shared.filter, "a/+");
@@ -150,8 +173,14 @@ mod tests {
     fn names_are_validated() {
         assert!(validate_topic_name("a/b", 8, 100).is_ok());
         assert!(validate_topic_name("/", 8, 100).is_ok());
-        assert_eq!(validate_topic_name("a/+", 8, 100), Err(TopicError::WildcardInName));
+        assert_eq!(
+            validate_topic_name("a/+", 8, 100),
+            Err(TopicError::WildcardInName)
+        );
         assert_eq!(validate_topic_name("", 8, 100), Err(TopicError::Empty));
-        assert_eq!(validate_topic_name("a/b/c", 2, 100), Err(TopicError::TooManyLevels));
+        assert_eq!(
+            validate_topic_name("a/b/c", 2, 100),
+            Err(TopicError::TooManyLevels)
+        );
     }
 }

@@ -28,7 +28,9 @@ pub enum ShareError {
     BadIngestorId(u32),
     #[error("the number of ingestors must be between 1 and {MAX_SHARES}, got {0}")]
     BadIngestorCount(u32),
-    #[error("weighted mode needs one weight per ingestor: {ingestors} ingestors but {weights} weights")]
+    #[error(
+        "weighted mode needs one weight per ingestor: {ingestors} ingestors but {weights} weights"
+    )]
     WeightCount { ingestors: u32, weights: usize },
     #[error("weight {index} is 0: every weight must be a positive integer (percent)")]
     ZeroWeight { index: usize },
@@ -113,10 +115,7 @@ pub fn mapping_block(ingestors: u32, mode: &MappingMode) -> Result<String, Share
         MappingMode::Partition => "partition".to_owned(),
         MappingMode::Weighted(w) => format!(
             "weighted {}",
-            w.iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
+            w.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
         ),
     };
     // Writing to a String cannot fail.

@@ -214,10 +214,7 @@ mod tests {
         assert!(parse_stream_subject("jetmq.in.a").is_err());
         assert!(parse_stream_subject("jetmq.s.x.a").is_err());
         assert!(parse_stream_subject("jetmq.s.1").is_err());
-        assert_eq!(
-            parse_retained_subject("jetmq.r.a.b"),
-            Ok("a/b".to_owned())
-        );
+        assert_eq!(parse_retained_subject("jetmq.r.a.b"), Ok("a/b".to_owned()));
     }
 
     #[test]

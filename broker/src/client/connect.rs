@@ -1,6 +1,8 @@
 //! CONNECT: validation, the session claim, CONNACK.
 
-use jetmq_codec::{ConnAck, ConnAckProperties, Connect, LastWill, Packet, ProtocolVersion, ReasonCode};
+use jetmq_codec::{
+    ConnAck, ConnAckProperties, Connect, LastWill, Packet, ProtocolVersion, ReasonCode,
+};
 
 use crate::server::Node;
 use crate::session::{now_ms, Owner, SessionRecord, StoreError, StoredProperties, StoredWill};
@@ -53,7 +55,13 @@ pub(super) fn admit(node: &Node, connect: &Connect) -> Result<Admission, ReasonC
     };
     let expiry_secs = requested_expiry.min(limits.max_session_expiry);
     if let Some(will) = &connect.will {
-        if topic::validate_topic_name(&will.topic, limits.max_topic_levels, limits.max_topic_length).is_err() {
+        if topic::validate_topic_name(
+            &will.topic,
+            limits.max_topic_levels,
+            limits.max_topic_length,
+        )
+        .is_err()
+        {
             return Err(ReasonCode::TOPIC_NAME_INVALID);
         }
         if will.payload.len() > limits.max_packet_size as usize {
@@ -76,7 +84,12 @@ pub(super) fn admit(node: &Node, connect: &Connect) -> Result<Admission, ReasonC
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     hasher.finish()
 }
 
@@ -92,7 +105,11 @@ pub(super) fn stored_will(will: &LastWill) -> StoredWill {
             message_expiry_interval: will.properties.message_expiry_interval,
             content_type: will.properties.content_type.clone(),
             response_topic: will.properties.response_topic.clone(),
-            correlation_data: will.properties.correlation_data.as_ref().map(|b| b.to_vec()),
+            correlation_data: will
+                .properties
+                .correlation_data
+                .as_ref()
+                .map(|b| b.to_vec()),
             user_properties: will.properties.user_properties.clone(),
         },
     }
@@ -122,7 +139,10 @@ pub(super) async fn claim_session(
         let previous_owner = existing.as_ref().and_then(|r| r.owner.clone());
         let (mut record, session_present) = match existing {
             Some(record) if !connect.clean_start && !record.is_expired(now) => (record, true),
-            _ => (SessionRecord::new(&admission.client_id, node.router.position()), false),
+            _ => (
+                SessionRecord::new(&admission.client_id, node.router.position()),
+                false,
+            ),
         };
         record.owner = Some(Owner {
             node: node.config.node_id.clone(),
@@ -133,11 +153,13 @@ pub(super) async fn claim_session(
         record.will = connect.will.as_ref().map(stored_will);
         record.will_due_ms = None;
         record.protocol_v5 = connect.protocol == ProtocolVersion::V5;
+        record.username = connect.username.clone();
         match store.save(&record, revision).await {
             Ok(revision) => {
                 if let Some(owner) = previous_owner {
                     node.metrics.takeovers.inc();
-                    node.kick(&owner.node, &admission.client_id, owner.connection).await;
+                    node.kick(&owner.node, &admission.client_id, owner.connection)
+                        .await;
                 }
                 return Ok(Claim {
                     record,
@@ -151,7 +173,12 @@ pub(super) async fn claim_session(
     }
 }
 
-pub(super) fn connack(node: &Node, connect: &Connect, admission: &Admission, session_present: bool) -> Packet {
+pub(super) fn connack(
+    node: &Node,
+    connect: &Connect,
+    admission: &Admission,
+    session_present: bool,
+) -> Packet {
     let limits = &node.config.limits;
     let mut properties = ConnAckProperties::default();
     if connect.protocol.is_v5() {

@@ -28,23 +28,34 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         let limits = &self.node.config.limits;
         if let Some(alias) = publish.properties.topic_alias.take() {
             if alias == 0 || alias > limits.topic_alias_maximum {
-                return Err(self.protocol_error(ReasonCode::TOPIC_ALIAS_INVALID, "topic alias out of range"));
+                return Err(self
+                    .protocol_error(ReasonCode::TOPIC_ALIAS_INVALID, "topic alias out of range"));
             }
             if publish.topic.is_empty() {
                 match self.aliases_in.get(&alias) {
                     Some(topic) => publish.topic = topic.clone(),
                     None => {
-                        return Err(self.protocol_error(ReasonCode::PROTOCOL_ERROR, "unknown topic alias"));
+                        return Err(
+                            self.protocol_error(ReasonCode::PROTOCOL_ERROR, "unknown topic alias")
+                        );
                     }
                 }
             } else {
                 self.aliases_in.insert(alias, publish.topic.clone());
             }
         }
-        if topic::validate_topic_name(&publish.topic, limits.max_topic_levels, limits.max_topic_length).is_err() {
+        if topic::validate_topic_name(
+            &publish.topic,
+            limits.max_topic_levels,
+            limits.max_topic_length,
+        )
+        .is_err()
+        {
             return Err(self.protocol_error(ReasonCode::TOPIC_NAME_INVALID, "invalid topic name"));
         }
-        if publish.qos != QoS::AtMostOnce && self.inbound_unacked >= usize::from(limits.receive_maximum) {
+        if publish.qos != QoS::AtMostOnce
+            && self.inbound_unacked >= usize::from(limits.receive_maximum)
+        {
             return Err(self.protocol_error(
                 ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
                 "client exceeded the receive maximum",
@@ -52,13 +63,21 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         }
         let packet_id = publish.packet_id;
         if publish.qos == QoS::ExactlyOnce {
-            if let Some(known) = self.record.inbound_qos2.iter().find(|e| e.packet_id == packet_id) {
+            if let Some(known) = self
+                .record
+                .inbound_qos2
+                .iter()
+                .find(|e| e.packet_id == packet_id)
+            {
                 // A retransmission.
                 if self.qos2_publishing.contains(&packet_id) {
                     return Ok(());
                 }
                 if self.qos2_stored.contains(&packet_id) {
-                    let _ = self.writer.queue(&Packet::PubRec(PubResp::new(packet_id, ReasonCode::SUCCESS)));
+                    let _ = self.writer.queue(&Packet::PubRec(PubResp::new(
+                        packet_id,
+                        ReasonCode::SUCCESS,
+                    )));
                     return Ok(());
                 }
                 // Announced by an earlier connection, which may have died before storing it:
@@ -67,27 +86,43 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 return self.republish_qos2(publish, msg_id).await;
             }
         }
-        if !self.node.config.acl.allowed(self.principal(), Action::Publish, &publish.topic) {
+        if !self
+            .node
+            .config
+            .acl
+            .allowed(self.principal(), Action::Publish, &publish.topic)
+        {
             tracing::info!(client_id = %self.client_id, topic = %publish.topic, "publish denied by ACL");
             return self.refuse_publish(packet_id, publish.qos);
         }
         let envelope = self.envelope_for(&mut publish);
         match publish.qos {
             QoS::AtMostOnce => {
-                if let Err(err) = self.node.ingress.publish(&publish.topic, &envelope, publish.payload, None).await {
+                if let Err(err) = self
+                    .node
+                    .ingress
+                    .publish(&publish.topic, &envelope, publish.payload, None)
+                    .await
+                {
                     tracing::warn!(client_id = %self.client_id, error = %err, "QoS 0 publish failed");
                 }
                 Ok(())
             }
             QoS::AtLeastOnce => {
                 self.inbound_unacked += 1;
-                self.store_inbound(publish.topic, envelope, publish.payload, packet_id, None).await
+                self.store_inbound(publish.topic, envelope, publish.payload, packet_id, None)
+                    .await
             }
             QoS::ExactlyOnce => {
                 self.inbound_unacked += 1;
                 // The de-duplication id is written ahead of the publish, so a retransmission
                 // after a crash is stored under the same id and dropped by JetStream.
-                let msg_id = format!("{}:{}:{:x}", self.client_id, packet_id, now_ms() ^ self.connection.rotate_left(32));
+                let msg_id = format!(
+                    "{}:{}:{:x}",
+                    self.client_id,
+                    packet_id,
+                    now_ms() ^ self.connection.rotate_left(32)
+                );
                 self.record.inbound_qos2.push(InboundQos2 {
                     packet_id,
                     msg_id: msg_id.clone(),
@@ -109,8 +144,14 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.inbound_unacked += 1;
         self.qos2_publishing.insert(publish.packet_id);
         let envelope = self.envelope_for(&mut publish);
-        self.store_inbound(publish.topic, envelope, publish.payload, publish.packet_id, Some(&msg_id))
-            .await
+        self.store_inbound(
+            publish.topic,
+            envelope,
+            publish.payload,
+            publish.packet_id,
+            Some(&msg_id),
+        )
+        .await
     }
 
     fn envelope_for(&self, publish: &mut Publish) -> Envelope {
@@ -140,7 +181,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
-                let _ = self.writer.queue(&Packet::PubAck(PubResp::new(packet_id, reason)));
+                let _ = self
+                    .writer
+                    .queue(&Packet::PubAck(PubResp::new(packet_id, reason)));
             }
             QoS::ExactlyOnce => {
                 if !self.v5 {
@@ -151,7 +194,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     self.qos2_stored.insert(packet_id);
                     self.inbound_unacked += 1;
                 }
-                let _ = self.writer.queue(&Packet::PubRec(PubResp::new(packet_id, reason)));
+                let _ = self
+                    .writer
+                    .queue(&Packet::PubRec(PubResp::new(packet_id, reason)));
             }
         }
         Ok(())
@@ -166,7 +211,12 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         msg_id: Option<&str>,
     ) -> Result<(), Exit> {
         let qos = QoS::from_u8(envelope.qos).unwrap_or(QoS::AtLeastOnce);
-        match self.node.ingress.publish(&topic, &envelope, payload, msg_id).await {
+        match self
+            .node
+            .ingress
+            .publish(&topic, &envelope, payload, msg_id)
+            .await
+        {
             Ok(ack) => {
                 self.acks.push_back(Box::pin(async move {
                     InboundDone {
@@ -209,7 +259,11 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     }
 
     pub(super) fn handle_pubrel(&mut self, packet_id: u16) {
-        let known = self.record.inbound_qos2.iter().position(|e| e.packet_id == packet_id);
+        let known = self
+            .record
+            .inbound_qos2
+            .iter()
+            .position(|e| e.packet_id == packet_id);
         match known {
             Some(index) if !self.qos2_publishing.contains(&packet_id) => {
                 self.record.inbound_qos2.remove(index);
@@ -227,7 +281,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 } else {
                     ReasonCode::SUCCESS
                 };
-                let _ = self.writer.queue(&Packet::PubComp(PubResp::new(packet_id, reason)));
+                let _ = self
+                    .writer
+                    .queue(&Packet::PubComp(PubResp::new(packet_id, reason)));
             }
         }
     }

@@ -13,6 +13,8 @@ mod persist;
 mod subscriptions;
 mod will;
 
+pub(crate) use will::publish_will;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -46,7 +48,9 @@ const WRITE_SOFT_LIMIT: usize = 64 * 1024;
 #[derive(Debug)]
 enum Exit {
     /// DISCONNECT from the client; `publish_will` for reason 0x04.
-    Disconnect { publish_will: bool },
+    Disconnect {
+        publish_will: bool,
+    },
     /// Socket closed, keep alive expired, protocol error: the will goes out.
     Abnormal,
     /// Another connection owns the session now; leave the record alone.
@@ -180,16 +184,29 @@ async fn run<S: Transport>(
     };
     let client_id: Arc<str> = Arc::from(admission.client_id.as_str());
     let (control_tx, mut control_rx) = mpsc::channel(4);
-    if let Some(previous) = node.clients.lock().unwrap_or_else(|p| p.into_inner()).insert(
-        admission.client_id.clone(),
-        LocalClient {
-            connection,
-            control: control_tx,
-        },
-    ) {
+    if let Some(previous) = node
+        .clients
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            admission.client_id.clone(),
+            LocalClient {
+                connection,
+                control: control_tx,
+            },
+        )
+    {
         let _ = previous.control.try_send(Control::TakenOver);
     }
-    if writer.queue(&connect::connack(&node, &connect, &admission, claim.session_present)).is_err() {
+    if writer
+        .queue(&connect::connack(
+            &node,
+            &connect,
+            &admission,
+            claim.session_present,
+        ))
+        .is_err()
+    {
         return;
     }
     tracing::debug!(%peer, client_id = %client_id, session_present = claim.session_present, "connected");
@@ -359,13 +376,17 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
 
     fn read_failed(&mut self, err: ReadError) -> Exit {
         match err {
-            ReadError::Closed => tracing::debug!(client_id = %self.client_id, "connection closed by client"),
+            ReadError::Closed => {
+                tracing::debug!(client_id = %self.client_id, "connection closed by client")
+            }
             ReadError::Decode(err) => {
                 self.node.metrics.protocol_errors.inc();
                 tracing::info!(client_id = %self.client_id, peer = %self.peer, error = %err, "protocol violation; disconnecting");
                 self.send_disconnect(err.reason_code());
             }
-            other => tracing::debug!(client_id = %self.client_id, error = %other, "connection lost"),
+            other => {
+                tracing::debug!(client_id = %self.client_id, error = %other, "connection lost")
+            }
         }
         Exit::Abnormal
     }
@@ -373,7 +394,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     /// Closes with a reason: MQTT 5 clients get a DISCONNECT, 3.1.1 clients just the close.
     fn send_disconnect(&mut self, reason: ReasonCode) {
         if self.v5 {
-            let _ = self.writer.queue(&Packet::Disconnect(Disconnect::new(reason)));
+            let _ = self
+                .writer
+                .queue(&Packet::Disconnect(Disconnect::new(reason)));
         }
     }
 
@@ -420,13 +443,16 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                             "DISCONNECT set a session expiry on a session that had none",
                         ));
                     }
-                    self.record.expiry_secs = expiry.min(self.node.config.limits.max_session_expiry);
+                    self.record.expiry_secs =
+                        expiry.min(self.node.config.limits.max_session_expiry);
                 }
                 Err(Exit::Disconnect {
                     publish_will: disconnect.reason == ReasonCode::DISCONNECT_WITH_WILL,
                 })
             }
-            Packet::Connect(_) => Err(self.protocol_error(ReasonCode::PROTOCOL_ERROR, "second CONNECT")),
+            Packet::Connect(_) => {
+                Err(self.protocol_error(ReasonCode::PROTOCOL_ERROR, "second CONNECT"))
+            }
             Packet::Auth(_) => Err(self.protocol_error(
                 ReasonCode::PROTOCOL_ERROR,
                 "AUTH without an authentication method",
@@ -446,7 +472,10 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         );
         {
             let mut clients = self.node.clients.lock().unwrap_or_else(|p| p.into_inner());
-            if clients.get(&*self.client_id).is_some_and(|c| c.connection == self.connection) {
+            if clients
+                .get(&*self.client_id)
+                .is_some_and(|c| c.connection == self.connection)
+            {
                 clients.remove(&*self.client_id);
             }
         }

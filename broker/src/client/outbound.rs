@@ -19,7 +19,8 @@ use crate::session::now_ms;
 const STREAM_PACKET_IDS: u64 = 32_767;
 pub(super) const FIRST_EXTRA_PACKET_ID: u16 = 32_768;
 
-pub(super) type ReplayFuture = Pin<Box<dyn Future<Output = Result<(Vec<MessageRef>, u64), ReplayError>> + Send>>;
+pub(super) type ReplayFuture =
+    Pin<Box<dyn Future<Output = Result<(Vec<MessageRef>, u64), ReplayError>> + Send>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(clippy::enum_variant_names)] // named after the packets
@@ -97,7 +98,12 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             self.replay_upto = None;
             return;
         }
-        let room = self.node.config.limits.max_queued_messages.saturating_sub(self.queue.len());
+        let room = self
+            .node
+            .config
+            .limits
+            .max_queued_messages
+            .saturating_sub(self.queue.len());
         if room == 0 {
             return;
         }
@@ -111,7 +117,15 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         let node = self.node.clone();
         let after = self.position;
         self.replay = Some(Box::pin(async move {
-            replay_range(&node.router, &node.cluster.messages, &filters, after, upto, room).await
+            replay_range(
+                &node.router,
+                &node.cluster.messages,
+                &filters,
+                after,
+                upto,
+                room,
+            )
+            .await
         }));
     }
 
@@ -148,15 +162,23 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
 
     /// Sends what the in-flight window and the socket allow.
     pub(super) fn pump(&mut self) -> Result<(), Exit> {
-        while self.inflight.len() < self.inflight_limit && self.writer.pending() < super::WRITE_SOFT_LIMIT {
-            let Some(front) = self.queue.front() else { break };
+        while self.inflight.len() < self.inflight_limit
+            && self.writer.pending() < super::WRITE_SOFT_LIMIT
+        {
+            let Some(front) = self.queue.front() else {
+                break;
+            };
             if front.qos != QoS::AtMostOnce {
                 let id = self.packet_id_for(front.msg.seq);
                 let Some(id) = id else { break };
-                let Some(delivery) = self.queue.pop_front() else { break };
+                let Some(delivery) = self.queue.pop_front() else {
+                    break;
+                };
                 self.send_publish(delivery, id)?;
             } else {
-                let Some(delivery) = self.queue.pop_front() else { break };
+                let Some(delivery) = self.queue.pop_front() else {
+                    break;
+                };
                 self.send_publish(delivery, 0)?;
             }
         }
@@ -164,7 +186,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         while self.writer.pending() < super::WRITE_SOFT_LIMIT {
             match self.queue.front() {
                 Some(front) if front.qos == QoS::AtMostOnce => {
-                    let Some(delivery) = self.queue.pop_front() else { break };
+                    let Some(delivery) = self.queue.pop_front() else {
+                        break;
+                    };
                     self.send_publish(delivery, 0)?;
                 }
                 _ => break,
@@ -181,7 +205,11 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         }
         for _ in 0..=(u16::MAX - FIRST_EXTRA_PACKET_ID) {
             let id = self.next_extra_packet_id;
-            self.next_extra_packet_id = if id == u16::MAX { FIRST_EXTRA_PACKET_ID } else { id + 1 };
+            self.next_extra_packet_id = if id == u16::MAX {
+                FIRST_EXTRA_PACKET_ID
+            } else {
+                id + 1
+            };
             if !self.inflight.contains_key(&id) {
                 return Some(id);
             }
@@ -192,7 +220,11 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     fn send_publish(&mut self, delivery: Delivery, packet_id: u16) -> Result<(), Exit> {
         let msg = &delivery.msg;
         if !self.node.config.acl.allows_everything()
-            && !self.node.config.acl.allowed(self.principal(), Action::Subscribe, &msg.topic)
+            && !self
+                .node
+                .config
+                .acl
+                .allowed(self.principal(), Action::Subscribe, &msg.topic)
         {
             return Ok(());
         }
@@ -278,7 +310,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     state: OutState::AwaitComp,
                 },
             );
-            let _ = self.writer.queue(&Packet::PubRel(PubResp::new(id, ReasonCode::SUCCESS)));
+            let _ = self
+                .writer
+                .queue(&Packet::PubRel(PubResp::new(id, ReasonCode::SUCCESS)));
         }
     }
 

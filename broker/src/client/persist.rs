@@ -60,7 +60,10 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.persist = Some(Box::pin(async move { store.save(&record, revision).await }));
     }
 
-    pub(super) async fn persist_finished(&mut self, result: Result<u64, StoreError>) -> Result<(), Exit> {
+    pub(super) async fn persist_finished(
+        &mut self,
+        result: Result<u64, StoreError>,
+    ) -> Result<(), Exit> {
         match result {
             Ok(revision) => {
                 self.revision = revision;
@@ -87,7 +90,10 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     self.send_disconnect(jetmq_codec::ReasonCode::SERVER_UNAVAILABLE);
                     return Err(Exit::Abnormal);
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(100 << self.persist_failures.min(4))).await;
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    100 << self.persist_failures.min(4),
+                ))
+                .await;
                 Ok(())
             }
         }

@@ -37,7 +37,11 @@ fn granted(qos: QoS) -> ReasonCode {
 impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
     pub(super) fn handle_subscribe(&mut self, subscribe: Subscribe) -> Result<(), Exit> {
         let limits = &self.node.config.limits;
-        let (max_levels, max_len, max_subs) = (limits.max_topic_levels, limits.max_topic_length, limits.max_subscriptions);
+        let (max_levels, max_len, max_subs) = (
+            limits.max_topic_levels,
+            limits.max_topic_length,
+            limits.max_subscriptions,
+        );
         let mut reasons = Vec::with_capacity(subscribe.filters.len());
         let mut added = Vec::new();
         let mut retained = Vec::new();
@@ -54,12 +58,21 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 reasons.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
                 continue;
             }
-            if !self.node.config.acl.allowed(self.principal(), Action::Subscribe, &request.filter) {
+            if !self
+                .node
+                .config
+                .acl
+                .allowed(self.principal(), Action::Subscribe, &request.filter)
+            {
                 tracing::info!(client_id = %self.client_id, filter = %request.filter, "subscription denied by ACL");
                 reasons.push(ReasonCode::NOT_AUTHORIZED);
                 continue;
             }
-            let existing = self.record.subscriptions.iter().position(|s| s.filter == request.filter);
+            let existing = self
+                .record
+                .subscriptions
+                .iter()
+                .position(|s| s.filter == request.filter);
             if existing.is_none() && self.record.subscriptions.len() >= max_subs {
                 reasons.push(ReasonCode::QUOTA_EXCEEDED);
                 continue;
@@ -108,7 +121,13 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         } else {
             reasons
                 .into_iter()
-                .map(|r| if r.is_error() { ReasonCode::UNSPECIFIED_ERROR } else { r })
+                .map(|r| {
+                    if r.is_error() {
+                        ReasonCode::UNSPECIFIED_ERROR
+                    } else {
+                        r
+                    }
+                })
                 .collect()
         };
         let suback = Packet::SubAck(SubAck {

@@ -12,8 +12,16 @@ use crate::server::Node;
 use crate::session::{now_ms, StoreError, StoredWill};
 
 /// Publishes a will and waits until it is stored.
-pub(crate) async fn publish_will(node: &Node, client_id: &str, username: Option<&str>, will: &StoredWill) {
-    let who = Principal { username, client_id };
+pub(crate) async fn publish_will(
+    node: &Node,
+    client_id: &str,
+    username: Option<&str>,
+    will: &StoredWill,
+) {
+    let who = Principal {
+        username,
+        client_id,
+    };
     if !node.config.acl.allowed(who, Action::Publish, &will.topic) {
         tracing::info!(client_id, topic = %will.topic, "will denied by ACL; not published");
         return;
@@ -34,7 +42,11 @@ pub(crate) async fn publish_will(node: &Node, client_id: &str, username: Option<
         },
     };
     let payload = Bytes::from(will.payload.clone());
-    let stored = match node.ingress.publish(&will.topic, &envelope, payload, None).await {
+    let stored = match node
+        .ingress
+        .publish(&will.topic, &envelope, payload, None)
+        .await
+    {
         Ok(ack) => tokio::time::timeout(Duration::from_secs(10), ack)
             .await
             .map_err(|_| "timed out".to_owned())
@@ -46,7 +58,9 @@ pub(crate) async fn publish_will(node: &Node, client_id: &str, username: Option<
             node.metrics.wills_published.inc();
             tracing::info!(client_id, topic = %will.topic, "will published");
         }
-        Err(err) => tracing::warn!(client_id, topic = %will.topic, error = %err, "will could not be published"),
+        Err(err) => {
+            tracing::warn!(client_id, topic = %will.topic, error = %err, "will could not be published")
+        }
     }
 }
 
@@ -64,8 +78,10 @@ async fn will_timer(node: Arc<Node>, client_id: String, due_ms: u64) {
     if record.owner.is_some() || record.will_due_ms != Some(due_ms) {
         return;
     }
-    let Some(will) = record.will.take() else { return };
-    publish_will(&node, &client_id, None, &will).await;
+    let Some(will) = record.will.take() else {
+        return;
+    };
+    publish_will(&node, &client_id, record.username.as_deref(), &will).await;
     record.will_due_ms = None;
     let result = if record.is_expired(now_ms()) {
         store.delete(&client_id, revision).await
@@ -91,7 +107,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             match pending.await {
                 Ok(revision) => self.revision = revision,
                 Err(StoreError::Conflict) => return,
-                Err(err) => tracing::warn!(client_id = %self.client_id, error = %err, "session write failed at close"),
+                Err(err) => {
+                    tracing::warn!(client_id = %self.client_id, error = %err, "session write failed at close")
+                }
             }
         }
         let store = self.node.cluster.sessions.clone();
@@ -101,7 +119,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             self.publish_own_will().await;
             match store.delete(&self.client_id, self.revision).await {
                 Ok(()) | Err(StoreError::Conflict) => {}
-                Err(err) => tracing::warn!(client_id = %self.client_id, error = %err, "cannot delete ended session"),
+                Err(err) => {
+                    tracing::warn!(client_id = %self.client_id, error = %err, "cannot delete ended session")
+                }
             }
             return;
         }
@@ -124,11 +144,17 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         match store.save(&self.record, self.revision).await {
             Ok(_) => {
                 if let Some(due) = due {
-                    tokio::spawn(will_timer(self.node.clone(), self.client_id.to_string(), due));
+                    tokio::spawn(will_timer(
+                        self.node.clone(),
+                        self.client_id.to_string(),
+                        due,
+                    ));
                 }
             }
             Err(StoreError::Conflict) => {}
-            Err(err) => tracing::warn!(client_id = %self.client_id, error = %err, "cannot save session at close"),
+            Err(err) => {
+                tracing::warn!(client_id = %self.client_id, error = %err, "cannot save session at close")
+            }
         }
     }
 }

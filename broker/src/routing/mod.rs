@@ -43,7 +43,10 @@ impl StoredMessage {
     }
 
     fn approximate_size(&self) -> usize {
-        std::mem::size_of::<Self>() + self.topic.len() + self.payload.len() + self.envelope.client_id.len()
+        std::mem::size_of::<Self>()
+            + self.topic.len()
+            + self.payload.len()
+            + self.envelope.client_id.len()
     }
 }
 
@@ -58,7 +61,11 @@ pub struct Delivery {
 
 /// Builds the delivery of `msg` for a session from all its matching subscriptions: one copy,
 /// at the highest granted QoS, carrying every subscription identifier.
-pub fn merge_matches(msg: &MessageRef, matches: &[SubEntry], publisher_is_self: bool) -> Option<Delivery> {
+pub fn merge_matches(
+    msg: &MessageRef,
+    matches: &[SubEntry],
+    publisher_is_self: bool,
+) -> Option<Delivery> {
     let mut qos = None::<QoS>;
     let mut retain = false;
     let mut ids = Vec::new();
@@ -175,11 +182,15 @@ impl Router {
     }
 
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, RouterState> {
-        self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, RouterState> {
-        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Registers a session with its subscriptions. Returns the position from which the
@@ -337,7 +348,11 @@ pub enum DecodeMessageError {
     Envelope(#[from] jetmq_common::envelope::EnvelopeError),
 }
 
-pub fn decode_stream_message(seq: u64, subject: &str, body: Bytes) -> Result<StoredMessage, DecodeMessageError> {
+pub fn decode_stream_message(
+    seq: u64,
+    subject: &str,
+    body: Bytes,
+) -> Result<StoredMessage, DecodeMessageError> {
     let (_, topic) = jetmq_common::subject::parse_stream_subject(subject)?;
     let (envelope, payload) = Envelope::decode(body)?;
     Ok(StoredMessage {
@@ -373,7 +388,12 @@ mod tests {
             ring.push(msg(seq, 1));
         }
         assert!(ring.range(1, 5).is_none());
-        let seqs: Vec<u64> = ring.range(2, 4).expect("held").iter().map(|m| m.seq).collect();
+        let seqs: Vec<u64> = ring
+            .range(2, 4)
+            .expect("held")
+            .iter()
+            .map(|m| m.seq)
+            .collect();
         assert_eq!(seqs, vec![3, 4]);
         assert_eq!(ring.range(5, 5).expect("empty").len(), 0);
     }
@@ -416,7 +436,11 @@ mod tests {
 
     #[tokio::test]
     async fn full_queue_marks_qos1_sessions_lagged() {
-        let router = Router::new(0, ReplayRing::new(100, usize::MAX), Arc::new(Metrics::default()));
+        let router = Router::new(
+            0,
+            ReplayRing::new(100, usize::MAX),
+            Arc::new(Metrics::default()),
+        );
         let (tx, mut rx) = mpsc::channel(1);
         let lagged = Arc::new(AtomicU64::new(NOT_LAGGED));
         let sub = SubEntry {

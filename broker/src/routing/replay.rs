@@ -101,7 +101,9 @@ async fn from_jetstream(
                 break 'fetching upto;
             }
             let pending = info.pending;
-            if let Ok(msg) = decode_stream_message(seq, message.subject.as_str(), message.payload.clone()) {
+            if let Ok(msg) =
+                decode_stream_message(seq, message.subject.as_str(), message.payload.clone())
+            {
                 let msg = Arc::new(msg);
                 if wanted(&msg) {
                     if out.len() == limit {

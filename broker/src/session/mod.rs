@@ -102,6 +102,9 @@ pub struct SessionRecord {
     pub will_due_ms: Option<u64>,
     #[serde(default)]
     pub protocol_v5: bool,
+    /// For authorizing the will when a node other than the client's publishes it.
+    #[serde(default)]
+    pub username: Option<String>,
 }
 
 impl SessionRecord {
@@ -118,6 +121,7 @@ impl SessionRecord {
             will: None,
             will_due_ms: None,
             protocol_v5: false,
+            username: None,
         }
     }
 

@@ -53,7 +53,8 @@ impl SessionStore {
             None => Ok((None, 0)),
             Some(entry) if entry.operation != Operation::Put => Ok((None, entry.revision)),
             Some(entry) => {
-                let record = serde_json::from_slice(&entry.value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let record = serde_json::from_slice(&entry.value)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 Ok((Some(record), entry.revision))
             }
         }
@@ -67,10 +68,13 @@ impl SessionStore {
         }
         let key = session_key(&record.client_id);
         let result = if revision == 0 {
-            self.kv.create(&key, Bytes::from(value)).await.map_err(|e| match e.kind() {
-                kv::CreateErrorKind::AlreadyExists => StoreError::Conflict,
-                _ => StoreError::Unavailable(e.to_string()),
-            })
+            self.kv
+                .create(&key, Bytes::from(value))
+                .await
+                .map_err(|e| match e.kind() {
+                    kv::CreateErrorKind::AlreadyExists => StoreError::Conflict,
+                    _ => StoreError::Unavailable(e.to_string()),
+                })
         } else {
             self.kv
                 .update(&key, Bytes::from(value), revision)
@@ -110,7 +114,9 @@ mod tests {
         assert_eq!(session_key("sensor-1_a"), "p.sensor-1_a");
         assert_eq!(session_key("a/b"), "h.612f62");
         assert_eq!(session_key(""), "h.");
-        assert!(session_key("é.*>").bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.'));
+        assert!(session_key("é.*>")
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.'));
         assert!(session_key(&"x".repeat(300)).starts_with("h."));
     }
 }

@@ -1,0 +1,232 @@
+//! What no single connection can do: notice dead nodes, publish the wills of their clients,
+//! fire delayed wills whose node is gone, and remove expired sessions.
+//!
+//! Every node writes a heartbeat into the `JETMQ_NODES` bucket, whose entries age out after
+//! [`NODE_TTL`]. One node at a time holds the janitor lease (a key in the same bucket, created
+//! only if absent and refreshed by its holder); it watches the session bucket and acts on
+//! records whose owner is gone or whose will or expiry is due. Its writes are
+//! compare-and-set, so a client reconnecting at the same moment always wins.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{self, Operation};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::publish_will;
+use crate::server::Node;
+use crate::session::{now_ms, SessionRecord, StoreError};
+
+/// A node whose heartbeat is older than this counts as dead.
+pub const NODE_TTL: Duration = Duration::from_secs(15);
+const HEARTBEAT: Duration = Duration::from_secs(3);
+const LEASE_KEY: &str = "janitor";
+/// A delayed will normally fires on its own node; the janitor waits this much longer
+/// before it concludes that node is not going to.
+const WILL_GRACE_MS: u64 = 5_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node_id: String,
+    /// Connection ids of the node's current process start here; lower ones belong to a
+    /// previous process under the same node id.
+    pub first_connection: u64,
+    pub connections: i64,
+    pub version: String,
+}
+
+fn heartbeat_key(node_id: &str) -> String {
+    format!("node.{node_id}")
+}
+
+pub async fn run(node: Arc<Node>, nodes_kv: kv::Store, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    let mut lease: Option<u64> = None;
+    let mut index: Option<SessionIndex> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                // The heartbeat is left to age out: by then this node's connections have
+                // written their sessions back, and nothing mistakes them for orphans.
+                if lease.is_some() {
+                    let _ = nodes_kv.delete(LEASE_KEY).await;
+                }
+                return;
+            }
+            _ = tick.tick() => {}
+        }
+        let beat = Heartbeat {
+            node_id: node.config.node_id.clone(),
+            first_connection: node.first_connection_id(),
+            connections: node.metrics.connections.get(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        if let Ok(value) = serde_json::to_vec(&beat) {
+            if let Err(err) = nodes_kv
+                .put(heartbeat_key(&beat.node_id), value.into())
+                .await
+            {
+                tracing::warn!(error = %err, "heartbeat write failed");
+            }
+        }
+        lease = renew_lease(&nodes_kv, &node.config.node_id, lease).await;
+        if lease.is_none() {
+            index = None;
+            continue;
+        }
+        if index.is_none() {
+            match SessionIndex::start(&node).await {
+                Ok(started) => {
+                    tracing::info!("janitor lease acquired; watching sessions");
+                    index = Some(started);
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "janitor cannot watch sessions");
+                    continue;
+                }
+            }
+        }
+        if let Some(index) = index.as_mut() {
+            index.drain_updates();
+            let alive = live_nodes(&nodes_kv).await;
+            if let Some(alive) = alive {
+                sweep(&node, index, &alive).await;
+            }
+        }
+    }
+}
+
+async fn renew_lease(nodes_kv: &kv::Store, node_id: &str, lease: Option<u64>) -> Option<u64> {
+    let value = bytes::Bytes::from(node_id.to_owned());
+    match lease {
+        Some(revision) => nodes_kv.update(LEASE_KEY, value, revision).await.ok(),
+        None => nodes_kv.create(LEASE_KEY, value).await.ok(),
+    }
+}
+
+/// Node id → first connection id of its live process. None if the bucket can't be read.
+async fn live_nodes(nodes_kv: &kv::Store) -> Option<HashMap<String, u64>> {
+    let mut keys = nodes_kv.keys().await.ok()?;
+    let mut alive = HashMap::new();
+    while let Some(key) = keys.next().await {
+        let Ok(key) = key else { return None };
+        if !key.starts_with("node.") {
+            continue;
+        }
+        if let Ok(Some(value)) = nodes_kv.get(&key).await {
+            if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&value) {
+                alive.insert(beat.node_id, beat.first_connection);
+            }
+        }
+    }
+    Some(alive)
+}
+
+/// What the janitor needs to know about each session, kept current by a KV watch.
+struct SessionIndex {
+    updates: tokio::sync::mpsc::Receiver<(String, Option<SessionRecord>)>,
+    records: HashMap<String, SessionRecord>,
+    _watcher: tokio::task::JoinHandle<()>,
+}
+
+impl SessionIndex {
+    async fn start(node: &Node) -> anyhow::Result<SessionIndex> {
+        let kv = node
+            .cluster
+            .js
+            .get_key_value(jetmq_common::streams::SESSION_BUCKET)
+            .await?;
+        let mut watch = kv.watch_with_history(">").await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        let watcher = tokio::spawn(async move {
+            while let Some(entry) = watch.next().await {
+                let Ok(entry) = entry else { continue };
+                let record = match entry.operation {
+                    Operation::Put => serde_json::from_slice(&entry.value).ok(),
+                    Operation::Delete | Operation::Purge => None,
+                };
+                if tx.send((entry.key, record)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(SessionIndex {
+            updates: rx,
+            records: HashMap::new(),
+            _watcher: watcher,
+        })
+    }
+
+    fn drain_updates(&mut self) {
+        while let Ok((key, record)) = self.updates.try_recv() {
+            match record {
+                Some(record) => {
+                    self.records.insert(key, record);
+                }
+                None => {
+                    self.records.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SessionIndex {
+    fn drop(&mut self) {
+        self._watcher.abort();
+    }
+}
+
+async fn sweep(node: &Arc<Node>, index: &SessionIndex, alive: &HashMap<String, u64>) {
+    let now = now_ms();
+    for record in index.records.values() {
+        let orphaned = record
+            .owner
+            .as_ref()
+            .is_some_and(|owner| match alive.get(&owner.node) {
+                Some(first) => owner.connection < *first,
+                None => true,
+            });
+        let will_due = record.owner.is_none()
+            && record
+                .will_due_ms
+                .is_some_and(|due| now >= due + WILL_GRACE_MS);
+        let expired = record.owner.is_none() && record.is_expired(now);
+        if orphaned || will_due || expired {
+            if let Err(err) = settle(node, &record.client_id, now).await {
+                tracing::debug!(client_id = %record.client_id, error = %err, "janitor left session for the next round");
+            }
+        }
+    }
+}
+
+/// Re-reads one session and brings it to the state its clock says it should be in.
+async fn settle(node: &Arc<Node>, client_id: &str, now: u64) -> Result<(), StoreError> {
+    let store = &node.cluster.sessions;
+    let (Some(mut record), revision) = store.load(client_id).await? else {
+        return Ok(());
+    };
+    if let Some(owner) = &record.owner {
+        tracing::info!(client_id, node = %owner.node, "session orphaned by a dead node; taking care of it");
+        record.owner = None;
+        record.disconnected_at_ms = Some(now);
+        if let Some(will) = &record.will {
+            let delay = u64::from(will.delay_secs.min(record.expiry_secs)) * 1000;
+            record.will_due_ms = Some(now + delay);
+        }
+    }
+    let will_due = record.will_due_ms.is_some_and(|due| now >= due) || record.is_expired(now);
+    if will_due {
+        if let Some(will) = record.will.take() {
+            publish_will(node, client_id, record.username.as_deref(), &will).await;
+        }
+        record.will_due_ms = None;
+    }
+    if record.is_expired(now) {
+        return store.delete(client_id, revision).await;
+    }
+    store.save(&record, revision).await.map(|_| ())
+}
