@@ -19,6 +19,7 @@ use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::ingress::Ingress;
 use crate::retained::{self, RetainedCache};
+use crate::routing::shared::SharedGroups;
 use crate::routing::{self, ReplayRing, Router};
 use crate::telemetry::Metrics;
 
@@ -42,6 +43,7 @@ pub struct Node {
     pub cluster: Cluster,
     pub router: Arc<Router>,
     pub retained: Arc<RetainedCache>,
+    pub shared: Arc<SharedGroups>,
     pub ingress: Ingress,
     pub metrics: Arc<Metrics>,
     /// Live connections on this node by client id.
@@ -128,6 +130,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config,
         router: router.clone(),
         retained: retained.clone(),
+        shared: SharedGroups::new(cluster.messages.clone(), shutdown.clone()),
         ingress,
         metrics,
         clients: Mutex::new(HashMap::new()),

@@ -188,7 +188,7 @@ pub(super) fn connack(
         properties.retain_available = Some(true);
         properties.wildcard_subscription_available = Some(true);
         properties.subscription_identifiers_available = Some(true);
-        properties.shared_subscription_available = Some(false);
+        properties.shared_subscription_available = Some(true);
         properties.server_keep_alive = admission.server_keep_alive;
         if admission.assigned_client_id {
             properties.assigned_client_identifier = Some(admission.client_id.clone());

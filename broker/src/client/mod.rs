@@ -77,6 +77,8 @@ pub(crate) struct Client<R, W> {
 
     // Deliveries towards the client.
     deliveries: mpsc::Receiver<Delivery>,
+    /// The sending side of `deliveries`, for shared-subscription groups.
+    delivery_tx: mpsc::Sender<Delivery>,
     lagged: Arc<AtomicU64>,
     subscriptions: Vec<(String, SubEntry)>,
     queue: VecDeque<Delivery>,
@@ -218,7 +220,7 @@ async fn run<S: Transport>(
         connection,
         SessionLink {
             client_id: client_id.clone(),
-            tx,
+            tx: tx.clone(),
             lagged: lagged.clone(),
         },
         &subscriptions,
@@ -248,6 +250,7 @@ async fn run<S: Transport>(
         record: claim.record,
         revision: claim.revision,
         deliveries: rx,
+        delivery_tx: tx,
         lagged,
         subscriptions,
         queue: VecDeque::new(),
@@ -269,6 +272,7 @@ async fn run<S: Transport>(
         persist_failures: 0,
     };
     client.resend_released();
+    client.join_shared();
     let exit = client.run_loop(&mut control_rx).await;
     client.finish(exit).await;
 }
@@ -470,6 +474,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             self.session_key,
             self.subscriptions.iter().map(|(f, _)| f.clone()),
         );
+        self.leave_shared();
         {
             let mut clients = self.node.clients.lock().unwrap_or_else(|p| p.into_inner());
             if clients

@@ -41,6 +41,7 @@ pub(super) enum OutState {
 pub(super) struct Outgoing {
     pub seq: u64,
     pub state: OutState,
+    pub shared_ack: Option<std::sync::Arc<crate::routing::shared::SharedAck>>,
 }
 
 pub(super) fn stream_packet_id(seq: u64) -> u16 {
@@ -50,6 +51,11 @@ pub(super) fn stream_packet_id(seq: u64) -> u16 {
 impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
     /// A delivery from the router (live, so in order and after `position`).
     pub(super) fn accept_delivery(&mut self, delivery: Delivery) {
+        if delivery.shared_ack.is_some() {
+            // Shared-subscription messages come from their group, outside the sequence.
+            self.enqueue(delivery);
+            return;
+        }
         let seq = delivery.msg.seq;
         if seq <= self.position || self.released.contains(&seq) {
             return;
@@ -284,7 +290,12 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             }
         }
         let state = match delivery.qos {
-            QoS::AtMostOnce => return Ok(()),
+            QoS::AtMostOnce => {
+                if let Some(ack) = &delivery.shared_ack {
+                    ack.ack();
+                }
+                return Ok(());
+            }
             QoS::AtLeastOnce => super::outbound::OutState::AwaitAck,
             QoS::ExactlyOnce => super::outbound::OutState::AwaitRec,
         };
@@ -293,6 +304,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             Outgoing {
                 seq: delivery.msg.seq,
                 state,
+                shared_ack: delivery.shared_ack,
             },
         );
         Ok(())
@@ -308,6 +320,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 Outgoing {
                     seq,
                     state: OutState::AwaitComp,
+                    shared_ack: None,
                 },
             );
             let _ = self
@@ -325,8 +338,13 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         match (kind, outgoing.state) {
             (AckKind::PubAck, OutState::AwaitAck) | (AckKind::PubComp, OutState::AwaitComp) => {
                 let seq = outgoing.seq;
+                if let Some(ack) = &outgoing.shared_ack {
+                    ack.ack();
+                }
                 self.inflight.remove(&packet_id);
-                self.released.remove(&seq);
+                if self.released.remove(&seq) {
+                    self.record_dirty = true;
+                }
             }
             (AckKind::PubRec, OutState::AwaitRec) if reason.is_error() => {
                 self.inflight.remove(&packet_id);

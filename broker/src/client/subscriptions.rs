@@ -9,19 +9,30 @@ use crate::routing::{Delivery, SubEntry};
 use crate::session::StoredSubscription;
 use crate::topic;
 
-/// Router entries for stored subscriptions.
+fn entry(s: &StoredSubscription) -> SubEntry {
+    SubEntry {
+        qos: s.qos(),
+        no_local: s.no_local,
+        retain_as_published: s.retain_as_published,
+        subscription_id: s.subscription_id,
+    }
+}
+
+/// Router entries for stored subscriptions (shared ones go to their groups instead).
 pub(super) fn entries(subs: &[StoredSubscription]) -> Vec<(String, SubEntry)> {
     subs.iter()
-        .map(|s| {
-            (
-                s.filter.clone(),
-                SubEntry {
-                    qos: s.qos(),
-                    no_local: s.no_local,
-                    retain_as_published: s.retain_as_published,
-                    subscription_id: s.subscription_id,
-                },
-            )
+        .filter(|s| !s.filter.starts_with("$share/"))
+        .map(|s| (s.filter.clone(), entry(s)))
+        .collect()
+}
+
+/// Stored shared subscriptions as (group, filter, entry).
+pub(super) fn shared_entries(subs: &[StoredSubscription]) -> Vec<(String, String, SubEntry)> {
+    subs.iter()
+        .filter_map(|s| {
+            let parsed = topic::parse_filter(&s.filter, usize::MAX, usize::MAX).ok()?;
+            let group = parsed.share_group?;
+            Some((group.to_owned(), parsed.filter.to_owned(), entry(s)))
         })
         .collect()
 }
@@ -54,15 +65,17 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     continue;
                 }
             };
-            if parsed.share_group.is_some() {
-                reasons.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
-                continue;
+            if parsed.share_group.is_some() && request.options.no_local {
+                return Err(self.protocol_error(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "no local on a shared subscription",
+                ));
             }
             if !self
                 .node
                 .config
                 .acl
-                .allowed(self.principal(), Action::Subscribe, &request.filter)
+                .allowed(self.principal(), Action::Subscribe, parsed.filter)
             {
                 tracing::info!(client_id = %self.client_id, filter = %request.filter, "subscription denied by ACL");
                 reasons.push(ReasonCode::NOT_AUTHORIZED);
@@ -85,10 +98,18 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 retain_as_published: options.retain_as_published,
                 subscription_id: subscribe.subscription_identifier,
             };
-            let entry = entries(std::slice::from_ref(&stored))[0].1;
+            let entry = entry(&stored);
             match existing {
                 Some(index) => self.record.subscriptions[index] = stored,
                 None => self.record.subscriptions.push(stored),
+            }
+            if let Some(group) = parsed.share_group {
+                // Shared subscriptions get no retained messages (MQTT 5, 4.8.2).
+                self.node
+                    .shared
+                    .join(group, parsed.filter, self.shared_member(entry));
+                reasons.push(granted(options.qos));
+                continue;
             }
             self.subscriptions.retain(|(f, _)| *f != request.filter);
             self.subscriptions.push((request.filter.clone(), entry));
@@ -107,6 +128,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                         qos: entry.qos.min(msg.qos()),
                         retain: true,
                         subscription_ids: entry.subscription_id.into_iter().collect(),
+                        shared_ack: None,
                         msg,
                     });
                 }
@@ -142,13 +164,46 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         Ok(())
     }
 
+    pub(super) fn shared_member(&self, entry: SubEntry) -> crate::routing::shared::Member {
+        crate::routing::shared::Member {
+            session: self.session_key,
+            tx: self.delivery_tx.clone(),
+            entry,
+        }
+    }
+
+    /// Joins the groups of the session's stored shared subscriptions (on connect).
+    pub(super) fn join_shared(&self) {
+        for (group, filter, entry) in shared_entries(&self.record.subscriptions) {
+            self.node
+                .shared
+                .join(&group, &filter, self.shared_member(entry));
+        }
+    }
+
+    pub(super) fn leave_shared(&self) {
+        for (group, filter, _) in shared_entries(&self.record.subscriptions) {
+            self.node.shared.leave(&group, &filter, self.session_key);
+        }
+    }
+
     pub(super) fn handle_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
         for filter in &unsubscribe.filters {
             let before = self.record.subscriptions.len();
             self.record.subscriptions.retain(|s| s.filter != *filter);
-            self.subscriptions.retain(|(f, _)| f != filter);
-            self.node.router.unsubscribe(self.session_key, filter);
+            match topic::parse_filter(filter, usize::MAX, usize::MAX) {
+                Ok(parsed) if parsed.share_group.is_some() => {
+                    let group = parsed.share_group.unwrap_or_default();
+                    self.node
+                        .shared
+                        .leave(group, parsed.filter, self.session_key);
+                }
+                _ => {
+                    self.subscriptions.retain(|(f, _)| f != filter);
+                    self.node.router.unsubscribe(self.session_key, filter);
+                }
+            }
             reasons.push(if self.record.subscriptions.len() < before {
                 ReasonCode::SUCCESS
             } else {

@@ -8,6 +8,7 @@
 
 pub mod index;
 mod replay;
+pub mod shared;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +58,8 @@ pub struct Delivery {
     pub qos: QoS,
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
+    /// Set for shared subscriptions: acknowledge to JetStream once the client did.
+    pub shared_ack: Option<Arc<shared::SharedAck>>,
 }
 
 /// Builds the delivery of `msg` for a session from all its matching subscriptions: one copy,
@@ -85,6 +88,7 @@ pub fn merge_matches(
         qos,
         retain,
         subscription_ids: ids,
+        shared_ack: None,
     })
 }
 

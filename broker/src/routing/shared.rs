@@ -1,0 +1,268 @@
+//! Shared subscriptions (`$share/<group>/<filter>`): each message to one member of the
+//! group, cluster-wide.
+//!
+//! A group is a durable JetStream pull consumer on the message stream. Every node with a
+//! local member pulls from it; JetStream hands each message to one puller, and that node
+//! gives it to one of its members (round robin). The message is acknowledged to JetStream
+//! only when the member acknowledged it (PUBACK / PUBCOMP; at once for QoS 0); a member that
+//! disappears first makes JetStream redeliver it to another.
+
+use std::collections::HashMap;
+use std::hash::Hasher;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{decode_stream_message, Delivery, SessionKey, SubEntry};
+
+/// The JetStream message behind a shared delivery; negatively acknowledged if dropped
+/// unacknowledged, so another member gets it without waiting for the ack timeout.
+pub struct SharedAck {
+    message: jetstream::Message,
+    done: AtomicBool,
+}
+
+impl SharedAck {
+    pub fn ack(&self) {
+        if !self.done.swap(true, Ordering::AcqRel) {
+            let message = self.message.clone();
+            tokio::spawn(async move {
+                if let Err(err) = message.ack().await {
+                    tracing::debug!(error = %err, "shared subscription ack failed; JetStream will redeliver");
+                }
+            });
+        }
+    }
+}
+
+impl Drop for SharedAck {
+    fn drop(&mut self) {
+        if !self.done.load(Ordering::Acquire) {
+            let message = self.message.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                });
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedAck")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+#[derive(Clone)]
+pub struct Member {
+    pub session: SessionKey,
+    pub tx: mpsc::Sender<Delivery>,
+    pub entry: SubEntry,
+}
+
+struct Group {
+    members: Vec<Member>,
+    next: usize,
+    stop: CancellationToken,
+}
+
+type GroupKey = (String, String);
+
+/// This node's members of shared subscriptions, by (group, filter).
+pub struct SharedGroups {
+    groups: Mutex<HashMap<GroupKey, Group>>,
+    stream: jetstream::stream::Stream,
+    shutdown: CancellationToken,
+}
+
+/// The durable consumer's name: stable for (group, filter), valid for JetStream.
+pub fn consumer_name(group: &str, filter: &str) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    hasher.write(group.as_bytes());
+    hasher.write_u8(0);
+    hasher.write(filter.as_bytes());
+    let safe: String = group
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(32)
+        .collect();
+    format!("jetmq-share-{safe}-{:016x}", hasher.finish())
+}
+
+impl SharedGroups {
+    pub fn new(
+        stream: jetstream::stream::Stream,
+        shutdown: CancellationToken,
+    ) -> Arc<SharedGroups> {
+        Arc::new(SharedGroups {
+            groups: Mutex::new(HashMap::new()),
+            stream,
+            shutdown,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<GroupKey, Group>> {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn join(self: &Arc<Self>, group: &str, filter: &str, member: Member) {
+        let key = (group.to_owned(), filter.to_owned());
+        let mut groups = self.lock();
+        if let Some(existing) = groups.get_mut(&key) {
+            existing.members.retain(|m| m.session != member.session);
+            existing.members.push(member);
+            return;
+        }
+        let stop = self.shutdown.child_token();
+        groups.insert(
+            key.clone(),
+            Group {
+                members: vec![member],
+                next: 0,
+                stop: stop.clone(),
+            },
+        );
+        drop(groups);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Err(err) = this.pull(&key, &stop).await {
+                    tracing::warn!(group = %key.0, filter = %key.1, error = %err, "shared subscription reader failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        });
+    }
+
+    pub fn leave(&self, group: &str, filter: &str, session: SessionKey) {
+        let key = (group.to_owned(), filter.to_owned());
+        let mut groups = self.lock();
+        let Some(existing) = groups.get_mut(&key) else {
+            return;
+        };
+        existing.members.retain(|m| m.session != session);
+        if existing.members.is_empty() {
+            existing.stop.cancel();
+            groups.remove(&key);
+        }
+    }
+
+    async fn pull(&self, key: &GroupKey, stop: &CancellationToken) -> anyhow::Result<()> {
+        let (group, filter) = key;
+        let prefix = jetmq_common::subject::SHARE_PREFIX;
+        let subjects: Vec<String> = jetmq_common::subject::filter_to_subjects(filter)
+            .into_iter()
+            .map(|tokens| format!("{prefix}.*.{tokens}"))
+            .collect();
+        let name = consumer_name(group, filter);
+        let consumer = self
+            .stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subjects: subjects,
+                    deliver_policy: DeliverPolicy::New,
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: 1000,
+                    // A group nobody has joined for a day is forgotten.
+                    inactive_threshold: Duration::from_secs(24 * 3600),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(64)
+            .messages()
+            .await?;
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                next = messages.next() => next,
+            };
+            let Some(message) = next else {
+                anyhow::bail!("shared subscription stream ended");
+            };
+            let message = message?;
+            let decoded =
+                decode_stream_message(0, message.subject.as_str(), message.payload.clone());
+            let msg = match decoded {
+                Ok(msg) => Arc::new(msg),
+                Err(err) => {
+                    tracing::warn!(error = %err, "undecodable message on shared subscription; dropped");
+                    let _ = message.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            if !crate::topic::matches(filter, &msg.topic) {
+                // A `$` topic reached through a leading wildcard: not for MQTT subscribers.
+                let _ = message.ack().await;
+                continue;
+            }
+            let ack = Arc::new(SharedAck {
+                message,
+                done: AtomicBool::new(false),
+            });
+            if !self.hand_to_member(key, &msg, ack.clone()) {
+                // No member here can take it now: let another node's member have it.
+                ack.done.store(true, Ordering::Release);
+                let _ = ack
+                    .message
+                    .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
+                    .await;
+            }
+        }
+    }
+
+    fn hand_to_member(&self, key: &GroupKey, msg: &super::MessageRef, ack: Arc<SharedAck>) -> bool {
+        let mut groups = self.lock();
+        let Some(group) = groups.get_mut(key) else {
+            return false;
+        };
+        let count = group.members.len();
+        for _ in 0..count {
+            let index = group.next % count;
+            group.next = group.next.wrapping_add(1);
+            let member = &group.members[index];
+            let Some(mut delivery) = super::merge_matches(msg, &[member.entry], false) else {
+                continue;
+            };
+            delivery.retain = false;
+            delivery.shared_ack = Some(ack.clone());
+            if member.tx.try_send(delivery).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_names_are_stable_and_safe() {
+        let a = consumer_name("g1", "a/+/c");
+        assert_eq!(a, consumer_name("g1", "a/+/c"));
+        assert_ne!(a, consumer_name("g1", "a/+/d"));
+        assert_ne!(consumer_name("g", "1a"), consumer_name("g1", "a"));
+        let odd = consumer_name("grüppe.*>", "#");
+        assert!(
+            odd.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "{odd}"
+        );
+    }
+}
