@@ -85,7 +85,6 @@ async fn connect_client(config: &NatsConfig, node_id: &str) -> anyhow::Result<as
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(10)))
         .client_capacity(65_536)
-        .subscription_capacity(1 << 20)
         .event_callback(|event| async move {
             tracing::info!(%event, "NATS connection event");
         });

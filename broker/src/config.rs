@@ -63,6 +63,8 @@ pub struct Limits {
     pub max_inflight: u16,
     /// Messages queued for one session (online backlog or offline replay) before dropping.
     pub max_queued_messages: usize,
+    /// Payload bytes queued for one session before it stops taking new messages.
+    pub max_queued_bytes: usize,
     pub max_topic_levels: usize,
     pub max_topic_length: usize,
     pub max_client_id_length: usize,
@@ -136,6 +138,7 @@ impl Default for Limits {
             receive_maximum: 128,
             max_inflight: 32,
             max_queued_messages: 1000,
+            max_queued_bytes: 8 * 1024 * 1024,
             max_topic_levels: 32,
             max_topic_length: 1024,
             max_client_id_length: 256,
@@ -143,7 +146,7 @@ impl Default for Limits {
             max_session_expiry: 7 * 24 * 3600,
             connect_timeout_ms: 10_000,
             topic_alias_maximum: 16,
-            max_subscriptions: 256,
+            max_subscriptions: 1000,
             max_write_buffer: 4 * 1024 * 1024,
             max_connections: 100_000,
         }

@@ -36,7 +36,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(reader: R, max_packet_size: usize) -> Self {
         FrameReader {
             reader,
-            buf: BytesMut::with_capacity(4096),
+            buf: BytesMut::new(),
             version: None,
             max_packet_size,
         }
@@ -50,9 +50,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.version = Some(connect.protocol);
             }
         }
-        if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
-            // Give back what one large packet made us allocate.
-            self.buf = BytesMut::with_capacity(4096);
+        if packet.is_none() && self.buf.is_empty() && self.buf.capacity() > 0 {
+            // An idle connection holds no read buffer: thousands of quiet devices per node
+            // should cost their session state, not 4 KiB each.
+            self.buf = BytesMut::new();
         }
         Ok(packet)
     }
@@ -60,7 +61,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads more bytes from the socket. Cancellation safe.
     pub async fn fill(&mut self) -> Result<(), ReadError> {
         if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(4096);
+            self.buf.reserve(2048);
         }
         let n = self.reader.read_buf(&mut self.buf).await?;
         if n == 0 {
@@ -96,7 +97,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(writer: W) -> Self {
         FrameWriter {
             writer,
-            buf: BytesMut::with_capacity(4096),
+            buf: BytesMut::new(),
             version: ProtocolVersion::V311,
             peer_max_packet_size: usize::MAX,
         }
@@ -123,8 +124,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        if self.buf.is_empty() && self.buf.capacity() > 256 * 1024 {
-            self.buf = BytesMut::with_capacity(4096);
+        if self.buf.is_empty() {
+            // See FrameReader::try_next: idle connections keep no buffers.
+            self.buf = BytesMut::new();
         }
         Ok(())
     }

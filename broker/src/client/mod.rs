@@ -15,7 +15,7 @@ mod will;
 
 pub(crate) use will::publish_will;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -40,7 +40,7 @@ use persist::AfterPersist;
 /// How often the session's position is written back while it changes.
 const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 /// Deliveries buffered between the router and one connection.
-const ROUTER_QUEUE: usize = 1024;
+const ROUTER_QUEUE: usize = 256;
 /// Outgoing bytes above which we stop taking new deliveries until the socket drains.
 const WRITE_SOFT_LIMIT: usize = 64 * 1024;
 
@@ -81,7 +81,7 @@ pub(crate) struct Client<R, W> {
     delivery_tx: mpsc::Sender<Delivery>,
     lagged: Arc<AtomicU64>,
     subscriptions: Vec<(String, SubEntry)>,
-    queue: VecDeque<Delivery>,
+    queue: outbound::SessionQueue,
     inflight: HashMap<u16, Outgoing>,
     inflight_limit: usize,
     next_extra_packet_id: u16,
@@ -253,7 +253,10 @@ async fn run<S: Transport>(
         delivery_tx: tx,
         lagged,
         subscriptions,
-        queue: VecDeque::new(),
+        queue: outbound::SessionQueue::new(
+            node.config.limits.max_queued_messages,
+            node.config.limits.max_queued_bytes,
+        ),
         inflight: HashMap::new(),
         inflight_limit: usize::from(node.config.limits.max_inflight.min(receive_maximum)),
         next_extra_packet_id: outbound::FIRST_EXTRA_PACKET_ID,
@@ -298,7 +301,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 Some(self.last_packet_at + self.keep_alive + self.keep_alive / 2)
             };
             let accept_deliveries = self.replay_upto.is_none()
-                && self.queue.len() < self.node.config.limits.max_queued_messages
+                && !self.queue.is_full()
                 && self.writer.pending() < WRITE_SOFT_LIMIT;
             tokio::select! {
                 read = self.reader.fill() => {
@@ -327,7 +330,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 delivery = self.deliveries.recv(), if accept_deliveries => {
                     if let Some(delivery) = delivery {
                         self.accept_delivery(delivery);
-                        while self.queue.len() < self.node.config.limits.max_queued_messages {
+                        while !self.queue.is_full() {
                             match self.deliveries.try_recv() {
                                 Ok(delivery) => self.accept_delivery(delivery),
                                 Err(_) => break,

@@ -4,6 +4,7 @@
 //! After a crash the node that resumes the session resends an unfinished QoS 2 message
 //! under the same identifier, so the client recognises it and does not deliver it twice.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -44,6 +45,61 @@ pub(super) struct Outgoing {
     pub shared_ack: Option<std::sync::Arc<crate::routing::shared::SharedAck>>,
 }
 
+/// Messages waiting for the in-flight window, bounded in count and in payload bytes.
+pub(super) struct SessionQueue {
+    items: VecDeque<Delivery>,
+    bytes: usize,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+impl SessionQueue {
+    pub fn new(max_messages: usize, max_bytes: usize) -> SessionQueue {
+        SessionQueue {
+            items: VecDeque::new(),
+            bytes: 0,
+            max_messages,
+            max_bytes,
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.items.len() >= self.max_messages || self.bytes >= self.max_bytes
+    }
+
+    /// How many more messages fit (by count; bytes are checked as they arrive).
+    pub fn room(&self) -> usize {
+        if self.bytes >= self.max_bytes {
+            return 0;
+        }
+        self.max_messages.saturating_sub(self.items.len())
+    }
+
+    /// False (and the delivery dropped) when full.
+    pub fn push(&mut self, delivery: Delivery) -> bool {
+        if self.is_full() {
+            return false;
+        }
+        self.bytes += delivery.msg.payload.len();
+        self.items.push_back(delivery);
+        true
+    }
+
+    pub fn front(&self) -> Option<&Delivery> {
+        self.items.front()
+    }
+
+    pub fn pop_front(&mut self) -> Option<Delivery> {
+        let delivery = self.items.pop_front()?;
+        self.bytes -= delivery.msg.payload.len();
+        Some(delivery)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Delivery> {
+        self.items.iter()
+    }
+}
+
 pub(super) fn stream_packet_id(seq: u64) -> u16 {
     (seq % STREAM_PACKET_IDS + 1) as u16
 }
@@ -65,12 +121,10 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     }
 
     fn enqueue(&mut self, delivery: Delivery) {
-        if self.queue.len() >= self.node.config.limits.max_queued_messages {
+        if !self.queue.push(delivery) {
             self.node.metrics.dropped_queue_full.inc();
             tracing::debug!(client_id = %self.client_id, "session queue full; dropping message");
-            return;
         }
-        self.queue.push_back(delivery);
     }
 
     /// Moves the position past messages the router had nothing for us in, and notices when
@@ -104,12 +158,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             self.replay_upto = None;
             return;
         }
-        let room = self
-            .node
-            .config
-            .limits
-            .max_queued_messages
-            .saturating_sub(self.queue.len());
+        let room = self.queue.room();
         if room == 0 {
             return;
         }

@@ -107,7 +107,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             }
             AfterPersist::Deliver(deliveries) => {
                 for delivery in deliveries {
-                    self.queue.push_back(delivery);
+                    if !self.queue.push(delivery) {
+                        self.node.metrics.dropped_queue_full.inc();
+                    }
                 }
                 Ok(())
             }
