@@ -111,6 +111,8 @@ pub(crate) struct Client<R, W> {
     persisted_cursor: u64,
     /// Record fields changed that no pending write covers yet.
     record_dirty: bool,
+    /// A QoS 1/2 message was queued for this session since the last write.
+    delivered_since_persist: bool,
     persist_failures: u32,
 }
 
@@ -241,6 +243,7 @@ async fn run<S: Transport>(
         position: claim.record.cursor,
         persisted_cursor: claim.record.cursor,
         record_dirty: false,
+        delivered_since_persist: false,
         released: claim.record.released.iter().copied().collect(),
         maybe_sent_before: if claim.session_present {
             claim.record.cursor + 1..=live_from

@@ -121,6 +121,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     }
 
     fn enqueue(&mut self, delivery: Delivery) {
+        if delivery.qos != QoS::AtMostOnce {
+            self.delivered_since_persist = true;
+        }
         if !self.queue.push(delivery) {
             self.node.metrics.dropped_queue_full.inc();
             tracing::debug!(client_id = %self.client_id, "session queue full; dropping message");
@@ -391,6 +394,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     ack.ack();
                 }
                 self.inflight.remove(&packet_id);
+                self.delivered_since_persist = true;
                 if self.released.remove(&seq) {
                     self.record_dirty = true;
                 }

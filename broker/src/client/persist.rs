@@ -16,6 +16,9 @@ use crate::session::StoreError;
 
 pub(super) type PersistFuture = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>;
 
+/// How far (in stream sequences) an idle session's stored cursor may trail.
+const IDLE_CURSOR_SLACK: u64 = 100_000;
+
 /// Consecutive failed writes after which the connection gives up.
 const MAX_PERSIST_FAILURES: u32 = 5;
 
@@ -43,8 +46,15 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             return;
         }
         let cursor = self.durable_cursor();
-        let needed = !self.waiting_for_persist.is_empty()
-            || (periodic && (cursor != self.persisted_cursor || self.record_dirty));
+        // A quiet session's cursor follows the stream too, but writing it every second for
+        // every idle client would be a KV write per client per second for nothing. It is
+        // written when it covers messages this session actually got, or once it is far
+        // behind (so a replay after a crash stays short), and always at disconnect.
+        let moved = cursor != self.persisted_cursor
+            && (self.delivered_since_persist
+                || cursor - self.persisted_cursor.min(cursor) > IDLE_CURSOR_SLACK);
+        let needed =
+            !self.waiting_for_persist.is_empty() || (periodic && (moved || self.record_dirty));
         if !needed {
             return;
         }
@@ -53,6 +63,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         released.sort_unstable();
         self.record.released = released;
         self.record_dirty = false;
+        self.delivered_since_persist = false;
         self.riding_on_persist = std::mem::take(&mut self.waiting_for_persist);
         let store = self.node.cluster.sessions.clone();
         let record = self.record.clone();
