@@ -1,0 +1,203 @@
+//! Counters, logged periodically and served as Prometheus text on `GET /metrics`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Messages taken from JetStream (redeliveries included).
+    pub consumed: AtomicU64,
+    /// Records Kafka confirmed on their target topic.
+    pub produced: AtomicU64,
+    /// Produce attempts that failed (each retry counts).
+    pub failed: AtomicU64,
+    /// Records written to the dead-letter topic.
+    pub dead_lettered: AtomicU64,
+    /// Messages acked in JetStream.
+    pub acked: AtomicU64,
+    /// Messages terminated in JetStream (neither Kafka topic nor dead letter took them).
+    pub terminated: AtomicU64,
+    /// Messages handed back to JetStream for a later retry (nak).
+    pub nacked: AtomicU64,
+    /// Messages JetStream delivered more than once.
+    pub redelivered: AtomicU64,
+    /// Records awaiting Kafka's confirmation.
+    pub in_flight: AtomicI64,
+    /// The consumer's num_pending (messages of the share not yet delivered), -1 unknown.
+    pub lag: AtomicI64,
+}
+
+impl Stats {
+    pub fn new() -> Arc<Self> {
+        let s = Stats::default();
+        s.lag.store(-1, Ordering::Relaxed);
+        Arc::new(s)
+    }
+
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// One log-friendly line.
+    pub fn summary(&self) -> String {
+        format!(
+            "consumed={} produced={} failed={} dead_lettered={} acked={} terminated={} nacked={} \
+             redelivered={} in_flight={} lag={}",
+            Self::get(&self.consumed),
+            Self::get(&self.produced),
+            Self::get(&self.failed),
+            Self::get(&self.dead_lettered),
+            Self::get(&self.acked),
+            Self::get(&self.terminated),
+            Self::get(&self.nacked),
+            Self::get(&self.redelivered),
+            self.in_flight.load(Ordering::Relaxed),
+            self.lag.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Prometheus text exposition format, labelled with the ingestor id.
+    pub fn prometheus(&self, mqtt_id: u32) -> String {
+        let mut out = String::new();
+        let counters: [(&str, &str, &AtomicU64); 8] = [
+            ("consumed", "Messages taken from JetStream", &self.consumed),
+            ("produced", "Records Kafka confirmed", &self.produced),
+            ("failed", "Failed produce attempts", &self.failed),
+            (
+                "dead_lettered",
+                "Records written to the dead-letter topic",
+                &self.dead_lettered,
+            ),
+            ("acked", "Messages acked in JetStream", &self.acked),
+            (
+                "terminated",
+                "Messages terminated in JetStream",
+                &self.terminated,
+            ),
+            ("nacked", "Messages handed back to JetStream", &self.nacked),
+            (
+                "redelivered",
+                "Messages JetStream delivered more than once",
+                &self.redelivered,
+            ),
+        ];
+        for (name, help, value) in counters {
+            out.push_str(&format!(
+                "# HELP jetmq_ingestor_{name}_total {help}.\n# TYPE jetmq_ingestor_{name}_total counter\njetmq_ingestor_{name}_total{{mqtt_id=\"{mqtt_id}\"}} {}\n",
+                Self::get(value)
+            ));
+        }
+        let gauges: [(&str, &str, &AtomicI64); 2] = [
+            (
+                "in_flight",
+                "Records awaiting Kafka confirmation",
+                &self.in_flight,
+            ),
+            (
+                "lag",
+                "Messages of the share not yet delivered (consumer num_pending, -1 unknown)",
+                &self.lag,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            out.push_str(&format!(
+                "# HELP jetmq_ingestor_{name} {help}.\n# TYPE jetmq_ingestor_{name} gauge\njetmq_ingestor_{name}{{mqtt_id=\"{mqtt_id}\"}} {}\n",
+                value.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` (any path, in fact) on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, stats: Arc<Stats>, mqtt_id: u32) {
+    loop {
+        let (mut socket, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            // Read the request head (bounded in size and time); its content does not matter.
+            let mut buf = [0u8; 4096];
+            let mut len = 0;
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while len < buf.len() {
+                    match socket.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            len += n;
+                            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let body = stats.prometheus(mqtt_id);
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+            let _ = socket.shutdown().await;
+        });
+    }
+}
+
+/// Binds the metrics endpoint.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn endpoint_serves_counters() {
+        let stats = Stats::new();
+        Stats::inc(&stats.consumed);
+        Stats::inc(&stats.consumed);
+        stats.lag.store(7, Ordering::Relaxed);
+        let listener = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(serve(listener, stats.clone(), 3));
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut response = String::new();
+        conn.read_to_string(&mut response).await.expect("read");
+        server.abort();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(
+            response.contains("jetmq_ingestor_consumed_total{mqtt_id=\"3\"} 2"),
+            "{response}"
+        );
+        assert!(
+            response.contains("jetmq_ingestor_lag{mqtt_id=\"3\"} 7"),
+            "{response}"
+        );
+        assert!(stats.summary().contains("consumed=2"));
+    }
+}
