@@ -14,6 +14,24 @@ use crate::routing::StoredMessage;
 
 pub type AckFuture = Pin<Box<dyn Future<Output = Result<(), PublishError>> + Send>>;
 
+/// Retries of a publish that found no stream leader: 50 ms, 100 ms, ... about 8 s in all.
+const NO_RESPONDERS_RETRIES: u32 = 17;
+
+async fn send_on(
+    js: &jetstream::Context,
+    subject: &str,
+    body: Bytes,
+    msg_id: Option<&str>,
+) -> Result<jetstream::context::PublishAckFuture, PublishError> {
+    let mut publish = jetstream::message::PublishMessage::build().payload(body);
+    if let Some(id) = msg_id {
+        publish = publish.message_id(id);
+    }
+    js.send_publish(subject.to_owned(), publish)
+        .await
+        .map_err(|e| PublishError::Store(e.to_string()))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("message could not be stored: {0}")]
@@ -31,6 +49,15 @@ pub struct Ingress {
 }
 
 impl Ingress {
+    async fn send(
+        &self,
+        subject: &str,
+        body: Bytes,
+        msg_id: Option<&str>,
+    ) -> Result<jetstream::context::PublishAckFuture, PublishError> {
+        send_on(&self.js, subject, body, msg_id).await
+    }
+
     /// Sends a message on its way. For QoS 0 the returned future resolves at once; for
     /// QoS 1/2 it resolves when JetStream has stored the message (and, if retained, the
     /// retained copy). `msg_id` lets JetStream drop a retransmitted duplicate.
@@ -43,24 +70,42 @@ impl Ingress {
     ) -> Result<AckFuture, PublishError> {
         let body = envelope.encode(&payload)?;
         let retained_body = envelope.retain.then(|| body.clone());
-        let store = |e: &dyn std::fmt::Display| PublishError::Store(e.to_string());
         let main: AckFuture = if envelope.qos == 0 {
             self.client
                 .publish(subject::publish_subject(topic), body)
                 .await
-                .map_err(|e| store(&e))?;
+                .map_err(|e| PublishError::Store(e.to_string()))?;
             Box::pin(async { Ok(()) })
         } else {
-            let mut publish = jetstream::message::PublishMessage::build().payload(body);
-            if let Some(id) = msg_id {
-                publish = publish.message_id(id);
-            }
-            let ack = self
-                .js
-                .send_publish(subject::publish_subject(topic), publish)
-                .await
-                .map_err(|e| store(&e))?;
-            Box::pin(async move { ack.await.map(|_| ()).map_err(|e| store(&e)) })
+            let subject = subject::publish_subject(topic);
+            let msg_id = msg_id.map(str::to_owned);
+            let first = self.send(&subject, body.clone(), msg_id.as_deref()).await?;
+            let js = self.js.clone();
+            Box::pin(async move {
+                let mut ack = first;
+                let mut attempt = 0u32;
+                loop {
+                    match ack.await {
+                        Ok(_) => return Ok(()),
+                        // "No responders": no stream leader right now (a NATS node just
+                        // died, or the stream is being created). Nothing was stored, so
+                        // sending again cannot duplicate.
+                        Err(err)
+                            if err.kind()
+                                == jetstream::context::PublishErrorKind::StreamNotFound
+                                && attempt < NO_RESPONDERS_RETRIES =>
+                        {
+                            attempt += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(
+                                50 * u64::from(attempt),
+                            ))
+                            .await;
+                            ack = send_on(&js, &subject, body.clone(), msg_id.as_deref()).await?;
+                        }
+                        Err(err) => return Err(PublishError::Store(err.to_string())),
+                    }
+                }
+            })
         };
         let Some(retained_body) = retained_body else {
             return Ok(main);
@@ -77,10 +122,13 @@ impl Ingress {
             .js
             .publish(subject::retained_subject(topic), retained_body)
             .await
-            .map_err(|e| store(&e))?;
+            .map_err(|e| PublishError::Store(e.to_string()))?;
         Ok(Box::pin(async move {
             main.await?;
-            retained_ack.await.map(|_| ()).map_err(|e| store(&e))
+            retained_ack
+                .await
+                .map(|_| ())
+                .map_err(|e| PublishError::Store(e.to_string()))
         }))
     }
 }

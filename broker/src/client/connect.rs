@@ -4,6 +4,7 @@ use jetmq_codec::{
     ConnAck, ConnAckProperties, Connect, LastWill, Packet, ProtocolVersion, ReasonCode,
 };
 
+use crate::authn::{Credentials, Refusal};
 use crate::server::Node;
 use crate::session::{now_ms, Owner, SessionRecord, StoreError, StoredProperties, StoredWill};
 use crate::topic;
@@ -16,10 +17,14 @@ pub(super) struct Admission {
     pub server_keep_alive: Option<u16>,
     pub expiry_secs: u32,
     pub expiry_capped: bool,
+    /// The authenticated username authorization sees (may differ from CONNECT's: a client
+    /// certificate's name or a JWT claim), None for anonymous clients.
+    pub username: Option<String>,
 }
 
-/// Checks a CONNECT. `Err` carries the CONNACK reason to refuse it with.
-pub(super) fn admit(node: &Node, connect: &Connect) -> Result<Admission, ReasonCode> {
+/// Checks a CONNECT and authenticates the client (see [`crate::authn`]). `Err` carries the
+/// CONNACK reason to refuse it with.
+pub(super) async fn admit(node: &Node, connect: &Connect) -> Result<Admission, ReasonCode> {
     let limits = &node.config.limits;
     let v5 = connect.protocol.is_v5();
     let mut client_id = connect.client_id.clone();
@@ -71,6 +76,21 @@ pub(super) fn admit(node: &Node, connect: &Connect) -> Result<Admission, ReasonC
     if connect.properties.authentication_method.is_some() {
         return Err(ReasonCode::BAD_AUTHENTICATION_METHOD);
     }
+    let peer = crate::transport::current_peer();
+    let identity = node
+        .authn
+        .authenticate(Credentials {
+            username: connect.username.as_deref(),
+            password: connect.password.as_deref(),
+            cert_username: peer.cert_username.as_deref(),
+        })
+        .await
+        .map_err(|refusal| match refusal {
+            // 3.1.1 return codes 4 and 5 (the codec maps them), 3 for busy.
+            Refusal::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+            Refusal::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
+            Refusal::Busy => ReasonCode::SERVER_BUSY,
+        })?;
     Ok(Admission {
         client_id,
         assigned_client_id: assigned,
@@ -78,6 +98,7 @@ pub(super) fn admit(node: &Node, connect: &Connect) -> Result<Admission, ReasonC
         server_keep_alive,
         expiry_secs,
         expiry_capped: v5 && expiry_secs != requested_expiry,
+        username: identity.username,
     })
 }
 
@@ -153,7 +174,7 @@ pub(super) async fn claim_session(
         record.will = connect.will.as_ref().map(stored_will);
         record.will_due_ms = None;
         record.protocol_v5 = connect.protocol == ProtocolVersion::V5;
-        record.username = connect.username.clone();
+        record.username = admission.username.clone();
         match store.save(&record, revision).await {
             Ok(revision) => {
                 if let Some(owner) = previous_owner {

@@ -33,8 +33,8 @@ use crate::routing::{Delivery, SessionKey, SessionLink, SubEntry, NOT_LAGGED};
 use crate::server::{control_reason, Control, LocalClient, Node};
 use crate::session::SessionRecord;
 
+use crate::session::delivery::{AckKind, DeliveryState};
 use inbound::PendingAck;
-use outbound::Outgoing;
 use persist::AfterPersist;
 
 /// How often the session's position is written back while it changes.
@@ -81,18 +81,8 @@ pub(crate) struct Client<R, W> {
     delivery_tx: mpsc::Sender<Delivery>,
     lagged: Arc<AtomicU64>,
     subscriptions: Vec<(String, SubEntry)>,
-    queue: outbound::SessionQueue,
-    inflight: HashMap<u16, Outgoing>,
-    inflight_limit: usize,
-    next_extra_packet_id: u16,
-    /// Every message up to this stream sequence has been seen by this session.
-    position: u64,
-    /// Messages in (position, replay_upto] must come from a replay, not the router queue.
-    replay_upto: Option<u64>,
+    delivery: DeliveryState,
     replay: Option<outbound::ReplayFuture>,
-    released: HashSet<u64>,
-    /// Stream sequences a previous connection may already have sent (DUP on resend).
-    maybe_sent_before: std::ops::RangeInclusive<u64>,
     aliases_out: HashMap<String, u16>,
     alias_out_max: u16,
 
@@ -111,8 +101,6 @@ pub(crate) struct Client<R, W> {
     persisted_cursor: u64,
     /// Record fields changed that no pending write covers yet.
     record_dirty: bool,
-    /// A QoS 1/2 message was queued for this session since the last write.
-    delivered_since_persist: bool,
     persist_failures: u32,
 }
 
@@ -164,7 +152,7 @@ async fn run<S: Transport>(
         return;
     };
     writer.version = connect.protocol;
-    let admission = match connect::admit(&node, &connect) {
+    let admission = match connect::admit(&node, &connect).await {
         Ok(admission) => admission,
         Err(reason) => {
             tracing::info!(%peer, client_id = %connect.client_id, reason = reason.0, "CONNECT refused");
@@ -228,6 +216,20 @@ async fn run<S: Transport>(
         &subscriptions,
     );
     let receive_maximum = connect.properties.receive_maximum.unwrap_or(u16::MAX);
+    let limits = &node.config.limits;
+    let mut delivery = DeliveryState::new(
+        limits.max_queued_messages,
+        limits.max_queued_bytes,
+        usize::from(limits.max_inflight.min(receive_maximum)),
+        claim.record.cursor,
+        &claim.record.released,
+        if claim.session_present {
+            claim.record.cursor + 1..=live_from
+        } else {
+            std::ops::RangeInclusive::new(1, 0)
+        },
+    );
+    delivery.replay_upto = Some(live_from);
     let mut client = Client {
         node: node.clone(),
         reader,
@@ -235,35 +237,20 @@ async fn run<S: Transport>(
         peer,
         v5: connect.protocol.is_v5(),
         client_id: client_id.clone(),
-        username: connect.username.clone(),
+        username: admission.username.clone(),
         connection,
         session_key: connection,
         keep_alive: Duration::from_secs(u64::from(admission.keep_alive)),
         last_packet_at: Instant::now(),
-        position: claim.record.cursor,
         persisted_cursor: claim.record.cursor,
         record_dirty: false,
-        delivered_since_persist: false,
-        released: claim.record.released.iter().copied().collect(),
-        maybe_sent_before: if claim.session_present {
-            claim.record.cursor + 1..=live_from
-        } else {
-            std::ops::RangeInclusive::new(1, 0)
-        },
+        delivery,
         record: claim.record,
         revision: claim.revision,
         deliveries: rx,
         delivery_tx: tx,
         lagged,
         subscriptions,
-        queue: outbound::SessionQueue::new(
-            node.config.limits.max_queued_messages,
-            node.config.limits.max_queued_bytes,
-        ),
-        inflight: HashMap::new(),
-        inflight_limit: usize::from(node.config.limits.max_inflight.min(receive_maximum)),
-        next_extra_packet_id: outbound::FIRST_EXTRA_PACKET_ID,
-        replay_upto: Some(live_from),
         replay: None,
         aliases_out: HashMap::new(),
         alias_out_max: connect.properties.topic_alias_maximum.unwrap_or(0),
@@ -289,9 +276,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         persist_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stall_limit = self.node.config.limits.max_write_buffer;
         loop {
-            if let Err(exit) = self.pump() {
-                return exit;
-            }
+            self.pump();
             self.maybe_start_replay();
             self.maybe_start_persist(false);
             if self.writer.pending() > stall_limit {
@@ -303,8 +288,8 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             } else {
                 Some(self.last_packet_at + self.keep_alive + self.keep_alive / 2)
             };
-            let accept_deliveries = self.replay_upto.is_none()
-                && !self.queue.is_full()
+            let accept_deliveries = self.delivery.replay_upto.is_none()
+                && !self.delivery.is_full()
                 && self.writer.pending() < WRITE_SOFT_LIMIT;
             tokio::select! {
                 read = self.reader.fill() => {
@@ -333,7 +318,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 delivery = self.deliveries.recv(), if accept_deliveries => {
                     if let Some(delivery) = delivery {
                         self.accept_delivery(delivery);
-                        while !self.queue.is_full() {
+                        while !self.delivery.is_full() {
                             match self.deliveries.try_recv() {
                                 Ok(delivery) => self.accept_delivery(delivery),
                                 Err(_) => break,
@@ -421,15 +406,15 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         match packet {
             Packet::Publish(publish) => self.handle_publish(publish).await,
             Packet::PubAck(ack) => {
-                self.outgoing_acked(ack.packet_id, outbound::AckKind::PubAck, ack.reason);
+                self.outgoing_acked(ack.packet_id, AckKind::PubAck, ack.reason);
                 Ok(())
             }
             Packet::PubRec(rec) => {
-                self.outgoing_acked(rec.packet_id, outbound::AckKind::PubRec, rec.reason);
+                self.outgoing_acked(rec.packet_id, AckKind::PubRec, rec.reason);
                 Ok(())
             }
             Packet::PubComp(comp) => {
-                self.outgoing_acked(comp.packet_id, outbound::AckKind::PubComp, comp.reason);
+                self.outgoing_acked(comp.packet_id, AckKind::PubComp, comp.reason);
                 Ok(())
             }
             Packet::PubRel(rel) => {

@@ -45,25 +45,24 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         if self.persist.is_some() {
             return;
         }
-        let cursor = self.durable_cursor();
+        let cursor = self.delivery.durable_cursor();
         // A quiet session's cursor follows the stream too, but writing it every second for
         // every idle client would be a KV write per client per second for nothing. It is
         // written when it covers messages this session actually got, or once it is far
         // behind (so a replay after a crash stays short), and always at disconnect.
         let moved = cursor != self.persisted_cursor
-            && (self.delivered_since_persist
+            && (self.delivery.delivered_since_persist
                 || cursor - self.persisted_cursor.min(cursor) > IDLE_CURSOR_SLACK);
-        let needed =
-            !self.waiting_for_persist.is_empty() || (periodic && (moved || self.record_dirty));
+        let needed = !self.waiting_for_persist.is_empty()
+            || (periodic && (moved || self.record_dirty || self.delivery.released_changed));
         if !needed {
             return;
         }
         self.record.cursor = cursor;
-        let mut released: Vec<u64> = self.released.iter().copied().collect();
-        released.sort_unstable();
-        self.record.released = released;
+        self.record.released = self.delivery.released_sorted();
         self.record_dirty = false;
-        self.delivered_since_persist = false;
+        self.delivery.released_changed = false;
+        self.delivery.delivered_since_persist = false;
         self.riding_on_persist = std::mem::take(&mut self.waiting_for_persist);
         let store = self.node.cluster.sessions.clone();
         let record = self.record.clone();
@@ -118,7 +117,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             }
             AfterPersist::Deliver(deliveries) => {
                 for delivery in deliveries {
-                    if !self.queue.push(delivery) {
+                    if self.delivery.push_extra(delivery)
+                        == crate::session::delivery::Accept::Dropped
+                    {
                         self.node.metrics.dropped_queue_full.inc();
                     }
                 }

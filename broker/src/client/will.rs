@@ -137,10 +137,8 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.record.will_due_ms = due;
         self.record.owner = None;
         self.record.disconnected_at_ms = Some(now);
-        self.record.cursor = self.durable_cursor();
-        let mut released: Vec<u64> = self.released.iter().copied().collect();
-        released.sort_unstable();
-        self.record.released = released;
+        self.record.cursor = self.delivery.durable_cursor();
+        self.record.released = self.delivery.released_sorted();
         match store.save(&self.record, self.revision).await {
             Ok(_) => {
                 if let Some(due) = due {

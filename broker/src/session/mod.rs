@@ -4,6 +4,7 @@
 //! write learns that another connection took the session over, and stops; two nodes can
 //! never both believe they own a client id.
 
+pub mod delivery;
 mod store;
 
 use serde::{Deserialize, Serialize};
