@@ -118,7 +118,22 @@ pub async fn connect(config: &Config) -> anyhow::Result<Cluster> {
         .backpressure_on_inflight(true)
         .timeout(Duration::from_secs(10))
         .build(client.clone());
-    let replicas = config.nats.replicas;
+    let replicas = config.nats.replicas.unwrap_or_else(|| {
+        let info = client.server_info();
+        // connect_urls lists the client URLs of every server in the cluster.
+        let cluster_size = if info.cluster.is_some() {
+            info.connect_urls.len()
+        } else {
+            1
+        };
+        let replicas = if cluster_size >= 3 { 3 } else { 1 };
+        tracing::info!(
+            cluster_size,
+            replicas,
+            "JetStream replicas chosen from the NATS cluster size"
+        );
+        replicas
+    });
     let messages = streams::ensure_message_stream(
         &js,
         &MessageStreamSettings {

@@ -9,6 +9,8 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::AclConfig;
+use crate::authn::AuthConfig;
+use crate::transport::tls::TlsConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -18,6 +20,8 @@ pub struct Config {
     pub listen: ListenConfig,
     pub nats: NatsConfig,
     pub limits: Limits,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
     pub acl: AclConfig,
     pub log: LogConfig,
 }
@@ -29,6 +33,14 @@ pub struct ListenConfig {
     pub tcp: Option<SocketAddr>,
     /// HTTP for /healthz and /readyz.
     pub http: Option<SocketAddr>,
+    /// MQTT over TLS (certificates in [`TlsConfig`]).
+    pub tls: Option<SocketAddr>,
+    /// MQTT over WebSocket.
+    pub ws: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS.
+    pub wss: Option<SocketAddr>,
+    /// HTTP path of the WebSocket listeners.
+    pub ws_path: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,8 +48,9 @@ pub struct ListenConfig {
 pub struct NatsConfig {
     /// Server URLs; a host name that resolves to several addresses means all of them.
     pub urls: Vec<String>,
-    /// JetStream replicas for streams and buckets this node creates (1 or 3).
-    pub replicas: usize,
+    /// JetStream replicas for streams and buckets this node creates (1..=5); unset: 3 when
+    /// the NATS server is part of a cluster of at least 3, else 1.
+    pub replicas: Option<usize>,
     /// How long stored messages are kept for offline sessions, seconds.
     pub message_max_age_secs: u64,
     /// Upper bound on the message stream's size in bytes (-1: unlimited).
@@ -82,6 +95,12 @@ pub struct Limits {
     pub max_write_buffer: usize,
     /// Connections this node accepts at once.
     pub max_connections: usize,
+    /// New connections per second this node accepts (0: no limit).
+    pub max_connect_rate: u32,
+    /// PUBLISH packets per second read from one connection (0: no limit).
+    pub max_publish_rate: u32,
+    /// Bytes per second read from one connection (0: no limit).
+    pub max_inbound_bytes_rate: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,6 +118,8 @@ impl Default for Config {
             listen: ListenConfig::default(),
             nats: NatsConfig::default(),
             limits: Limits::default(),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
             acl: AclConfig::default(),
             log: LogConfig::default(),
         }
@@ -110,6 +131,10 @@ impl Default for ListenConfig {
         ListenConfig {
             tcp: Some(SocketAddr::from(([0, 0, 0, 0], 1883))),
             http: None,
+            tls: None,
+            ws: None,
+            wss: None,
+            ws_path: "/mqtt".to_owned(),
         }
     }
 }
@@ -118,7 +143,7 @@ impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             urls: vec!["nats://127.0.0.1:4222".to_owned()],
-            replicas: 1,
+            replicas: None,
             message_max_age_secs: 7 * 24 * 3600,
             message_max_bytes: -1,
             replay_buffer_messages: 65_536,
@@ -149,6 +174,9 @@ impl Default for Limits {
             max_subscriptions: 1000,
             max_write_buffer: 4 * 1024 * 1024,
             max_connections: 100_000,
+            max_connect_rate: 0,
+            max_publish_rate: 0,
+            max_inbound_bytes_rate: 0,
         }
     }
 }
@@ -173,6 +201,18 @@ fn default_node_id() -> String {
         })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "jetmq".to_owned())
+}
+
+/// Which `JETMQ_*` variables are configuration: `JETMQ_NODE_ID` and `JETMQ_<SECTION>__<KEY>`.
+/// Others (`JETMQ_LOG`, read by the logger; the test harness's `JETMQ_BROKER_BIN`, ...)
+/// are not, and must not fail the start-up as unknown keys.
+fn is_config_env(key: &str) -> bool {
+    const SECTIONS: [&str; 7] = ["listen", "nats", "limits", "tls", "auth", "acl", "log"];
+    let key = key.to_ascii_lowercase();
+    key == "node_id"
+        || key
+            .split_once('.')
+            .is_some_and(|(section, _)| SECTIONS.contains(&section))
 }
 
 /// Values given on the command line; they win over file and environment.
@@ -210,7 +250,11 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
-        figment = figment.merge(Env::prefixed("JETMQ_").split("__"));
+        figment = figment.merge(
+            Env::prefixed("JETMQ_")
+                .split("__")
+                .filter(|key| is_config_env(key.as_str())),
+        );
         let mut flags = Figment::new();
         if let Some(v) = overrides.node_id {
             flags = flags.merge(Serialized::default("node_id", v));
@@ -258,7 +302,7 @@ impl Config {
             "at least one URL is needed",
         )?;
         check(
-            matches!(self.nats.replicas, 1..=5),
+            self.nats.replicas.is_none_or(|r| (1..=5).contains(&r)),
             "nats.replicas",
             "must be between 1 and 5",
         )?;
@@ -316,6 +360,18 @@ impl Config {
             key: "acl.rules",
             reason,
         })?;
+        check(
+            self.listen.ws_path.starts_with('/'),
+            "listen.ws_path",
+            "must start with '/'",
+        )?;
+        let tls_listener = self.listen.tls.is_some() || self.listen.wss.is_some();
+        self.tls
+            .validate(tls_listener)
+            .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
+        self.auth
+            .validate()
+            .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
         Ok(())
     }
 }
@@ -349,6 +405,21 @@ mod tests {
         .expect("loads");
         assert_eq!(config.node_id, "flag-node");
         assert_eq!(config.limits.max_packet_size, 2048);
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure type
+    fn environment_sections_are_read_and_other_jetmq_variables_ignored() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("JETMQ_LIMITS__MAX_CONNECT_RATE", "7");
+            jail.set_env("JETMQ_AUTH__JWT__AUDIENCE", "aud");
+            jail.set_env("JETMQ_BROKER_BIN", "/somewhere/jetmq-broker");
+            jail.set_env("JETMQ_LOG", "debug");
+            let config = Config::load(None, Overrides::default()).expect("loads");
+            assert_eq!(config.limits.max_connect_rate, 7);
+            assert_eq!(config.auth.jwt.audience.as_deref(), Some("aud"));
+            Ok(())
+        });
     }
 
     #[test]

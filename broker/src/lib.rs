@@ -7,9 +7,11 @@
 //! - a message enters JetStream in [`ingress`] and leaves towards subscribers in
 //!   [`routing`] (one ordered read of the stream per node, a subscription trie, replays);
 //! - retained messages in [`retained`], authorization in [`auth`], limits and settings in
-//!   [`config`], start-up, listeners and shutdown in [`server`].
+//!   [`config`], start-up, listeners and shutdown in [`server`];
+//! - TLS, WebSocket and connection limits in [`transport`], authentication in [`authn`].
 
 pub mod auth;
+pub mod authn;
 pub mod client;
 pub mod cluster;
 pub mod config;
@@ -22,3 +24,4 @@ pub mod server;
 pub mod session;
 pub mod telemetry;
 pub mod topic;
+pub mod transport;

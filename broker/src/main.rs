@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use jetmq_broker::config::{Config, Overrides};
 use tokio_util::sync::CancellationToken;
 
@@ -30,10 +30,45 @@ struct Cli {
     /// This node's id (default: host name).
     #[arg(long)]
     node_id: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Read a password from stdin (first line) and print its argon2id hash for auth.users.
+    HashPassword,
+}
+
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if let Err(err) = std::io::stdin().read_line(&mut line) {
+        eprintln!("jetmq-broker: cannot read the password from stdin: {err}");
+        return ExitCode::FAILURE;
+    }
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        eprintln!("jetmq-broker: empty password");
+        return ExitCode::from(2);
+    }
+    match jetmq_broker::authn::hash_password(password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("jetmq-broker: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::HashPassword) = cli.command {
+        return hash_password();
+    }
     let overrides = Overrides {
         node_id: cli.node_id,
         listen_tcp: cli.listen,

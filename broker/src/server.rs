@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::authn::Authenticator;
 use crate::client;
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
@@ -22,6 +23,7 @@ use crate::retained::{self, RetainedCache};
 use crate::routing::shared::SharedGroups;
 use crate::routing::{self, ReplayRing, Router};
 use crate::telemetry::Metrics;
+use crate::transport::{self, Edge, Kind};
 
 /// Sent to a connection by whoever needs it gone.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +48,8 @@ pub struct Node {
     pub shared: Arc<SharedGroups>,
     pub ingress: Ingress,
     pub metrics: Arc<Metrics>,
+    /// Checks CONNECT credentials (see [`crate::authn`]).
+    pub authn: Authenticator,
     /// Live connections on this node by client id.
     pub clients: Mutex<HashMap<String, LocalClient>>,
     next_id: AtomicU64,
@@ -94,6 +98,9 @@ impl Node {
 /// Starts the node and serves until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
+    // Certificates and keys first: a typo in a path should not wait for NATS.
+    let edge = Edge::new(&config)?;
+    let authn = Authenticator::new(&config.auth)?;
     let cluster = cluster::connect(&config).await?;
     let start = cluster
         .messages
@@ -116,7 +123,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let nodes_kv = jetmq_common::streams::ensure_kv_bucket(
         &cluster.js,
         jetmq_common::streams::NODE_BUCKET,
-        config.nats.replicas,
+        node_replicas(&cluster),
         crate::janitor::NODE_TTL,
         64 * 1024,
     )
@@ -133,6 +140,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shared: SharedGroups::new(cluster.messages.clone(), shutdown.clone()),
         ingress,
         metrics,
+        authn,
         clients: Mutex::new(HashMap::new()),
         // Unique across restarts of a node under the same id, so the janitor can tell a
         // previous process's sessions from the current one's.
@@ -192,15 +200,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tracing::info!(%addr, "health and metrics endpoint");
         tokio::spawn(serve_http(node.clone(), listener));
     }
-    let Some(addr) = node.config.listen.tcp else {
-        anyhow::bail!("no MQTT listener configured (listen.tcp)");
-    };
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen for MQTT on {addr}"))?;
+    let mut listeners = Vec::new();
+    for (kind, addr) in transport::listeners(&node.config.listen) {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for MQTT over {kind} on {addr}"))?;
+        listeners.push((kind, addr, listener));
+    }
+    if listeners.is_empty() {
+        anyhow::bail!(
+            "no MQTT listener configured (listen.tcp, listen.tls, listen.ws, listen.wss)"
+        );
+    }
+    edge.spawn_reloader(shutdown.clone());
     node.ready.store(true, Ordering::Release);
-    tracing::info!(%addr, node_id = %node.config.node_id, "MQTT listener ready");
-    accept_loop(node.clone(), listener).await;
+    // One connection limit for all listeners together.
+    let permits = Arc::new(Semaphore::new(node.config.limits.max_connections));
+    let loops = listeners.into_iter().map(|(kind, addr, listener)| {
+        tracing::info!(%addr, transport = %kind, node_id = %node.config.node_id, "MQTT listener ready");
+        accept_loop(node.clone(), listener, kind, edge.clone(), permits.clone())
+    });
+    futures::future::join_all(loops).await;
 
     node.ready.store(false, Ordering::Release);
     disconnect_all(&node).await;
@@ -208,6 +228,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tracing::warn!(error = %err, "NATS flush on shutdown failed");
     }
     Ok(())
+}
+
+/// The node bucket gets the replicas the message stream got.
+fn node_replicas(cluster: &Cluster) -> usize {
+    cluster.messages.cached_info().config.num_replicas.max(1)
 }
 
 fn spawn_critical<F>(name: &'static str, task: F, shutdown: CancellationToken)
@@ -225,8 +250,13 @@ where
     });
 }
 
-async fn accept_loop(node: Arc<Node>, listener: TcpListener) {
-    let permits = Arc::new(Semaphore::new(node.config.limits.max_connections));
+async fn accept_loop(
+    node: Arc<Node>,
+    listener: TcpListener,
+    kind: Kind,
+    edge: Arc<Edge>,
+    permits: Arc<Semaphore>,
+) {
     loop {
         let accepted = tokio::select! {
             _ = node.shutdown.cancelled() => return,
@@ -247,9 +277,18 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        if !edge.admit_connection() {
+            drop(permit);
+            edge.refuse(kind, stream, peer);
+            continue;
+        }
         let node = node.clone();
+        let edge = edge.clone();
         tokio::spawn(async move {
-            client::serve(node, stream, peer).await;
+            // TLS / WebSocket handshake, bounded by limits.connect_timeout_ms.
+            if let Some((stream, peer_info)) = edge.upgrade(kind, stream, peer).await {
+                transport::scope(peer_info, client::serve(node, stream, peer)).await;
+            }
             drop(permit);
         });
     }

@@ -1,0 +1,686 @@
+//! Authentication: who a CONNECT is. Usernames with argon2 password hashes from the
+//! configuration, JWT bearer tokens in the password field, the username of a verified TLS
+//! client certificate, and whether anonymous clients are let in.
+//!
+//! The outcome for each CONNECT, in this order:
+//!
+//! 1. a client certificate that passed verification and `tls.username_from_cert` is set:
+//!    the certificate's name is the username (username and password in CONNECT ignored);
+//! 2. JWT is configured and the password looks like a JWT (`xxx.yyy.zzz`): a valid token
+//!    (signature, `exp`, `nbf`, audience, issuer) makes its username claim the username;
+//!    an invalid one is refused with 0x86 / return code 4;
+//! 3. the username is a configured user: the password must match its hash, else 0x86 / 4;
+//! 4. otherwise, with `auth.allow_anonymous`, the client is let in under the username it
+//!    sent (unverified; never one of the configured users), else refused: 0x86 / 4 if it
+//!    sent credentials, 0x87 / 5 (not authorized) if it sent none.
+//!
+//! Password hashes are checked on a blocking thread, a few at a time: argon2 is meant to be
+//! slow, and a flood of wrong passwords must not stall the node's event loop. Successful
+//! checks are remembered for a while (a salted SHA-256 of the password, in memory), so a
+//! reconnect storm of legitimate devices does not cost an argon2 run each.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Let in clients that do not authenticate.
+    pub allow_anonymous: bool,
+    pub users: Vec<UserConfig>,
+    pub jwt: JwtConfig,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: true,
+            users: Vec::new(),
+            jwt: JwtConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub username: String,
+    /// PHC string from `jetmq-broker hash-password`, e.g. `$argon2id$v=19$m=19456,t=2,p=1$...`.
+    pub password_hash: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    HS256,
+    HS384,
+    HS512,
+    RS256,
+    RS384,
+    RS512,
+    ES256,
+    ES384,
+}
+
+impl JwtAlgorithm {
+    fn symmetric(self) -> bool {
+        matches!(
+            self,
+            JwtAlgorithm::HS256 | JwtAlgorithm::HS384 | JwtAlgorithm::HS512
+        )
+    }
+
+    fn to_jsonwebtoken(self) -> jsonwebtoken::Algorithm {
+        use jsonwebtoken::Algorithm as A;
+        match self {
+            JwtAlgorithm::HS256 => A::HS256,
+            JwtAlgorithm::HS384 => A::HS384,
+            JwtAlgorithm::HS512 => A::HS512,
+            JwtAlgorithm::RS256 => A::RS256,
+            JwtAlgorithm::RS384 => A::RS384,
+            JwtAlgorithm::RS512 => A::RS512,
+            JwtAlgorithm::ES256 => A::ES256,
+            JwtAlgorithm::ES384 => A::ES384,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// Off unless `secret` or `public_key_file` is set.
+    pub algorithm: JwtAlgorithm,
+    /// Shared secret for HS256/384/512 (the UTF-8 bytes of the string).
+    pub secret: Option<String>,
+    /// PEM public key (or certificate) for RS*/ES*.
+    pub public_key_file: Option<PathBuf>,
+    /// Required `aud` value; unset: `aud` is not checked.
+    pub audience: Option<String>,
+    /// Required `iss` value; unset: `iss` is not checked.
+    pub issuer: Option<String>,
+    /// The claim holding the username.
+    pub username_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`, seconds.
+    pub leeway_secs: u64,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            algorithm: JwtAlgorithm::HS256,
+            secret: None,
+            public_key_file: None,
+            audience: None,
+            issuer: None,
+            username_claim: "sub".to_owned(),
+            leeway_secs: 30,
+        }
+    }
+}
+
+impl JwtConfig {
+    fn enabled(&self) -> bool {
+        self.secret.is_some() || self.public_key_file.is_some()
+    }
+}
+
+impl AuthConfig {
+    /// Syntax checks (no files are read). Errors name the key.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, user) in self.users.iter().enumerate() {
+            if user.username.is_empty() {
+                return Err(("auth.users", format!("user {}: empty username", i + 1)));
+            }
+            if !seen.insert(user.username.as_str()) {
+                return Err((
+                    "auth.users",
+                    format!("user {:?} is listed twice", user.username),
+                ));
+            }
+            PasswordHash::new(&user.password_hash).map_err(|e| {
+                (
+                    "auth.users",
+                    format!(
+                        "user {:?}: password_hash is not a PHC string ({e}); make one with `jetmq-broker hash-password`",
+                        user.username
+                    ),
+                )
+            })?;
+        }
+        let jwt = &self.jwt;
+        if jwt.secret.is_some() && jwt.public_key_file.is_some() {
+            return Err((
+                "auth.jwt",
+                "set either secret (HS*) or public_key_file (RS*/ES*), not both".into(),
+            ));
+        }
+        if jwt.enabled() {
+            if jwt.algorithm.symmetric() != jwt.secret.is_some() {
+                return Err((
+                    "auth.jwt.algorithm",
+                    format!(
+                        "{:?} needs {}",
+                        jwt.algorithm,
+                        if jwt.algorithm.symmetric() {
+                            "auth.jwt.secret"
+                        } else {
+                            "auth.jwt.public_key_file"
+                        }
+                    ),
+                ));
+            }
+            if jwt.secret.as_deref().is_some_and(|s| s.len() < 32) {
+                return Err(("auth.jwt.secret", "must be at least 32 bytes long".into()));
+            }
+            if jwt.username_claim.is_empty() {
+                return Err(("auth.jwt.username_claim", "must not be empty".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a CONNECT was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Wrong password, unknown user without anonymous access, bad token: 0x86 / 4.
+    BadCredentials,
+    /// No credentials and anonymous access is off: 0x87 / 5.
+    NotAuthorized,
+    /// Too many checks waiting: 0x89 server busy / 3.
+    Busy,
+}
+
+/// Who the client is, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The username authorization rules see (None: anonymous).
+    pub username: Option<String>,
+    pub method: Method,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Anonymous,
+    Password,
+    Jwt,
+    Certificate,
+}
+
+/// What a CONNECT offers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    pub username: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+    /// From a verified client certificate (see [`crate::transport::PeerInfo`]).
+    pub cert_username: Option<&'a str>,
+}
+
+/// Concurrent password hash checks per node.
+const VERIFY_SLOTS: usize = 4;
+/// How long a CONNECT waits for a free slot before being refused as busy.
+const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a successful password check is remembered.
+const CACHE_TTL: Duration = Duration::from_secs(600);
+/// Remembered checks at most (the cache is cleared when full).
+const CACHE_MAX: usize = 100_000;
+
+pub struct Authenticator {
+    allow_anonymous: bool,
+    users: HashMap<String, Arc<str>>,
+    /// Checked for unknown usernames too, so their timing does not tell them apart.
+    dummy_hash: Arc<str>,
+    jwt: Option<Jwt>,
+    slots: Semaphore,
+    cache: Mutex<HashMap<String, ([u8; 32], Instant)>>,
+    cache_salt: [u8; 16],
+}
+
+struct Jwt {
+    key: jsonwebtoken::DecodingKey,
+    validation: jsonwebtoken::Validation,
+    username_claim: String,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field("users", &self.users.len())
+            .field("jwt", &self.jwt.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hashes a password for `auth.users` (argon2id, default parameters, random salt).
+pub fn hash_password(password: &str) -> anyhow::Result<String> {
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| anyhow::anyhow!("cannot hash password: {e}"))
+}
+
+fn verify_hash(hash: &str, password: &[u8]) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
+        Err(_) => false,
+    }
+}
+
+fn looks_like_jwt(password: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(password).ok()?;
+    let ok = text.split('.').count() == 3
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    ok.then_some(text)
+}
+
+impl Authenticator {
+    /// Builds the authenticator; reads the JWT key file. Errors name the key.
+    pub fn new(config: &AuthConfig) -> anyhow::Result<Authenticator> {
+        let users = config
+            .users
+            .iter()
+            .map(|u| (u.username.clone(), Arc::from(u.password_hash.as_str())))
+            .collect();
+        let jwt = if config.jwt.enabled() {
+            let c = &config.jwt;
+            let key = match (&c.secret, &c.public_key_file) {
+                (Some(secret), _) => jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+                (None, Some(path)) => {
+                    let pem = std::fs::read(path).with_context(|| {
+                        format!("auth.jwt.public_key_file: cannot read {}", path.display())
+                    })?;
+                    let key = if matches!(c.algorithm, JwtAlgorithm::ES256 | JwtAlgorithm::ES384) {
+                        jsonwebtoken::DecodingKey::from_ec_pem(&pem)
+                    } else {
+                        jsonwebtoken::DecodingKey::from_rsa_pem(&pem)
+                    };
+                    key.with_context(|| {
+                        format!(
+                            "auth.jwt.public_key_file: {} is not a {:?} public key",
+                            path.display(),
+                            c.algorithm
+                        )
+                    })?
+                }
+                (None, None) => unreachable!("enabled() checked"),
+            };
+            let mut validation = jsonwebtoken::Validation::new(c.algorithm.to_jsonwebtoken());
+            validation.leeway = c.leeway_secs;
+            validation.validate_exp = true;
+            validation.validate_nbf = true;
+            validation.set_required_spec_claims(&["exp"]);
+            match &c.audience {
+                Some(aud) => validation.set_audience(&[aud]),
+                None => validation.validate_aud = false,
+            }
+            if let Some(iss) = &c.issuer {
+                validation.set_issuer(&[iss]);
+            }
+            Some(Jwt {
+                key,
+                validation,
+                username_claim: c.username_claim.clone(),
+            })
+        } else {
+            None
+        };
+        let mut cache_salt = [0u8; 16];
+        getrandom_fill(&mut cache_salt);
+        let dummy: String = cache_salt.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Authenticator {
+            allow_anonymous: config.allow_anonymous,
+            users,
+            dummy_hash: Arc::from(hash_password(&dummy)?.as_str()),
+            jwt,
+            slots: Semaphore::new(VERIFY_SLOTS),
+            cache: Mutex::new(HashMap::new()),
+            cache_salt,
+        })
+    }
+
+    /// Decides who a CONNECT is.
+    pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Identity, Refusal> {
+        if let Some(name) = creds.cert_username {
+            return Ok(Identity {
+                username: Some(name.to_owned()),
+                method: Method::Certificate,
+            });
+        }
+        if let (Some(jwt), Some(token)) = (&self.jwt, creds.password.and_then(looks_like_jwt)) {
+            return match jwt.check(token) {
+                Ok(username) => Ok(Identity {
+                    username: Some(username),
+                    method: Method::Jwt,
+                }),
+                Err(reason) => {
+                    tracing::info!(username = creds.username, reason, "JWT refused");
+                    Err(Refusal::BadCredentials)
+                }
+            };
+        }
+        if let Some(username) = creds.username {
+            if let Some(hash) = self.users.get(username) {
+                let Some(password) = creds.password else {
+                    return Err(Refusal::BadCredentials);
+                };
+                return if self
+                    .check_password(username, hash.clone(), password)
+                    .await?
+                {
+                    Ok(Identity {
+                        username: Some(username.to_owned()),
+                        method: Method::Password,
+                    })
+                } else {
+                    Err(Refusal::BadCredentials)
+                };
+            }
+        }
+        if self.allow_anonymous {
+            return Ok(Identity {
+                username: creds.username.map(str::to_owned),
+                method: Method::Anonymous,
+            });
+        }
+        if creds.username.is_none() && creds.password.is_none() {
+            return Err(Refusal::NotAuthorized);
+        }
+        if let (Some(_), Some(password)) = (creds.username, creds.password) {
+            // Unknown user: spend the same time as for a known one.
+            let _ = self
+                .check_password("", self.dummy_hash.clone(), password)
+                .await?;
+        }
+        Err(Refusal::BadCredentials)
+    }
+
+    fn cache_key(&self, password: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(self.cache_salt);
+        hasher.update(password);
+        hasher.finalize().into()
+    }
+
+    async fn check_password(
+        &self,
+        username: &str,
+        hash: Arc<str>,
+        password: &[u8],
+    ) -> Result<bool, Refusal> {
+        let key = self.cache_key(password);
+        if !username.is_empty() {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((known, at)) = cache.get(username) {
+                if *known == key && at.elapsed() < CACHE_TTL {
+                    return Ok(true);
+                }
+            }
+        }
+        let _slot = tokio::time::timeout(VERIFY_QUEUE_TIMEOUT, self.slots.acquire())
+            .await
+            .map_err(|_| Refusal::Busy)?
+            .map_err(|_| Refusal::Busy)?;
+        let password = password.to_vec();
+        let ok = tokio::task::spawn_blocking(move || verify_hash(&hash, &password))
+            .await
+            .unwrap_or(false);
+        if ok && !username.is_empty() {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(username.to_owned(), (key, Instant::now()));
+        }
+        Ok(ok)
+    }
+}
+
+impl Jwt {
+    /// The username of a valid token, or why it is not valid (for the log).
+    fn check(&self, token: &str) -> Result<String, &'static str> {
+        use jsonwebtoken::errors::ErrorKind;
+        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token,
+            &self.key,
+            &self.validation,
+        )
+        .map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => "expired",
+            ErrorKind::ImmatureSignature => "not valid yet (nbf)",
+            ErrorKind::InvalidAudience => "wrong audience",
+            ErrorKind::InvalidIssuer => "wrong issuer",
+            ErrorKind::InvalidSignature => "bad signature",
+            ErrorKind::InvalidAlgorithm => "wrong algorithm",
+            ErrorKind::MissingRequiredClaim(_) => "missing a required claim",
+            _ => "malformed",
+        })?;
+        match data.claims.get(&self.username_claim) {
+            Some(serde_json::Value::String(name)) if !name.is_empty() => Ok(name.clone()),
+            _ => Err("no username claim"),
+        }
+    }
+}
+
+/// Random bytes from the OS (via argon2's re-exported `rand_core`).
+fn getrandom_fill(buf: &mut [u8]) {
+    use argon2::password_hash::rand_core::RngCore;
+    argon2::password_hash::rand_core::OsRng.fill_bytes(buf);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn config_with(users: &[(&str, &str)], allow_anonymous: bool) -> AuthConfig {
+        AuthConfig {
+            allow_anonymous,
+            users: users
+                .iter()
+                .map(|(u, p)| UserConfig {
+                    username: (*u).to_owned(),
+                    password_hash: hash_password(p).expect("hash"),
+                })
+                .collect(),
+            jwt: JwtConfig::default(),
+        }
+    }
+
+    fn creds<'a>(user: Option<&'a str>, password: Option<&'a str>) -> Credentials<'a> {
+        Credentials {
+            username: user,
+            password: password.map(str::as_bytes),
+            cert_username: None,
+        }
+    }
+
+    #[test]
+    fn hashes_verify_and_validate() {
+        let hash = hash_password("correct horse").expect("hash");
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(verify_hash(&hash, b"correct horse"));
+        assert!(!verify_hash(&hash, b"wrong horse"));
+        assert!(!verify_hash("not a hash", b"correct horse"));
+        let config = config_with(&[("alice", "pw")], false);
+        assert!(config.validate().is_ok());
+        let mut bad = config.clone();
+        bad.users[0].password_hash = "plaintext".into();
+        assert_eq!(bad.validate().unwrap_err().0, "auth.users");
+        let mut twice = config.clone();
+        twice.users.push(twice.users[0].clone());
+        assert!(twice.validate().is_err());
+    }
+
+    #[tokio::test]
+    async fn passwords_and_anonymous_access() {
+        let auth = Authenticator::new(&config_with(&[("alice", "s3cret")], false)).expect("auth");
+        let ok = auth
+            .authenticate(creds(Some("alice"), Some("s3cret")))
+            .await
+            .expect("right password");
+        assert_eq!(ok.username.as_deref(), Some("alice"));
+        assert_eq!(ok.method, Method::Password);
+        // Cached the second time; still right.
+        assert!(auth
+            .authenticate(creds(Some("alice"), Some("s3cret")))
+            .await
+            .is_ok());
+        for (user, password, refusal) in [
+            (Some("alice"), Some("wrong"), Refusal::BadCredentials),
+            (Some("alice"), None, Refusal::BadCredentials),
+            (Some("bob"), Some("s3cret"), Refusal::BadCredentials),
+            (Some("bob"), None, Refusal::BadCredentials),
+            (None, None, Refusal::NotAuthorized),
+        ] {
+            assert_eq!(
+                auth.authenticate(creds(user, password)).await,
+                Err(refusal),
+                "{user:?} {password:?}"
+            );
+        }
+
+        let open = Authenticator::new(&config_with(&[("alice", "s3cret")], true)).expect("auth");
+        let anon = open.authenticate(creds(None, None)).await.expect("anon");
+        assert_eq!((anon.username, anon.method), (None, Method::Anonymous));
+        let claimed = open
+            .authenticate(creds(Some("bob"), None))
+            .await
+            .expect("unknown user, anonymous allowed");
+        assert_eq!(claimed.username.as_deref(), Some("bob"));
+        // A configured user's name cannot be taken without its password.
+        assert_eq!(
+            open.authenticate(creds(Some("alice"), Some("nope"))).await,
+            Err(Refusal::BadCredentials)
+        );
+        assert_eq!(
+            open.authenticate(creds(Some("alice"), None)).await,
+            Err(Refusal::BadCredentials)
+        );
+    }
+
+    #[tokio::test]
+    async fn certificate_names_win() {
+        let auth = Authenticator::new(&config_with(&[], false)).expect("auth");
+        let id = auth
+            .authenticate(Credentials {
+                username: Some("ignored"),
+                password: Some(b"ignored"),
+                cert_username: Some("device-7"),
+            })
+            .await
+            .expect("cert");
+        assert_eq!(id.username.as_deref(), Some("device-7"));
+        assert_eq!(id.method, Method::Certificate);
+    }
+
+    fn jwt_auth(audience: Option<&str>) -> Authenticator {
+        let mut config = config_with(&[], false);
+        config.jwt.secret = Some(SECRET.into());
+        config.jwt.audience = audience.map(str::to_owned);
+        config.jwt.username_claim = "name".into();
+        config.validate().expect("valid");
+        Authenticator::new(&config).expect("auth")
+    }
+
+    fn token(claims: serde_json::Value, secret: &str) -> String {
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("token")
+    }
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    #[tokio::test]
+    async fn jwt_tokens_are_checked() {
+        let auth = jwt_auth(Some("jetmq"));
+        let good = token(
+            serde_json::json!({"name": "dev-1", "aud": "jetmq", "exp": now() + 60}),
+            SECRET,
+        );
+        let id = auth
+            .authenticate(creds(Some("whatever"), Some(&good)))
+            .await
+            .expect("valid token");
+        assert_eq!(id.username.as_deref(), Some("dev-1"));
+        assert_eq!(id.method, Method::Jwt);
+        let other_secret = "ffffffffffffffffffffffffffffffff";
+        for bad in [
+            // expired, beyond the leeway
+            serde_json::json!({"name": "dev-1", "aud": "jetmq", "exp": now() - 120}),
+            // wrong audience
+            serde_json::json!({"name": "dev-1", "aud": "other", "exp": now() + 60}),
+            // no expiry
+            serde_json::json!({"name": "dev-1", "aud": "jetmq"}),
+            // no username claim
+            serde_json::json!({"sub": "dev-1", "aud": "jetmq", "exp": now() + 60}),
+            // not yet valid
+            serde_json::json!({"name": "dev-1", "aud": "jetmq", "exp": now() + 600, "nbf": now() + 300}),
+        ] {
+            let t = token(bad.clone(), SECRET);
+            assert_eq!(
+                auth.authenticate(creds(None, Some(&t))).await,
+                Err(Refusal::BadCredentials),
+                "{bad}"
+            );
+        }
+        let forged = token(
+            serde_json::json!({"name": "dev-1", "aud": "jetmq", "exp": now() + 60}),
+            other_secret,
+        );
+        assert_eq!(
+            auth.authenticate(creds(None, Some(&forged))).await,
+            Err(Refusal::BadCredentials)
+        );
+        // An RS256 header cannot be used against an HS256 configuration.
+        let (header, rest) = good.split_once('.').expect("jwt");
+        let _ = header;
+        let rs_header = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9";
+        let confused = format!("{rs_header}.{rest}");
+        assert_eq!(
+            auth.authenticate(creds(None, Some(&confused))).await,
+            Err(Refusal::BadCredentials)
+        );
+        // Without an audience configured, tokens with any audience are fine.
+        let loose = jwt_auth(None);
+        let t = token(
+            serde_json::json!({"name": "dev-2", "aud": "x", "exp": now() + 60}),
+            SECRET,
+        );
+        assert!(loose.authenticate(creds(None, Some(&t))).await.is_ok());
+    }
+
+    #[test]
+    fn jwt_config_is_validated() {
+        let mut config = AuthConfig::default();
+        config.jwt.secret = Some("short".into());
+        assert_eq!(config.validate().unwrap_err().0, "auth.jwt.secret");
+        config.jwt.secret = Some(SECRET.into());
+        config.jwt.algorithm = JwtAlgorithm::RS256;
+        assert_eq!(config.validate().unwrap_err().0, "auth.jwt.algorithm");
+        config.jwt.algorithm = JwtAlgorithm::HS512;
+        assert!(config.validate().is_ok());
+        assert!(looks_like_jwt(b"a.b.c").is_some());
+        assert!(looks_like_jwt(b"a.b").is_none());
+        assert!(looks_like_jwt(b"plain password.with.dots").is_none());
+    }
+}

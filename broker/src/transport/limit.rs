@@ -1,0 +1,323 @@
+//! Token buckets: the node-wide CONNECT rate and per-connection read limits.
+//!
+//! Per-connection limits delay *reading* instead of disconnecting: once a connection has
+//! used up its PUBLISH or byte budget, its socket is not read until the budget has grown
+//! back, so TCP flow control slows the client down. A connection that is not read cannot
+//! cost the node anything but its socket, and no well-behaved client is ever cut off for a
+//! burst.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A classic token bucket. Tokens may go negative ("debt"): whoever took them waits until
+/// the debt is paid back, which keeps the long-run rate exact even when one read brings
+/// in a large batch.
+#[derive(Debug)]
+pub struct Bucket {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// `rate` tokens per second, at most `capacity` saved up (the burst).
+    pub fn new(rate: f64, capacity: f64) -> Bucket {
+        Bucket {
+            rate,
+            capacity,
+            tokens: capacity,
+            last: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Tokens available now (negative: debt).
+    pub fn available(&mut self, now: Instant) -> f64 {
+        self.refill(now);
+        self.tokens
+    }
+
+    /// Takes `n` tokens, going into debt if needed.
+    pub fn charge(&mut self, now: Instant, n: f64) {
+        self.refill(now);
+        self.tokens -= n;
+    }
+
+    /// How long until the debt is paid, if there is one.
+    pub fn debt_delay(&self) -> Option<Duration> {
+        if self.tokens >= 0.0 {
+            return None;
+        }
+        let secs = -self.tokens / self.rate;
+        // Bounded, so that a huge charge cannot produce an absurd Duration.
+        Some(Duration::from_secs_f64(secs.min(3600.0)))
+    }
+}
+
+/// The node-wide limit on new connections per second (shared by all listeners).
+#[derive(Debug)]
+pub struct ConnectRate {
+    bucket: Option<Mutex<Bucket>>,
+}
+
+impl ConnectRate {
+    /// `per_second` = 0 disables the limit. The burst is one second's worth.
+    pub fn new(per_second: u32) -> ConnectRate {
+        ConnectRate {
+            bucket: (per_second > 0).then(|| {
+                let rate = f64::from(per_second);
+                Mutex::new(Bucket::new(rate, rate))
+            }),
+        }
+    }
+
+    /// True if one more connection may start now.
+    pub fn admit(&self) -> bool {
+        self.admit_at(Instant::now())
+    }
+
+    fn admit_at(&self, now: Instant) -> bool {
+        match &self.bucket {
+            None => true,
+            Some(bucket) => bucket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_take(now),
+        }
+    }
+}
+
+/// Finds where MQTT packets start in a byte stream, to count PUBLISH packets before the
+/// decoder sees them. It only reads fixed headers and skips bodies without buffering.
+#[derive(Debug, Default)]
+pub struct PacketScanner {
+    state: Scan,
+}
+
+#[derive(Debug, Default)]
+enum Scan {
+    #[default]
+    Header,
+    Length {
+        value: u64,
+        shift: u32,
+    },
+    Body {
+        remaining: u64,
+    },
+    /// The stream is not valid MQTT; the decoder will close the connection.
+    Lost,
+}
+
+const PUBLISH: u8 = 3;
+
+impl PacketScanner {
+    /// Feeds bytes; returns how many PUBLISH packets started in them.
+    pub fn scan(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut publishes = 0;
+        while !bytes.is_empty() {
+            match &mut self.state {
+                Scan::Header => {
+                    if bytes[0] >> 4 == PUBLISH {
+                        publishes += 1;
+                    }
+                    bytes = &bytes[1..];
+                    self.state = Scan::Length { value: 0, shift: 0 };
+                }
+                Scan::Length { value, shift } => {
+                    let b = bytes[0];
+                    bytes = &bytes[1..];
+                    *value |= u64::from(b & 0x7f) << *shift;
+                    if b & 0x80 == 0 {
+                        self.state = if *value == 0 {
+                            Scan::Header
+                        } else {
+                            Scan::Body { remaining: *value }
+                        };
+                    } else if *shift >= 21 {
+                        self.state = Scan::Lost;
+                    } else {
+                        *shift += 7;
+                    }
+                }
+                Scan::Body { remaining } => {
+                    let skip = (*remaining).min(bytes.len() as u64);
+                    // `skip` <= bytes.len(), so the cast back cannot truncate.
+                    bytes = &bytes[skip as usize..];
+                    *remaining -= skip;
+                    if *remaining == 0 {
+                        self.state = Scan::Header;
+                    }
+                }
+                Scan::Lost => break,
+            }
+        }
+        publishes
+    }
+}
+
+/// Smallest read while a byte rate applies.
+pub const MIN_LIMITED_READ: usize = 512;
+/// Largest read while a byte rate applies (the size of the bounce buffer).
+pub const MAX_LIMITED_READ: usize = 8192;
+
+/// Per-connection read budget: PUBLISH packets per second and bytes per second.
+#[derive(Debug)]
+pub struct ReadLimiter {
+    publishes: Option<Bucket>,
+    bytes: Option<Bucket>,
+    scanner: PacketScanner,
+}
+
+impl ReadLimiter {
+    /// None when both limits are off (0).
+    pub fn new(publishes_per_second: u32, bytes_per_second: u64) -> Option<ReadLimiter> {
+        if publishes_per_second == 0 && bytes_per_second == 0 {
+            return None;
+        }
+        Some(ReadLimiter {
+            publishes: (publishes_per_second > 0).then(|| {
+                let rate = f64::from(publishes_per_second);
+                Bucket::new(rate, rate)
+            }),
+            bytes: (bytes_per_second > 0).then(|| {
+                let rate = bytes_per_second as f64;
+                Bucket::new(rate, rate)
+            }),
+            scanner: PacketScanner::default(),
+        })
+    }
+
+    /// How many bytes the next read may bring in, of `want` (at most [`MAX_LIMITED_READ`]):
+    /// with a byte rate, no more than the budget (but at least [`MIN_LIMITED_READ`]), so a
+    /// large packet is read at the rate rather than in one go.
+    pub fn allowance(&mut self, want: usize) -> usize {
+        let Some(bytes) = &mut self.bytes else {
+            return want;
+        };
+        let budget = bytes.available(Instant::now()).max(MIN_LIMITED_READ as f64);
+        // `budget` is at least MIN_LIMITED_READ and capped below, so the cast is exact enough.
+        want.min(budget.min(MAX_LIMITED_READ as f64) as usize)
+    }
+
+    /// True when reads have to be cut to [`ReadLimiter::allowance`].
+    pub fn limits_bytes(&self) -> bool {
+        self.bytes.is_some()
+    }
+
+    /// Accounts for bytes just read; returns how long to wait before reading again.
+    pub fn account(&mut self, data: &[u8]) -> Option<Duration> {
+        self.account_at(Instant::now(), data)
+    }
+
+    fn account_at(&mut self, now: Instant, data: &[u8]) -> Option<Duration> {
+        if data.is_empty() {
+            return None;
+        }
+        let mut delay: Option<Duration> = None;
+        if let Some(bytes) = &mut self.bytes {
+            bytes.charge(now, data.len() as f64);
+            delay = bytes.debt_delay();
+        }
+        if let Some(publishes) = &mut self.publishes {
+            let n = self.scanner.scan(data);
+            // Charging 0 still brings the bucket up to date.
+            publishes.charge(now, n as f64);
+            delay = delay.max(publishes.debt_delay());
+        }
+        delay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scanner_counts_publishes_across_chunk_boundaries() {
+        // PUBLISH qos0 "a" payload "xy": 30 05 00 01 61 78 79; PINGREQ: c0 00;
+        // PUBLISH with a 200-byte body (two length bytes).
+        let mut stream = vec![0x30, 0x05, 0x00, 0x01, b'a', b'x', b'y', 0xc0, 0x00];
+        stream.extend([0x32, 0xc8, 0x01]);
+        stream.extend(std::iter::repeat_n(0u8, 200));
+        stream.extend([0x30, 0x00]);
+        for chunk in [1, 2, 3, 7, 64, 1000] {
+            let mut scanner = PacketScanner::default();
+            let n: u64 = stream.chunks(chunk).map(|c| scanner.scan(c)).sum();
+            assert_eq!(n, 3, "chunk size {chunk}");
+        }
+    }
+
+    #[test]
+    fn scanner_gives_up_on_garbage_lengths() {
+        let mut scanner = PacketScanner::default();
+        assert_eq!(
+            scanner.scan(&[0x30, 0xff, 0xff, 0xff, 0xff, 0xff, 0x30, 0x00]),
+            1
+        );
+        assert_eq!(scanner.scan(&[0x30, 0x00]), 0);
+    }
+
+    #[test]
+    fn publish_debt_is_paid_back_at_the_rate() {
+        let mut limiter = ReadLimiter::new(10, 0).expect("limited");
+        let start = Instant::now();
+        // 10 publishes are the burst; 20 more are 2 s of debt.
+        let many: Vec<u8> = [0x30u8, 0x00].iter().copied().cycle().take(60).collect();
+        let delay = limiter.account_at(start, &many).expect("in debt");
+        assert!(
+            delay > Duration::from_millis(1990) && delay <= Duration::from_secs(2),
+            "{delay:?}"
+        );
+        // PINGREQ costs no publish token; after the delay the debt is gone.
+        assert_eq!(limiter.account_at(start + delay, &[0xc0, 0x00]), None);
+    }
+
+    #[test]
+    fn byte_rate_delays_by_the_excess() {
+        let mut limiter = ReadLimiter::new(0, 1000).expect("limited");
+        let start = Instant::now();
+        assert_eq!(limiter.account_at(start, &[0u8; 1000]), None);
+        let delay = limiter.account_at(start, &[0u8; 500]).expect("in debt");
+        assert!(delay > Duration::from_millis(490) && delay <= Duration::from_millis(500));
+        assert!(ReadLimiter::new(0, 0).is_none());
+        let mut fresh = ReadLimiter::new(0, 100_000).expect("limited");
+        assert_eq!(fresh.allowance(100), 100);
+        assert_eq!(fresh.allowance(1 << 20), MAX_LIMITED_READ);
+        let mut slow = ReadLimiter::new(0, 10).expect("limited");
+        assert_eq!(slow.allowance(1 << 20), MIN_LIMITED_READ);
+        assert_eq!(
+            ReadLimiter::new(5, 0).expect("limited").allowance(77_777),
+            77_777
+        );
+    }
+
+    #[test]
+    fn connect_rate_refuses_beyond_the_burst_and_recovers() {
+        let rate = ConnectRate::new(5);
+        let start = Instant::now();
+        assert_eq!((0..10).filter(|_| rate.admit_at(start)).count(), 5);
+        let later = start + Duration::from_millis(400);
+        assert_eq!((0..10).filter(|_| rate.admit_at(later)).count(), 2);
+        assert!(ConnectRate::new(0).admit());
+    }
+}
