@@ -134,24 +134,29 @@ pub async fn connect(config: &Config) -> anyhow::Result<Cluster> {
         );
         replicas
     });
-    let messages = streams::ensure_message_stream(
-        &js,
-        &MessageStreamSettings {
-            replicas,
-            max_age: Duration::from_secs(config.nats.message_max_age_secs),
-            max_bytes: config.nats.message_max_bytes,
-            ..MessageStreamSettings::default()
-        },
-    )
-    .await?;
-    let retained = streams::ensure_retained_stream(&js, replicas).await?;
-    let sessions_kv = streams::ensure_kv_bucket(
-        &js,
-        streams::SESSION_BUCKET,
+    let settings = MessageStreamSettings {
         replicas,
-        Duration::ZERO,
-        MAX_SESSION_RECORD as i32,
-    )
+        max_age: Duration::from_secs(config.nats.message_max_age_secs),
+        max_bytes: config.nats.message_max_bytes,
+        ..MessageStreamSettings::default()
+    };
+    let messages = with_retries("message stream", || {
+        streams::ensure_message_stream(&js, &settings)
+    })
+    .await?;
+    let retained = with_retries("retained stream", || {
+        streams::ensure_retained_stream(&js, replicas)
+    })
+    .await?;
+    let sessions_kv = with_retries("session bucket", || {
+        streams::ensure_kv_bucket(
+            &js,
+            streams::SESSION_BUCKET,
+            replicas,
+            Duration::ZERO,
+            MAX_SESSION_RECORD as i32,
+        )
+    })
     .await?;
     Ok(Cluster {
         client,
@@ -160,6 +165,29 @@ pub async fn connect(config: &Config) -> anyhow::Result<Cluster> {
         retained,
         sessions: SessionStore::new(sessions_kv, MAX_SESSION_RECORD),
     })
+}
+
+/// JetStream set-up calls fail for a while on a cluster that is still electing its meta
+/// leader (all nodes just started) or has lost one: retry for about a minute, then give up.
+pub async fn with_retries<T, E, F, Fut>(what: &str, mut call: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut delay = Duration::from_millis(250);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match call().await {
+            Ok(value) => return Ok(value),
+            Err(err) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(what, error = %err, "JetStream not ready; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => return Err(err),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -102,14 +102,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let edge = Edge::new(&config)?;
     let authn = Authenticator::new(&config.auth)?;
     let cluster = cluster::connect(&config).await?;
-    let start = cluster
-        .messages
-        .clone()
-        .get_info()
-        .await
-        .context("cannot read message stream state")?
-        .state
-        .last_sequence;
+    let start = cluster::with_retries("message stream state", || {
+        let stream = cluster.messages.clone();
+        async move { stream.get_info().await }
+    })
+    .await
+    .context("cannot read message stream state")?
+    .state
+    .last_sequence;
     let router = Arc::new(Router::new(
         start,
         ReplayRing::new(
@@ -120,13 +120,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ));
     let retained = Arc::new(RetainedCache::default());
     let first_connection_id = crate::session::now_ms().saturating_mul(1000);
-    let nodes_kv = jetmq_common::streams::ensure_kv_bucket(
-        &cluster.js,
-        jetmq_common::streams::NODE_BUCKET,
-        node_replicas(&cluster),
-        crate::janitor::NODE_TTL,
-        64 * 1024,
-    )
+    let nodes_kv = cluster::with_retries("node bucket", || {
+        jetmq_common::streams::ensure_kv_bucket(
+            &cluster.js,
+            jetmq_common::streams::NODE_BUCKET,
+            node_replicas(&cluster),
+            crate::janitor::NODE_TTL,
+            64 * 1024,
+        )
+    })
     .await?;
     let ingress = Ingress {
         client: cluster.client.clone(),
@@ -202,8 +204,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     let mut listeners = Vec::new();
     for (kind, addr) in transport::listeners(&node.config.listen) {
-        let listener = TcpListener::bind(addr)
-            .await
+        let listener = bind_with_backlog(addr)
             .with_context(|| format!("cannot listen for MQTT over {kind} on {addr}"))?;
         listeners.push((kind, addr, listener));
     }
@@ -224,10 +225,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     node.ready.store(false, Ordering::Release);
     disconnect_all(&node).await;
-    if let Err(err) = node.cluster.client.flush().await {
-        tracing::warn!(error = %err, "NATS flush on shutdown failed");
+    // With NATS unreachable a flush would wait forever; shutdown must not.
+    match tokio::time::timeout(Duration::from_secs(5), node.cluster.client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "NATS flush on shutdown failed"),
+        Err(_) => tracing::warn!("NATS flush on shutdown timed out"),
     }
     Ok(())
+}
+
+/// Listen queue for MQTT sockets. The default 128 overflows in a reconnect storm (thousands
+/// of clients of a dead node arriving within a second), and each overflow costs a client a
+/// SYN retransmission of a second or more.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind_with_backlog(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// The node bucket gets the replicas the message stream got.
@@ -284,13 +304,15 @@ async fn accept_loop(
         }
         let node = node.clone();
         let edge = edge.clone();
-        tokio::spawn(async move {
+        let task = async move {
             // TLS / WebSocket handshake, bounded by limits.connect_timeout_ms.
-            if let Some((stream, peer_info)) = edge.upgrade(kind, stream, peer).await {
-                transport::scope(peer_info, client::serve(node, stream, peer)).await;
+            // Boxed: the TLS / WebSocket handshake state is large and needed only briefly.
+            if let Some((stream, peer_info)) = Box::pin(edge.upgrade(kind, stream, peer)).await {
+                transport::scope(peer_info, Box::pin(client::serve(node, stream, peer))).await;
             }
             drop(permit);
-        });
+        };
+        tokio::spawn(task);
     }
 }
 
@@ -305,7 +327,7 @@ async fn disconnect_all(node: &Node) {
     for control in &controls {
         let _ = control.try_send(Control::Shutdown);
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while tokio::time::Instant::now() < deadline {
         if node
             .clients

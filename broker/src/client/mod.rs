@@ -116,6 +116,9 @@ pub async fn serve<S: Transport>(node: Arc<Node>, stream: S, peer: SocketAddr) {
     node.metrics.connections.dec();
 }
 
+// The large, short-lived steps (handshake, session claim, packet handling, clean-up) are
+// boxed: a suspended future is as big as its largest state, and an idle connection should
+// pay only for waiting.
 async fn run<S: Transport>(
     node: Arc<Node>,
     mut reader: FrameReader<ReadHalf<S>>,
@@ -152,7 +155,7 @@ async fn run<S: Transport>(
         return;
     };
     writer.version = connect.protocol;
-    let admission = match connect::admit(&node, &connect).await {
+    let admission = match Box::pin(connect::admit(&node, &connect)).await {
         Ok(admission) => admission,
         Err(reason) => {
             tracing::info!(%peer, client_id = %connect.client_id, reason = reason.0, "CONNECT refused");
@@ -165,7 +168,11 @@ async fn run<S: Transport>(
         writer.peer_max_packet_size = max as usize;
     }
     let connection = node.next_id();
-    let claim = match connect::claim_session(&node, &admission, &connect, connection).await {
+    let claim = match Box::pin(connect::claim_session(
+        &node, &admission, &connect, connection,
+    ))
+    .await
+    {
         Ok(claim) => claim,
         Err(err) => {
             tracing::warn!(%peer, client_id = %admission.client_id, error = %err, "cannot claim session; refusing");
@@ -267,7 +274,7 @@ async fn run<S: Transport>(
     client.resend_released();
     client.join_shared();
     let exit = client.run_loop(&mut control_rx).await;
-    client.finish(exit).await;
+    Box::pin(client.finish(exit)).await;
 }
 
 impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
@@ -277,6 +284,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         let stall_limit = self.node.config.limits.max_write_buffer;
         loop {
             self.pump();
+            self.check_lag();
             self.maybe_start_replay();
             self.maybe_start_persist(false);
             if self.writer.pending() > stall_limit {
@@ -300,7 +308,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     loop {
                         match self.reader.try_next() {
                             Ok(Some(packet)) => {
-                                if let Err(exit) = self.handle_packet(packet).await {
+                                if let Err(exit) = Box::pin(self.handle_packet(packet)).await {
                                     return exit;
                                 }
                             }
@@ -337,7 +345,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 }
                 persisted = async { self.persist.as_mut().expect("guarded").await }, if self.persist.is_some() => {
                     self.persist = None;
-                    if let Err(exit) = self.persist_finished(persisted).await {
+                    if let Err(exit) = Box::pin(self.persist_finished(persisted)).await {
                         return exit;
                     }
                 }

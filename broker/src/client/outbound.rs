@@ -30,20 +30,25 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         tracing::debug!(client_id = %self.client_id, "session queue full; dropping message");
     }
 
-    /// Moves the position past messages the router had nothing for us in, and notices when
-    /// the router had to skip us.
-    pub(super) fn advance_position(&mut self) {
+    /// Notices when the router had to skip us (our queue was full) and, once everything it
+    /// did hand over is taken in, arranges the catch-up. Cheap; runs every loop turn so a
+    /// lagging subscriber resumes as soon as it has room, not on a timer.
+    pub(super) fn check_lag(&mut self) {
         if self.delivery.replay_upto.is_some() {
             return;
         }
         let lagged = self.lagged.load(Ordering::Acquire);
-        if lagged != NOT_LAGGED {
-            if self.deliveries.is_empty() {
-                // Everything before the skipped message has been taken in; catch up from there.
-                self.delivery.position = self.delivery.position.max(lagged.saturating_sub(1));
-                let upto = self.node.router.clear_lag(self.session_key, &self.lagged);
-                self.delivery.replay_upto = Some(upto);
-            }
+        if lagged != NOT_LAGGED && self.deliveries.is_empty() && !self.delivery.is_full() {
+            self.delivery.position = self.delivery.position.max(lagged.saturating_sub(1));
+            let upto = self.node.router.clear_lag(self.session_key, &self.lagged);
+            self.delivery.replay_upto = Some(upto);
+        }
+    }
+
+    /// Moves the position past messages the router had nothing for us in.
+    pub(super) fn advance_position(&mut self) {
+        if self.delivery.replay_upto.is_some() || self.lagged.load(Ordering::Acquire) != NOT_LAGGED
+        {
             return;
         }
         let router_position = self.node.router.position();
