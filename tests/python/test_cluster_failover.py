@@ -1,0 +1,333 @@
+"""Failures in a fresh 3+3 cluster: kill -9 of a jetmq node, kill -9 of a NATS node.
+
+Every load loop here is bounded in count (JETMQ_TEST_FAILOVER_MESSAGES, default 2000) and time.
+"""
+
+import collections
+import os
+import threading
+import time
+
+import pytest
+
+from mqtt_client import V5, V311, Client, Tracker, uid
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
+
+N_MESSAGES = int(os.environ.get("JETMQ_TEST_FAILOVER_MESSAGES", "2000"))
+PUBLISH_DEADLINE_S = 150
+DELIVERY_DEADLINE_S = 120
+
+
+def _streams(nats) -> dict:
+    """name -> stream detail, merged over every live node's /jsz (each lists the streams it hosts)."""
+    import harness
+
+    out = {}
+    for node in nats.nodes:
+        if not node.alive():
+            continue
+        try:
+            jsz = harness.http_json(f"{node.monitor_url}/jsz?streams=true&config=true", timeout=3)
+        except Exception:  # noqa: BLE001
+            continue
+        for acc in jsz.get("account_details") or []:
+            for st in acc.get("stream_detail") or []:
+                out.setdefault(st["name"], st)
+    return out
+
+
+def stream_report(nats) -> str:
+    """Streams as the live NATS nodes see them (replicas, leader, peers), for failure messages."""
+    rows = []
+    for name, st in sorted(_streams(nats).items()):
+        cl = st.get("cluster") or {}
+        peers = [(r.get("name"), r.get("current")) for r in cl.get("replicas") or []]
+        rows.append(f"{name}: R{(st.get('config') or {}).get('num_replicas')} leader={cl.get('leader')} peers={peers}")
+    return ("; ".join(rows) or "<no streams visible>") + " (streams hosted only on a dead node are not listed)"
+
+
+def message_stream_leader(nats) -> int:
+    """Index of the NATS node leading the stream that stores MQTT messages (captures jetmq.s.>),
+    else the JetStream meta leader, else node 2."""
+    names = [n.server_name for n in nats.nodes]
+    for st in _streams(nats).values():
+        subjects = (st.get("config") or {}).get("subjects") or []
+        leader = (st.get("cluster") or {}).get("leader")
+        if any(sub.startswith("jetmq.s.") for sub in subjects) and leader in names:
+            return names.index(leader)
+    for node in nats.nodes:
+        leader = node.meta_leader()
+        if leader in names:
+            return names.index(leader)
+    return 1
+
+
+def reconnect(client: Client, targets, timeout: float = 60.0) -> Client:
+    """Reconnect ``client`` (same paho instance, so QoS 2 receive state is kept) to a live node."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        for t in targets:
+            try:
+                client.connect(host=t.host, port=t.port, clean=False, timeout=5)
+                return client
+            except (AssertionError, OSError) as e:
+                last = e
+                time.sleep(0.5)
+    raise AssertionError(f"{client.client_id} could not reconnect to {targets} within {timeout}s: {last}")
+
+
+class Collector:
+    """Drains a client's message queue into per-number counts in the background."""
+
+    def __init__(self, client: Client, prefix: str):
+        self.client = client
+        self.counts: collections.Counter = collections.Counter()
+        self.order: list[int] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                m = self.client.messages.get(timeout=0.2)
+            except Exception:  # noqa: BLE001 - queue.Empty
+                continue
+            n = int(m.payload)
+            self.counts[n] += 1
+            self.order.append(n)
+
+    def missing(self, n: int) -> list[int]:
+        return [i for i in range(n) if self.counts[i] == 0]
+
+    def duplicates(self) -> list[int]:
+        return sorted(i for i, c in self.counts.items() if c > 1)
+
+    def stop(self):
+        self._stop.set()
+        self._t.join(5)
+
+
+def _published(info) -> bool:
+    # MQTTMessageInfo.is_published() raises for messages queued while disconnected; the flag is what we want
+    return bool(getattr(info, "_published", False))
+
+
+def publish_sequence(pub: Client, topic: str, n: int, qos: int, on_progress, targets, deadline_s: float):
+    """Publish 0..n-1 with QoS, 8 at a time, following the publisher through disconnects.
+
+    The publisher keeps its session (clean start 0), so paho resends unacknowledged messages
+    itself after a reconnect. Returns (set of acknowledged numbers, number published).
+    """
+    acked = set()
+    deadline = time.monotonic() + deadline_s
+
+    def ensure_connected():
+        if not pub.connected:
+            reconnect(pub, targets)
+
+    def settle(window):
+        for num, info in window:
+            while not _published(info) and time.monotonic() < deadline:
+                ensure_connected()
+                with info._condition:
+                    info._condition.wait(0.2)
+            if _published(info):
+                acked.add(num)
+
+    i = 0
+    window = []
+    while i < n and time.monotonic() < deadline:
+        ensure_connected()
+        info = pub.paho.publish(topic, str(i).encode(), qos=qos)
+        window.append((i, info))
+        i += 1
+        on_progress(i)
+        if len(window) >= 8:
+            settle(window)
+            window.clear()
+    settle(window)
+    return acked, i
+
+
+def test_kill9_broker_node_loses_nothing(fresh_cluster):
+    """Subscribers (QoS 1 and QoS 2, persistent) on node 1, publisher on node 2; node 1 is
+    SIGKILLed mid-stream; the subscribers reconnect to node 3 and every number arrives
+    (QoS 1: none lost; QoS 2: none lost and none duplicated)."""
+    _nats, procs, targets = fresh_cluster
+    a, b, c = targets
+    n = N_MESSAGES
+    topic = uid("fo")
+    cl = Tracker(a)
+    try:
+        s1 = cl(a, client_id=uid("fo-q1"), version=V311, clean=False).connect()
+        s2 = cl(a, client_id=uid("fo-q2"), version=V5, clean=False, session_expiry=600).connect()
+        assert s1.subscribe(topic, qos=1) == [1]
+        assert s2.subscribe(topic, qos=2) == [2]
+        c1, c2 = Collector(s1, topic), Collector(s2, topic)
+        pub = cl(b, client_id=uid("fo-pub"), version=V5, clean=False, session_expiry=600, max_inflight=10).connect()
+
+        kill_at = n // 4
+        killed = threading.Event()
+
+        def progress(i):
+            if i == kill_at and not killed.is_set():
+                procs[0].kill9()
+                killed.set()
+
+        result = {}
+
+        def run_publisher():
+            try:
+                result["acked"], result["sent"] = publish_sequence(pub, topic, n, 2, progress, [b, c], PUBLISH_DEADLINE_S)
+            except BaseException as e:  # noqa: BLE001
+                result["error"] = e
+
+        pt = threading.Thread(target=run_publisher, daemon=True)
+        pt.start()
+        assert killed.wait(PUBLISH_DEADLINE_S), "publisher never reached the kill point"
+        for s in (s1, s2):
+            s.wait_disconnect(30)
+        # the subscribers come back on a surviving node with their sessions
+        for s in (s1, s2):
+            reconnect(s, [c, b])
+            assert s.session_present, f"{s.client_id}: session lost when its node died"
+        pt.join(PUBLISH_DEADLINE_S + 60)
+        assert not pt.is_alive(), "publisher did not finish"
+        assert "error" not in result, f"publisher failed: {result.get('error')!r}"
+        assert result["sent"] == n, f"only {result['sent']} of {n} published within {PUBLISH_DEADLINE_S}s"
+        assert result["acked"] == set(range(n)), "publisher on a surviving node must get every ack"
+
+        deadline = time.monotonic() + DELIVERY_DEADLINE_S
+        while time.monotonic() < deadline and (c1.missing(n) or c2.missing(n)):
+            time.sleep(0.5)
+        time.sleep(1.0)  # late duplicates
+        c1.stop()
+        c2.stop()
+        m1, m2 = c1.missing(n), c2.missing(n)
+        assert not m1, f"QoS 1 subscriber lost {len(m1)} messages, e.g. {m1[:20]}"
+        assert not m2, f"QoS 2 subscriber lost {len(m2)} messages, e.g. {m2[:20]}"
+        d2 = c2.duplicates()
+        assert not d2, f"QoS 2 subscriber got {len(d2)} duplicates, e.g. {d2[:20]}"
+    finally:
+        cl.close_all()
+
+
+def test_wills_of_killed_node_published_by_survivor(fresh_cluster):
+    _nats, procs, targets = fresh_cluster
+    a, b, c = targets
+    base = uid("fowill")
+    cl = Tracker(a)
+    try:
+        watcher = cl.connect(c, version=V5)
+        watcher.subscribe(f"{base}/#", qos=1)
+        cl(a, version=V311, will={"topic": f"{base}/v311", "payload": b"v311 will", "qos": 1}).connect()
+        cl(a, version=V5, will={"topic": f"{base}/v5", "payload": b"v5 will", "qos": 1}).connect()
+        cl(a, version=V5, session_expiry=600,
+           will={"topic": f"{base}/v5-persistent", "payload": b"v5 persistent will", "qos": 2}).connect()
+        cl(a, version=V5, will={"topic": f"{base}/v5-retained", "payload": b"retained will", "qos": 1,
+                                "retain": True}).connect()
+        # a client on a surviving node that disconnects normally: no will
+        ok = cl(b, version=V5, will={"topic": f"{base}/clean", "payload": b"must not appear", "qos": 1}).connect()
+        ok.disconnect()
+        time.sleep(0.5)
+        procs[0].kill9()
+        got = {}
+        deadline = time.monotonic() + 30
+        while len(got) < 4 and time.monotonic() < deadline:
+            try:
+                m = watcher.get(max(0.1, deadline - time.monotonic()))
+            except AssertionError:
+                break
+            got[m.topic] = m.payload
+        assert got == {
+            f"{base}/v311": b"v311 will",
+            f"{base}/v5": b"v5 will",
+            f"{base}/v5-persistent": b"v5 persistent will",
+            f"{base}/v5-retained": b"retained will",
+        }, "wills of the killed node's clients must be published by a survivor within 30s"
+        watcher.expect_none(1.0)
+        late = cl.connect(b, version=V5)
+        late.subscribe(f"{base}/v5-retained", qos=1)
+        m = late.get(10)
+        assert m.retain and m.payload == b"retained will"
+    finally:
+        cl.close_all()
+
+
+def test_kill9_node_then_restart_rejoins(fresh_cluster):
+    _nats, procs, targets = fresh_cluster
+    a, b, c = targets
+    t = uid("rejoin")
+    procs[1].kill9()
+    cl = Tracker(a)
+    try:
+        sub = cl.connect(a, version=V5)
+        sub.subscribe(t, qos=1)
+        cl.connect(c, version=V5).publish(t, b"while b is down", qos=1)
+        assert sub.get(10).payload == b"while b is down"
+        procs[1].start()
+        cl.connect(b, version=V5).publish(t, b"b is back", qos=1)
+        assert sub.get(10).payload == b"b is back"
+    finally:
+        cl.close_all()
+
+
+@pytest.mark.needs_nats
+def test_kill9_nats_node_keeps_acknowledged_messages(fresh_cluster):
+    """The NATS node leading the message stream dies mid-stream: publishing goes on (the streams
+    are replicated) and every message whose PUBACK the publisher got is delivered."""
+    nats, procs, targets = fresh_cluster
+    a, b, c = targets
+    n = max(200, N_MESSAGES // 2)
+    topic = uid("nkill")
+    cl = Tracker(a)
+    try:
+        sub = cl(b, client_id=uid("nk-sub"), version=V5, clean=False, session_expiry=600).connect()
+        assert sub.subscribe(topic, qos=1) == [1]
+        coll = Collector(sub, topic)
+        pub = cl(c, client_id=uid("nk-pub"), version=V5, clean=False, session_expiry=600, max_inflight=10).connect()
+        killed = threading.Event()
+        victim = []
+
+        def progress(i):
+            if i == n // 3 and not killed.is_set():
+                # the worst case: the leader of the (by now existing) message stream dies
+                victim.append(message_stream_leader(nats))
+                nats.nodes[victim[0]].kill9()
+                killed.set()
+
+        result = {}
+
+        def run_publisher():
+            try:
+                result["acked"], result["sent"] = publish_sequence(pub, topic, n, 1, progress, [c, a], PUBLISH_DEADLINE_S)
+            except BaseException as e:  # noqa: BLE001
+                result["error"] = e
+
+        pt = threading.Thread(target=run_publisher, daemon=True)
+        pt.start()
+        # the subscriber's broker may drop it while it fails over to another NATS node: follow it
+        deadline = time.monotonic() + PUBLISH_DEADLINE_S + 60
+        while pt.is_alive() and time.monotonic() < deadline:
+            d = sub.last_disconnect(0.5)
+            if d is not None:
+                reconnect(sub, [b, a])
+        pt.join(5)
+        assert "error" not in result, f"publisher failed: {result.get('error')!r}"
+        acked = result["acked"]
+        assert len(acked) >= n // 2, (f"only {len(acked)} of {n} acknowledged after NATS node {victim} died; "
+                                      f"streams: {stream_report(nats)}")
+        deadline = time.monotonic() + DELIVERY_DEADLINE_S
+        while time.monotonic() < deadline and acked - set(coll.counts):
+            d = sub.last_disconnect(0.5)
+            if d is not None:
+                reconnect(sub, [b, a])
+        coll.stop()
+        lost = sorted(acked - set(coll.counts))
+        assert not lost, (f"{len(lost)} acknowledged messages never delivered, e.g. {lost[:20]}; "
+                          f"streams: {stream_report(nats)}")
+    finally:
+        cl.close_all()

@@ -1,0 +1,125 @@
+"""jetmq-specific behaviour of a single node: health endpoints, configuration, state in JetStream."""
+
+
+import pytest
+
+import harness
+import mqtt_raw as R
+from mqtt_client import V5, V311, Client, Target, Tracker, uid
+
+pytestmark = pytest.mark.jetmq_only("jetmq process behaviour")
+
+
+def as_target(b) -> Target:
+    return Target(b.host, b.port, "jetmq", {}, b)
+
+
+def test_health_endpoints(broker):
+    for path in ("/healthz", "/readyz"):
+        status, body = harness.http_get(f"http://{broker.host}:{broker.http_port}{path}")
+        assert status == 200, (path, body)
+
+
+def test_config_file_limits_applied(broker):
+    """The module broker runs with conftest.LIMITS via --config; CONNACK shows them."""
+    r = R.RawClient(broker.host, broker.port, version=V5)
+    try:
+        ca = r.mqtt_connect(uid("cfg"), keepalive=1000)
+        assert ca.props.get("ServerKeepAlive") == 100
+        assert ca.props.get("TopicAliasMaximum") == 10
+    finally:
+        r.close()
+
+
+def test_env_overrides_config(broker_factory):
+    b = broker_factory(extra_env={"JETMQ_LIMITS__MAX_PACKET_SIZE": "1024", "JETMQ_LIMITS__TOPIC_ALIAS_MAXIMUM": "3"})
+    r = R.RawClient(b.host, b.port, version=V5)
+    try:
+        ca = r.mqtt_connect(uid("env"))
+        assert ca.props.get("MaximumPacketSize") == 1024
+        assert ca.props.get("TopicAliasMaximum") == 3
+        r.publish("x/y", b"z" * 2000)
+        got = r.wait_closed(5)
+        assert [p.reason for p in got if p.type == R.DISCONNECT] == [0x95]
+    finally:
+        r.close()
+
+
+def test_defaults_without_config(broker_factory):
+    b = broker_factory(config={})
+    r = R.RawClient(b.host, b.port, version=V5)
+    try:
+        ca = r.mqtt_connect(uid("defaults"), keepalive=7200)
+        assert ca.props.get("ServerKeepAlive") == 3600, "default max_keepalive is 3600 s"
+        assert ca.props.get("MaximumPacketSize", 1048576) == 1048576
+    finally:
+        r.close()
+
+
+def test_restart_keeps_retained_and_sessions(broker_factory):
+    """State lives in JetStream: a broker restart (SIGTERM) loses no retained message or session."""
+    b = broker_factory()
+    t = as_target(b)
+    cl = Tracker(t)
+    try:
+        topic, cid = uid("restart-ret"), uid("restart-sess")
+        cl.connect(version=V5).publish(topic, b"survives", qos=1, retain=True)
+        s = cl(client_id=cid, version=V5, clean=False, session_expiry=600).connect()
+        s.subscribe(topic + "/q", qos=1)
+        s.disconnect()
+        cl.connect(version=V5).publish(topic + "/q", b"queued before restart", qos=1)
+        cl.close_all()
+        b.terminate()
+        b.start()
+        s = cl(client_id=cid, version=V5, clean=False, session_expiry=600).connect()
+        assert s.session_present
+        assert s.get(10).payload == b"queued before restart"
+        r = cl.connect(version=V311)
+        r.subscribe(topic, qos=1)
+        m = r.get(10)
+        assert m.payload == b"survives" and m.retain
+    finally:
+        cl.close_all()
+
+
+def test_kill9_single_node_keeps_acknowledged_state(broker_factory):
+    b = broker_factory()
+    t = as_target(b)
+    cl = Tracker(t)
+    try:
+        topic, cid = uid("k9"), uid("k9-sess")
+        s = cl(client_id=cid, version=V311, clean=False).connect()
+        s.subscribe(topic, qos=2)
+        s.disconnect()
+        pub = cl.connect(version=V5)
+        for i in range(20):
+            pub.publish(topic, str(i).encode(), qos=2)
+        cl.close_all()
+        b.kill9()
+        b.start()
+        s = cl(client_id=cid, version=V311, clean=False).connect()
+        assert s.session_present
+        assert [int(m.payload) for m in s.expect(20, timeout=20)] == list(range(20))
+    finally:
+        cl.close_all()
+
+
+def test_sigterm_exits_zero(broker_factory):
+    """A graceful shutdown exits 0 within the timeout."""
+    b = broker_factory()
+    with Client(as_target(b), version=V5) as c:
+        c.connect()
+        rc = b.terminate(timeout=15)
+    assert rc == 0, f"jetmq-broker exit code on SIGTERM: {rc}\n{b.log_tail(30)}"
+
+
+def test_two_nodes_one_nats(broker_factory):
+    """Two jetmq nodes over the same single NATS node form one broker."""
+    b1, b2 = broker_factory(), broker_factory()
+    t = uid("two")
+    with Client(as_target(b1), version=V5) as s, Client(as_target(b2), version=V5) as p:
+        s.connect()
+        p.connect()
+        s.subscribe(t, qos=1)
+        p.publish(t, b"x", qos=1)
+        assert s.get(10).payload == b"x"
