@@ -118,22 +118,10 @@ pub async fn connect(config: &Config) -> anyhow::Result<Cluster> {
         .backpressure_on_inflight(true)
         .timeout(Duration::from_secs(10))
         .build(client.clone());
-    let replicas = config.nats.replicas.unwrap_or_else(|| {
-        let info = client.server_info();
-        // connect_urls lists the client URLs of every server in the cluster.
-        let cluster_size = if info.cluster.is_some() {
-            info.connect_urls.len()
-        } else {
-            1
-        };
-        let replicas = if cluster_size >= 3 { 3 } else { 1 };
-        tracing::info!(
-            cluster_size,
-            replicas,
-            "JetStream replicas chosen from the NATS cluster size"
-        );
-        replicas
-    });
+    let replicas = match config.nats.replicas {
+        Some(replicas) => replicas,
+        None => detect_replicas(&js).await,
+    };
     let settings = MessageStreamSettings {
         replicas,
         max_age: Duration::from_secs(config.nats.message_max_age_secs),
@@ -165,6 +153,28 @@ pub async fn connect(config: &Config) -> anyhow::Result<Cluster> {
         retained,
         sessions: SessionStore::new(sessions_kv, MAX_SESSION_RECORD),
     })
+}
+
+/// Replicas when the configuration leaves them open: those of an existing message stream,
+/// else 3 unless the server refuses replication because it is not clustered.
+async fn detect_replicas(js: &jetstream::Context) -> usize {
+    if let Ok(stream) = js.get_stream(streams::MESSAGE_STREAM).await {
+        return stream.cached_info().config.num_replicas.max(1);
+    }
+    let probe = MessageStreamSettings {
+        replicas: 3,
+        ..MessageStreamSettings::default()
+    };
+    let replicas = match streams::ensure_message_stream(js, &probe).await {
+        Ok(stream) => stream.cached_info().config.num_replicas.max(1),
+        Err(err) if err.to_string().contains("non-clustered") => 1,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot probe JetStream replication; assuming a cluster");
+            3
+        }
+    };
+    tracing::info!(replicas, "JetStream replicas chosen from the NATS server");
+    replicas
 }
 
 /// JetStream set-up calls fail for a while on a cluster that is still electing its meta

@@ -49,7 +49,7 @@ pub struct NatsConfig {
     /// Server URLs; a host name that resolves to several addresses means all of them.
     pub urls: Vec<String>,
     /// JetStream replicas for streams and buckets this node creates (1..=5); unset: 3 when
-    /// the NATS server is part of a cluster of at least 3, else 1.
+    /// the NATS server is part of a cluster, else 1.
     pub replicas: Option<usize>,
     /// How long stored messages are kept for offline sessions, seconds.
     pub message_max_age_secs: u64,

@@ -56,13 +56,36 @@ impl RetainedCache {
 /// every change. Resolves `loaded` once the initial state is in.
 pub async fn run_retained_reader(
     cache: Arc<RetainedCache>,
-    stream: async_nats::jetstream::stream::Stream,
+    mut stream: async_nats::jetstream::stream::Stream,
     client: async_nats::Client,
     loaded: tokio::sync::oneshot::Sender<()>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    use async_nats::jetstream::consumer::{push, DeliverPolicy};
     let mut loaded = Some(loaded);
+    // Survives NATS trouble like the message reader: re-reading the last message per topic
+    // is idempotent for the cache.
+    loop {
+        match read_retained(&cache, &mut stream, &client, &mut loaded, &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(err) => {
+                tracing::warn!(error = %err, "retained reader restarting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn read_retained(
+    cache: &RetainedCache,
+    stream: &mut async_nats::jetstream::stream::Stream,
+    client: &async_nats::Client,
+    loaded: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{push, DeliverPolicy};
     let initial = stream.get_info().await?.state.messages;
     if initial == 0 {
         if let Some(tx) = loaded.take() {

@@ -300,6 +300,32 @@ pub async fn run_stream_reader(
     client: async_nats::Client,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // The reader must outlive any NATS trouble (a server dying, a leader election): it is
+    // recreated from the router's position, so nothing is skipped or delivered twice.
+    loop {
+        match read_stream(&router, &stream, &client, &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(err) => {
+                tracing::warn!(error = %err, position = router.position(), "message stream reader restarting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Consecutive consumer errors after which the reader is rebuilt rather than trusted to
+/// recover by itself.
+const MAX_READER_ERRORS: u32 = 3;
+
+async fn read_stream(
+    router: &Router,
+    stream: &async_nats::jetstream::stream::Stream,
+    client: &async_nats::Client,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     use async_nats::jetstream::consumer::{push, DeliverPolicy};
     let consumer = stream
         .create_consumer(push::OrderedConfig {
@@ -312,6 +338,7 @@ pub async fn run_stream_reader(
         })
         .await?;
     let mut messages = consumer.messages().await?;
+    let mut errors = 0;
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -323,10 +350,15 @@ pub async fn run_stream_reader(
         let message = match message {
             Ok(message) => message,
             Err(err) => {
+                errors += 1;
+                if errors >= MAX_READER_ERRORS {
+                    anyhow::bail!("message stream reader: {err}");
+                }
                 tracing::warn!(error = %err, "message stream reader: transient error");
                 continue;
             }
         };
+        errors = 0;
         let seq = match message.info() {
             Ok(info) => info.stream_sequence,
             Err(err) => {
@@ -334,6 +366,9 @@ pub async fn run_stream_reader(
                 continue;
             }
         };
+        if seq <= router.position() {
+            continue;
+        }
         match decode_stream_message(seq, message.subject.as_str(), message.payload.clone()) {
             Ok(msg) => router.dispatch(Arc::new(msg)),
             Err(err) => {
