@@ -582,6 +582,7 @@ class BrokerNode(ManagedProcess):
         e = {k: v for k, v in os.environ.items() if not (k.startswith("JETMQ_") and "__" not in k)}
         e.setdefault("RUST_LOG", os.environ.get("JETMQ_TEST_RUST_LOG", "info"))
         e.setdefault("RUST_BACKTRACE", "1")
+        e.setdefault("NO_COLOR", "1")  # plain log files
         e.update(self.extra_env)
         return e
 

@@ -105,9 +105,12 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             }
             if let Some(group) = parsed.share_group {
                 // Shared subscriptions get no retained messages (MQTT 5, 4.8.2).
-                self.node
-                    .shared
-                    .join(group, parsed.filter, self.shared_member(entry));
+                self.node.shared.join(
+                    group,
+                    parsed.filter,
+                    self.shared_member(entry),
+                    self.node.router.position(),
+                );
                 reasons.push(granted(options.qos));
                 continue;
             }
@@ -175,9 +178,12 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     /// Joins the groups of the session's stored shared subscriptions (on connect).
     pub(super) fn join_shared(&self) {
         for (group, filter, entry) in shared_entries(&self.record.subscriptions) {
-            self.node
-                .shared
-                .join(&group, &filter, self.shared_member(entry));
+            self.node.shared.join(
+                &group,
+                &filter,
+                self.shared_member(entry),
+                self.node.router.position(),
+            );
         }
     }
 

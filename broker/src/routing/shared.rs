@@ -70,6 +70,10 @@ pub struct Member {
 }
 
 struct Group {
+    /// Where a newly created group consumer starts: right after the stream position at the
+    /// first SUBSCRIBE, so messages published after its SUBACK are never missed while the
+    /// consumer is still being created.
+    start_sequence: u64,
     members: Vec<Member>,
     next: usize,
     stop: CancellationToken,
@@ -114,7 +118,7 @@ impl SharedGroups {
         self.groups.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn join(self: &Arc<Self>, group: &str, filter: &str, member: Member) {
+    pub fn join(self: &Arc<Self>, group: &str, filter: &str, member: Member, position: u64) {
         let key = (group.to_owned(), filter.to_owned());
         let mut groups = self.lock();
         if let Some(existing) = groups.get_mut(&key) {
@@ -126,6 +130,7 @@ impl SharedGroups {
         groups.insert(
             key.clone(),
             Group {
+                start_sequence: position + 1,
                 members: vec![member],
                 next: 0,
                 stop: stop.clone(),
@@ -158,6 +163,7 @@ impl SharedGroups {
 
     async fn pull(&self, key: &GroupKey, stop: &CancellationToken) -> anyhow::Result<()> {
         let (group, filter) = key;
+        let start_sequence = self.lock().get(key).map_or(1, |g| g.start_sequence);
         let prefix = jetmq_common::subject::SHARE_PREFIX;
         let subjects: Vec<String> = jetmq_common::subject::filter_to_subjects(filter)
             .into_iter()
@@ -171,7 +177,7 @@ impl SharedGroups {
                 pull::Config {
                     durable_name: Some(name.clone()),
                     filter_subjects: subjects,
-                    deliver_policy: DeliverPolicy::New,
+                    deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
                     ack_policy: AckPolicy::Explicit,
                     ack_wait: Duration::from_secs(30),
                     max_ack_pending: 1000,
