@@ -22,14 +22,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::FuturesOrdered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use jetmq_codec::{Disconnect, Packet, ProtocolVersion, ReasonCode};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::connection::{FrameReader, FrameWriter, ReadError, Transport};
-use crate::routing::{Delivery, SessionKey, SessionLink, SubEntry, NOT_LAGGED};
+use crate::routing::mailbox::{mailbox, MailboxReceiver, MailboxSender};
+use crate::routing::{SessionKey, SessionLink, SubEntry, NOT_LAGGED};
 use crate::server::{control_reason, Control, LocalClient, Node};
 use crate::session::SessionRecord;
 
@@ -76,9 +77,9 @@ pub(crate) struct Client<R, W> {
     revision: u64,
 
     // Deliveries towards the client.
-    deliveries: mpsc::Receiver<Delivery>,
+    deliveries: MailboxReceiver,
     /// The sending side of `deliveries`, for shared-subscription groups.
-    delivery_tx: mpsc::Sender<Delivery>,
+    delivery_tx: MailboxSender,
     lagged: Arc<AtomicU64>,
     subscriptions: Vec<(String, SubEntry)>,
     delivery: DeliveryState,
@@ -210,7 +211,7 @@ async fn run<S: Transport>(
     }
     tracing::debug!(%peer, client_id = %client_id, session_present = claim.session_present, "connected");
 
-    let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
+    let (tx, rx) = mailbox(ROUTER_QUEUE);
     let lagged = Arc::new(AtomicU64::new(NOT_LAGGED));
     let subscriptions = subscriptions::entries(&claim.record.subscriptions);
     let live_from = node.router.attach(
@@ -324,19 +325,24 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     }
                 }
                 delivery = self.deliveries.recv(), if accept_deliveries => {
-                    if let Some(delivery) = delivery {
-                        self.accept_delivery(delivery);
-                        while !self.delivery.is_full() {
-                            match self.deliveries.try_recv() {
-                                Ok(delivery) => self.accept_delivery(delivery),
-                                Err(_) => break,
-                            }
+                    self.accept_delivery(delivery);
+                    while !self.delivery.is_full() {
+                        match self.deliveries.try_recv() {
+                            Some(delivery) => self.accept_delivery(delivery),
+                            None => break,
                         }
                     }
                 }
                 Some(done) = self.acks.next() => {
                     if let Err(exit) = self.publish_acknowledged(done) {
                         return exit;
+                    }
+                    // JetStream acks arrive in bursts: answer every one that is ready now,
+                    // so they leave in one write instead of one syscall each.
+                    while let Some(Some(done)) = self.acks.next().now_or_never() {
+                        if let Err(exit) = self.publish_acknowledged(done) {
+                            return exit;
+                        }
                     }
                 }
                 replayed = async { self.replay.as_mut().expect("guarded").await }, if self.replay.is_some() => {

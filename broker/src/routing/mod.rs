@@ -7,6 +7,7 @@
 //! still covers the gap, else from JetStream.
 
 pub mod index;
+pub mod mailbox;
 mod replay;
 pub mod shared;
 
@@ -19,6 +20,8 @@ use futures::StreamExt;
 use jetmq_codec::QoS;
 use jetmq_common::envelope::Envelope;
 use tokio::sync::mpsc;
+
+use mailbox::MailboxSender;
 use tokio_util::sync::CancellationToken;
 
 pub use index::{Match, SessionKey, SubEntry, SubscriptionIndex};
@@ -95,7 +98,7 @@ pub fn merge_matches(
 /// The link from the router to one local session.
 pub struct SessionLink {
     pub client_id: Arc<str>,
-    pub tx: mpsc::Sender<Delivery>,
+    pub tx: MailboxSender,
     /// Set by the router when it had to skip a QoS 1/2 message because the queue was full:
     /// the lowest skipped sequence. The session then replays from its own position.
     pub lagged: Arc<AtomicU64>,
@@ -403,8 +406,19 @@ pub fn decode_stream_message(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A QoS 1 delivery of a message with sequence `seq`.
+    pub(crate) fn delivery(seq: u64) -> Delivery {
+        Delivery {
+            msg: msg(seq, 1),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: Vec::new(),
+            shared_ack: None,
+        }
+    }
 
     fn msg(seq: u64, qos: u8) -> MessageRef {
         Arc::new(StoredMessage {
@@ -480,7 +494,7 @@ mod tests {
             ReplayRing::new(100, usize::MAX),
             Arc::new(Metrics::default()),
         );
-        let (tx, mut rx) = mpsc::channel(1);
+        let (tx, mut rx) = mailbox::mailbox(1);
         let lagged = Arc::new(AtomicU64::new(NOT_LAGGED));
         let sub = SubEntry {
             qos: QoS::AtLeastOnce,
@@ -501,7 +515,7 @@ mod tests {
         router.dispatch(msg(2, 1));
         router.dispatch(msg(3, 1));
         assert_eq!(lagged.load(Ordering::Acquire), 2);
-        assert_eq!(rx.recv().await.expect("first").msg.seq, 1);
+        assert_eq!(rx.recv().await.msg.seq, 1);
         assert_eq!(router.position(), 3);
         assert_eq!(router.ring_range(1, 3).expect("held").len(), 2);
     }

@@ -16,10 +16,9 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{decode_stream_message, Delivery, SessionKey, SubEntry};
+use super::{decode_stream_message, SessionKey, SubEntry};
 
 /// The JetStream message behind a shared delivery; negatively acknowledged if dropped
 /// unacknowledged, so another member gets it without waiting for the ack timeout.
@@ -65,7 +64,7 @@ impl std::fmt::Debug for SharedAck {
 #[derive(Clone)]
 pub struct Member {
     pub session: SessionKey,
-    pub tx: mpsc::Sender<Delivery>,
+    pub tx: super::mailbox::MailboxSender,
     pub entry: SubEntry,
 }
 
