@@ -122,7 +122,7 @@ mod tests {
 
     #[test]
     fn bounded_and_fifo() {
-        let (tx, mut rx) = mailbox(2);
+        let (tx, rx) = mailbox(2);
         tx.try_send(delivery(1)).expect("room");
         tx.try_send(delivery(2)).expect("room");
         assert!(matches!(
@@ -149,7 +149,7 @@ mod tests {
 
     #[test]
     fn drained_queue_gives_memory_back() {
-        let (tx, mut rx) = mailbox(256);
+        let (tx, rx) = mailbox(256);
         for seq in 0..200 {
             tx.try_send(delivery(seq)).expect("room");
         }
