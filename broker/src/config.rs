@@ -8,6 +8,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use jetmq_common::natsconn::NatsSecurity;
+
 use crate::auth::AclConfig;
 use crate::authn::AuthConfig;
 use crate::transport::tls::TlsConfig;
@@ -59,10 +61,9 @@ pub struct NatsConfig {
     pub replay_buffer_messages: usize,
     /// Upper bound on that buffer's memory, bytes.
     pub replay_buffer_bytes: usize,
-    pub token: Option<String>,
-    pub user: Option<String>,
-    pub password: Option<String>,
-    pub credentials_file: Option<PathBuf>,
+    /// TLS and authentication towards NATS (keys shared with the ingestor).
+    #[serde(flatten)]
+    pub security: NatsSecurity,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,10 +149,7 @@ impl Default for NatsConfig {
             message_max_bytes: -1,
             replay_buffer_messages: 65_536,
             replay_buffer_bytes: 32 * 1024 * 1024,
-            token: None,
-            user: None,
-            password: None,
-            credentials_file: None,
+            security: NatsSecurity::default(),
         }
     }
 }
@@ -351,6 +349,13 @@ impl Config {
             "limits.max_write_buffer",
             "must be at least 4096 bytes",
         )?;
+        self.nats
+            .security
+            .validate()
+            .map_err(|e| ConfigError::Value {
+                key: e.key,
+                reason: e.message,
+            })?;
         check(
             self.nats.replay_buffer_messages > 0,
             "nats.replay_buffer_messages",
@@ -430,6 +435,22 @@ mod tests {
         std::fs::write(&path, "[limits]\nmax_pakcet_size = 1\n").expect("write");
         let err = Config::load(Some(&path), Overrides::default()).expect_err("rejects");
         assert!(err.to_string().contains("max_pakcet_size"), "{err}");
+
+        // [nats] takes the shared security keys flattened in; typos there are still caught.
+        std::fs::write(&path, "[nats]\ntls_ca_fiel = \"x\"\n").expect("write");
+        let err = Config::load(Some(&path), Overrides::default()).expect_err("rejects");
+        assert!(err.to_string().contains("tls_ca_fiel"), "{err}");
+        std::fs::write(
+            &path,
+            "[nats]\ntoken = \"t\"\ncreds_file = \"/etc/hostname\"\n",
+        )
+        .expect("write");
+        let err = Config::load(Some(&path), Overrides::default()).expect_err("rejects");
+        assert!(err.to_string().contains("only one of"), "{err}");
+        std::fs::write(&path, "[nats]\ntls_required = true\ntoken = \"t\"\n").expect("write");
+        let config = Config::load(Some(&path), Overrides::default()).expect("loads");
+        assert!(config.nats.security.tls_required);
+        assert_eq!(config.nats.security.token.as_deref(), Some("t"));
 
         std::fs::write(&path, "[limits]\nreceive_maximum = 0\n").expect("write");
         let err = Config::load(Some(&path), Overrides::default()).expect_err("rejects");
