@@ -150,8 +150,8 @@ impl NatsSecurity {
 
 /// Whether retrying a failed first connection can help. A server that refused our
 /// credentials or a TLS set-up that failed (wrong CA, no TLS on the server while
-/// `tls_required`, a bad client certificate) will fail the same way again: those stop
-/// the program with [`explain`]'s message. Unreachable servers are retried.
+/// `tls_required`, a missing or refused client certificate) will fail the same way again:
+/// those stop the program with [`explain`]'s message. Unreachable servers are retried.
 pub fn is_permanent(err: &ConnectError) -> bool {
     matches!(
         err.kind(),
@@ -159,11 +159,37 @@ pub fn is_permanent(err: &ConnectError) -> bool {
             | ConnectErrorKind::Authentication
             | ConnectErrorKind::Tls
             | ConnectErrorKind::ServerParse
-    )
+    ) || tls_failure(err).is_some()
+}
+
+/// The TLS error behind a connection error. async-nats reports a failed handshake (and an
+/// alert the server sends right after it, such as "certificate required") as an I/O
+/// error; the rustls error inside tells them apart from a network problem.
+fn tls_failure(err: &ConnectError) -> Option<&async_nats::rustls::Error> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(tls) = e.downcast_ref::<async_nats::rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(tls) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<async_nats::rustls::Error>())
+        {
+            return Some(tls);
+        }
+        source = e.source();
+    }
+    None
 }
 
 /// A message for a failed connection that tells the operator which keys to look at.
 pub fn explain(err: &ConnectError) -> String {
+    if let Some(tls) = tls_failure(err) {
+        return format!(
+            "TLS towards NATS failed: {tls}; check nats.tls_ca_file, nats.tls_cert_file/nats.tls_key_file, nats.tls_required and that the URL's host name is in the server's certificate"
+        );
+    }
     match err.kind() {
         ConnectErrorKind::AuthorizationViolation => format!(
             "NATS refused this client's credentials (authorization violation): check nats.creds_file, nats.nkey_seed, nats.user/nats.password or nats.token ({err})"
