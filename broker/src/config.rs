@@ -88,6 +88,8 @@ pub struct Limits {
     pub max_session_expiry: u32,
     /// A socket that has not completed CONNECT by then is closed.
     pub connect_timeout_ms: u64,
+    /// After CONNECT, each packet must arrive completely within this time of its first byte.
+    pub packet_read_timeout_ms: u64,
     /// Topic aliases a client may use towards us (MQTT 5).
     pub topic_alias_maximum: u16,
     /// Subscriptions one session may hold.
@@ -168,6 +170,7 @@ impl Default for Limits {
             max_keepalive: 3600,
             max_session_expiry: 7 * 24 * 3600,
             connect_timeout_ms: 10_000,
+            packet_read_timeout_ms: 60_000,
             topic_alias_maximum: 16,
             max_subscriptions: 1000,
             max_write_buffer: 4 * 1024 * 1024,
@@ -342,6 +345,11 @@ impl Config {
         check(
             l.connect_timeout_ms > 0,
             "limits.connect_timeout_ms",
+            "must be positive",
+        )?;
+        check(
+            l.packet_read_timeout_ms > 0,
+            "limits.packet_read_timeout_ms",
             "must be positive",
         )?;
         check(

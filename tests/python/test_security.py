@@ -799,3 +799,102 @@ def test_inbound_bandwidth_limit(broker_factory, opened):
     assert 3.0 <= elapsed <= 15, f"100 kB at 20 kB/s took {elapsed:.1f}s"
     quick = client(opened, b.port).connect()
     assert quick.publish(uid("q"), b"x", qos=1) == 0
+
+
+# ----------------------------------------------------------------------------- slow packets after CONNECT
+
+
+PACKET_READ_TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory, nats):
+    """A node whose packets must each arrive within 3 s (limits.packet_read_timeout_ms)."""
+    config = {"limits": dict(LIMITS, packet_read_timeout_ms=PACKET_READ_TIMEOUT_S * 1000)}
+    b = harness.BrokerNode(tmp_path_factory.mktemp("patient"), [nats.url], node_id="slow1", config=config)
+    b.start()
+    yield b
+    crashed = b.crashed()
+    b.terminate()
+    if crashed:
+        pytest.fail(f"broker crashed:\n{b.log_tail(80)}", pytrace=False)
+
+
+class Bystanders:
+    """A subscriber and a publisher on the same node, exchanging a message on every check."""
+
+    def __init__(self, port: int, opened):
+        self.topic = uid("bystander")
+        self.sub = client(opened, port).connect()
+        self.pub = client(opened, port).connect()
+        assert self.sub.subscribe(self.topic, qos=1) == [1]
+        self.n = 0
+
+    def check(self) -> None:
+        self.n += 1
+        assert self.pub.publish(self.topic, str(self.n).encode(), qos=1) == 0
+        assert self.sub.get(10).payload == str(self.n).encode(), "another client was not served meanwhile"
+
+
+@pytest.mark.slow
+def test_trickled_packet_after_connect_is_cut_off(patient, opened, version):
+    """A PUBLISH sent one byte per second after a good CONNECT (keep alive 60 s, so keep
+    alive would not catch it) is cut off after limits.packet_read_timeout_ms; meanwhile
+    other clients on the node are served."""
+    others = Bystanders(patient.port, opened)
+    r = R.RawClient(HOST, patient.port, version=version, timeout=10)
+    opened.append(r)
+    r.mqtt_connect(uid("trickle"), keepalive=60, version=version)
+    packet = R.publish(uid("t"), b"x" * 64, 0, False, False, None, version, None)
+    received: list = []
+
+    def closed() -> bool:
+        while True:
+            try:
+                received.append(r.recv_packet(0.05))
+            except R.Closed:
+                return True
+            except TimeoutError:
+                return False
+
+    t0 = time.monotonic()
+    closed_at = None
+    for byte in packet[:-1]:
+        if not r.send(bytes([byte])) or closed():
+            closed_at = time.monotonic() - t0
+            break
+        if time.monotonic() - t0 > PACKET_READ_TIMEOUT_S + 8:
+            break
+        others.check()
+        time.sleep(1.0)
+    assert closed_at is not None, f"trickling client still connected after {time.monotonic() - t0:.1f}s"
+    assert PACKET_READ_TIMEOUT_S - 1 <= closed_at <= PACKET_READ_TIMEOUT_S + 4, closed_at
+    if version == V5:
+        assert [(p.type, p.reason) for p in received] == [(R.DISCONNECT, 0x8D)], received
+    else:
+        assert received == [], received
+    others.check()
+
+
+@pytest.mark.slow
+def test_slow_packets_that_each_arrive_in_time_are_fine(patient, opened):
+    """The deadline is per packet: three PUBLISHes, each spread over ~2 s (under the 3 s
+    limit) and sent back to back, take longer than the limit together and all get through."""
+    t = uid("slowok")
+    sub = client(opened, patient.port).connect()
+    assert sub.subscribe(t, qos=1) == [1]
+    r = R.RawClient(HOST, patient.port, version=V5, timeout=10)
+    opened.append(r)
+    r.mqtt_connect(uid("slowok"), keepalive=60, version=V5)
+    t0 = time.monotonic()
+    for i in range(3):
+        packet = R.publish(t, f"slow-{i}".encode(), 1, False, False, i + 1, V5, None)
+        half = len(packet) // 2
+        for part in (packet[:1], packet[1:half], packet[half:]):
+            assert r.send(part), "closed while sending"
+            time.sleep(0.9)
+        ack = r.expect(R.PUBACK)
+        assert ack.packet_id == i + 1
+    assert time.monotonic() - t0 > PACKET_READ_TIMEOUT_S + 1
+    assert r.is_open()
+    assert [sub.get(10).payload for _ in range(3)] == [b"slow-0", b"slow-1", b"slow-2"]
