@@ -679,6 +679,30 @@ def test_jwt_without_username_v5(secure, opened):
     assert r.connect(uid("jwt"), password=jwt().encode()).reason == 0
 
 
+@pytest.mark.slow
+def test_connection_ends_when_its_token_expires(secure, opened, version, still_serving):
+    """A client logged in with a JWT valid for 4 more seconds (leeway 0 on this node) works
+    until then and is disconnected at expiry: MQTT 5 DISCONNECT 0xA0 (maximum connect
+    time), 3.1.1 a closed socket. A client whose token lives longer stays."""
+    short = client(opened, secure.tcp, version, username="u", password=jwt(sub="short-lived", exp_in=4),
+                   keepalive=60).connect()
+    t0 = time.monotonic()
+    lasting = client(opened, secure.tcp, version, username="u", password=jwt(sub="long-lived", exp_in=600),
+                     keepalive=60).connect()
+    t = f"private/short-lived/{uid('exp')}"
+    assert short.subscribe(t, qos=1) == [1]
+    assert short.publish(t, b"before expiry", qos=1) == 0
+    assert short.get().payload == b"before expiry"
+    d = short.wait_disconnect(15)
+    elapsed = time.monotonic() - t0
+    assert 2.5 <= elapsed <= 9, elapsed
+    if version == V5:
+        assert (d.from_server, d.reason) == (True, 0xA0), d
+    assert lasting.connected, "a connection with a valid token was closed too"
+    own = f"private/long-lived/{uid('still')}"
+    assert lasting.subscribe(own, qos=1) == [1]
+
+
 @pytest.mark.parametrize("case", ["expired", "wrong-audience", "bad-signature", "no-expiry", "not-yet-valid",
                                   "alg-none"])
 def test_jwt_refused(secure, opened, version, case, still_serving):

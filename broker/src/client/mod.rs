@@ -70,6 +70,8 @@ pub(crate) struct Client<R, W> {
     session_key: SessionKey,
     keep_alive: Duration,
     last_packet_at: Instant,
+    /// When the client's token expires: the connection ends then (MQTT 5: DISCONNECT 0xA0).
+    credentials_expire: Option<Instant>,
     /// When the packet now partly buffered began to arrive (see `limits.packet_read_timeout_ms`).
     partial_since: Option<Instant>,
 
@@ -252,6 +254,7 @@ async fn run<S: Transport>(
         keep_alive: Duration::from_secs(u64::from(admission.keep_alive)),
         last_packet_at: Instant::now(),
         partial_since: None,
+        credentials_expire: admission.expires_at.map(unix_secs_to_instant),
         persisted_cursor: claim.record.cursor,
         record_dirty: false,
         delivery,
@@ -374,6 +377,11 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 _ = persist_tick.tick() => {
                     self.advance_position();
                     self.maybe_start_persist(true);
+                }
+                _ = sleep_until(self.credentials_expire) => {
+                    tracing::info!(client_id = %self.client_id, username = self.username.as_deref(), "token expired; disconnecting");
+                    self.send_disconnect(ReasonCode::MAXIMUM_CONNECT_TIME);
+                    return Exit::Abnormal;
                 }
                 _ = sleep_until(keep_alive_deadline) => {
                     tracing::info!(client_id = %self.client_id, "keep alive expired");
@@ -524,6 +532,16 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             Exit::Abnormal | Exit::Shutdown => self.end_session().await,
         }
     }
+}
+
+/// The monotonic instant of a wall-clock time (Unix seconds); past times are now.
+fn unix_secs_to_instant(secs: u64) -> Instant {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let ahead = (secs as f64 - now_unix).max(0.0);
+    Instant::now() + Duration::from_secs_f64(ahead.min(100.0 * 365.0 * 86_400.0))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
