@@ -518,6 +518,72 @@ reload_interval_secs = 1
         b.terminate()
 
 
+# ----------------------------------------------------------------------------- revocation (CRL)
+
+
+def mtls_outcome(port: int, ca: certs.Pair, cert: certs.Pair, opened) -> int | None:
+    """CONNACK reason for a certificate login over TLS, None if the handshake was refused."""
+    try:
+        r = TlsRaw(port, tls_context(ca, cert), version=V5)
+    except (ssl.SSLError, ConnectionError, OSError):
+        return None
+    opened.append(r)
+    ack = refused_or_closed(r, R.connect(uid("crl"), version=V5))
+    return None if ack is None else ack.reason
+
+
+def test_revoked_client_certificate_is_refused_and_crl_reloads(tmp_path, pki, nats, opened):
+    """tls.crl_file: a revoked device certificate fails the handshake; a CRL revoking one more
+    device is picked up on SIGHUP; devices not revoked keep logging in, and the node keeps
+    serving everyone else."""
+    d = tmp_path / "pki"
+    revoked = certs.make_cert(d, pki.ca, "revoked-dev", cn="revoked-dev", client=True)
+    later = certs.make_cert(d, pki.ca, "later-dev", cn="later-dev", client=True)
+    authority = certs.RevocationList(d / "ca-db", pki.ca)
+    authority.revoke(revoked)
+    crl_path = authority.write(tmp_path / "crl.pem")
+    port = harness.free_port()
+    toml = f"""
+[listen]
+tls = "{HOST}:{port}"
+
+[tls]
+cert_file = {toml_str(pki.server.cert)}
+key_file = {toml_str(pki.server.key)}
+client_ca_file = {toml_str(pki.ca.cert)}
+client_auth = "required"
+crl_file = {toml_str(crl_path)}
+username_from_cert = "cn"
+reload_interval_secs = 0
+
+[auth]
+allow_anonymous = false
+"""
+    b = start_broker(tmp_path, nats.url, toml, "sec-crl")
+    try:
+        assert mtls_outcome(port, pki.ca, pki.device, opened) == 0
+        assert mtls_outcome(port, pki.ca, revoked, opened) is None, "a revoked certificate got in"
+        assert mtls_outcome(port, pki.ca, later, opened) == 0
+
+        authority.revoke(later)
+        authority.write(crl_path)
+        os.kill(b.pid, signal.SIGHUP)
+        harness.wait_until(lambda: "TLS certificates reloaded" in b.log_tail(200), 10, 0.1, "CRL reload")
+        assert mtls_outcome(port, pki.ca, later, opened) is None, "revoked after reload, still got in"
+        assert mtls_outcome(port, pki.ca, revoked, opened) is None
+        assert mtls_outcome(port, pki.ca, pki.device, opened) == 0
+
+        tls = {"ca_certs": str(pki.ca.cert), "certfile": str(pki.device.cert), "keyfile": str(pki.device.key)}
+        t = f"devices/{uid('crl')}"
+        c = client(opened, port, tls=tls).connect()
+        assert c.subscribe(t, qos=1) == [1]
+        assert c.publish(t, b"still served", qos=1) == 0
+        assert c.get().payload == b"still served"
+        assert b.alive()
+    finally:
+        b.terminate()
+
+
 # ----------------------------------------------------------------------------- WebSocket
 
 
