@@ -205,6 +205,9 @@ pub struct Identity {
     /// The username authorization rules see (None: anonymous).
     pub username: Option<String>,
     pub method: Method,
+    /// When the credentials stop being valid, seconds since the Unix epoch (a JWT's `exp`
+    /// plus the configured leeway): the connection is closed then.
+    pub expires_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,13 +359,15 @@ impl Authenticator {
             return Ok(Identity {
                 username: Some(name.to_owned()),
                 method: Method::Certificate,
+                expires_at: None,
             });
         }
         if let (Some(jwt), Some(token)) = (&self.jwt, creds.password.and_then(looks_like_jwt)) {
             return match jwt.check(token) {
-                Ok(username) => Ok(Identity {
+                Ok((username, expires_at)) => Ok(Identity {
                     username: Some(username),
                     method: Method::Jwt,
+                    expires_at: Some(expires_at),
                 }),
                 Err(reason) => {
                     tracing::info!(username = creds.username, reason, "JWT refused");
@@ -382,6 +387,7 @@ impl Authenticator {
                     Ok(Identity {
                         username: Some(username.to_owned()),
                         method: Method::Password,
+                        expires_at: None,
                     })
                 } else {
                     Err(Refusal::BadCredentials)
@@ -392,6 +398,7 @@ impl Authenticator {
             return Ok(Identity {
                 username: creds.username.map(str::to_owned),
                 method: Method::Anonymous,
+                expires_at: None,
             });
         }
         if creds.username.is_none() && creds.password.is_none() {
@@ -449,8 +456,9 @@ impl Authenticator {
 }
 
 impl Jwt {
-    /// The username of a valid token, or why it is not valid (for the log).
-    fn check(&self, token: &str) -> Result<String, &'static str> {
+    /// The username of a valid token and when it expires (`exp` + leeway), or why it is
+    /// not valid (for the log).
+    fn check(&self, token: &str) -> Result<(String, u64), &'static str> {
         use jsonwebtoken::errors::ErrorKind;
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
             token,
@@ -467,8 +475,16 @@ impl Jwt {
             ErrorKind::MissingRequiredClaim(_) => "missing a required claim",
             _ => "malformed",
         })?;
+        // Validation required a numeric exp; fractional seconds round down.
+        let exp = data
+            .claims
+            .get("exp")
+            .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f as u64)))
+            .ok_or("exp is not a number")?;
         match data.claims.get(&self.username_claim) {
-            Some(serde_json::Value::String(name)) if !name.is_empty() => Ok(name.clone()),
+            Some(serde_json::Value::String(name)) if !name.is_empty() => {
+                Ok((name.clone(), exp.saturating_add(self.validation.leeway)))
+            }
             _ => Err("no username claim"),
         }
     }
@@ -623,6 +639,9 @@ mod tests {
             .expect("valid token");
         assert_eq!(id.username.as_deref(), Some("dev-1"));
         assert_eq!(id.method, Method::Jwt);
+        // exp + the default leeway of 30 s, so the connection can be closed then.
+        let expires_at = id.expires_at.expect("a token login expires");
+        assert!((now() + 60 + 30..=now() + 60 + 31).contains(&expires_at));
         let other_secret = "ffffffffffffffffffffffffffffffff";
         for bad in [
             // expired, beyond the leeway

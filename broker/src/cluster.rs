@@ -79,33 +79,42 @@ async fn connect_client(config: &NatsConfig, node_id: &str) -> anyhow::Result<as
         .iter()
         .map(|u| u.parse().with_context(|| format!("invalid NATS URL {u:?}")))
         .collect::<anyhow::Result<_>>()?;
-    let mut options = ConnectOptions::new()
-        .name(format!("jetmq-broker/{node_id}"))
-        .retry_on_initial_connect()
+    tracing::info!(servers = ?urls, "connecting to NATS");
+    let name = format!("jetmq-broker/{node_id}");
+    jetmq_common::natsconn::connect_first(
+        || nats_options(config, name.clone()),
+        &addrs,
+        INITIAL_CONNECT_PATIENCE,
+    )
+    .await
+    .map_err(anyhow::Error::msg)
+}
+
+/// How long start-up waits for an unreachable NATS (wrong credentials or a TLS failure stop
+/// the node at once; see docs/security.md).
+const INITIAL_CONNECT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The client options: identity, timeouts, and the TLS and authentication of `[nats]`.
+async fn nats_options(config: &NatsConfig, name: String) -> std::io::Result<ConnectOptions> {
+    let options = ConnectOptions::new()
+        .name(name)
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(10)))
         .client_capacity(65_536)
         .event_callback(|event| async move {
-            tracing::info!(%event, "NATS connection event");
+            match event {
+                // After start-up the client reconnects on its own; a refused reconnect
+                // (credentials revoked or rotated on the server) must stand out in the log.
+                async_nats::Event::ServerError(err) => {
+                    tracing::error!(error = %err, "NATS server error")
+                }
+                async_nats::Event::ClientError(err) => {
+                    tracing::warn!(error = %err, "NATS client error")
+                }
+                event => tracing::info!(%event, "NATS connection event"),
+            }
         });
-    if let Some(token) = &config.token {
-        options = options.token(token.clone());
-    }
-    if let (Some(user), Some(password)) = (&config.user, &config.password) {
-        options = options.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(path) = &config.credentials_file {
-        options = options
-            .credentials_file(path)
-            .await
-            .with_context(|| format!("cannot read NATS credentials {}", path.display()))?;
-    }
-    tracing::info!(servers = ?urls, "connecting to NATS");
-    let client = tokio::time::timeout(Duration::from_secs(30), options.connect(addrs))
-        .await
-        .context("timed out connecting to NATS")?
-        .context("cannot connect to NATS")?;
-    Ok(client)
+    config.security.apply(options).await
 }
 
 pub async fn connect(config: &Config) -> anyhow::Result<Cluster> {

@@ -8,6 +8,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use jetmq_common::natsconn::NatsSecurity;
+
 use crate::auth::AclConfig;
 use crate::authn::AuthConfig;
 use crate::transport::tls::TlsConfig;
@@ -59,10 +61,9 @@ pub struct NatsConfig {
     pub replay_buffer_messages: usize,
     /// Upper bound on that buffer's memory, bytes.
     pub replay_buffer_bytes: usize,
-    pub token: Option<String>,
-    pub user: Option<String>,
-    pub password: Option<String>,
-    pub credentials_file: Option<PathBuf>,
+    /// TLS and authentication towards NATS (keys shared with the ingestor).
+    #[serde(flatten)]
+    pub security: NatsSecurity,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +88,8 @@ pub struct Limits {
     pub max_session_expiry: u32,
     /// A socket that has not completed CONNECT by then is closed.
     pub connect_timeout_ms: u64,
+    /// After CONNECT, each packet must arrive completely within this time of its first byte.
+    pub packet_read_timeout_ms: u64,
     /// Topic aliases a client may use towards us (MQTT 5).
     pub topic_alias_maximum: u16,
     /// Subscriptions one session may hold.
@@ -148,10 +151,7 @@ impl Default for NatsConfig {
             message_max_bytes: -1,
             replay_buffer_messages: 65_536,
             replay_buffer_bytes: 32 * 1024 * 1024,
-            token: None,
-            user: None,
-            password: None,
-            credentials_file: None,
+            security: NatsSecurity::default(),
         }
     }
 }
@@ -170,6 +170,7 @@ impl Default for Limits {
             max_keepalive: 3600,
             max_session_expiry: 7 * 24 * 3600,
             connect_timeout_ms: 10_000,
+            packet_read_timeout_ms: 60_000,
             topic_alias_maximum: 16,
             max_subscriptions: 1000,
             max_write_buffer: 4 * 1024 * 1024,
@@ -347,10 +348,22 @@ impl Config {
             "must be positive",
         )?;
         check(
+            l.packet_read_timeout_ms > 0,
+            "limits.packet_read_timeout_ms",
+            "must be positive",
+        )?;
+        check(
             l.max_write_buffer >= 4096,
             "limits.max_write_buffer",
             "must be at least 4096 bytes",
         )?;
+        self.nats
+            .security
+            .validate()
+            .map_err(|e| ConfigError::Value {
+                key: e.key,
+                reason: e.message,
+            })?;
         check(
             self.nats.replay_buffer_messages > 0,
             "nats.replay_buffer_messages",
@@ -430,6 +443,22 @@ mod tests {
         std::fs::write(&path, "[limits]\nmax_pakcet_size = 1\n").expect("write");
         let err = Config::load(Some(&path), Overrides::default()).expect_err("rejects");
         assert!(err.to_string().contains("max_pakcet_size"), "{err}");
+
+        // [nats] takes the shared security keys flattened in; typos there are still caught.
+        std::fs::write(&path, "[nats]\ntls_ca_fiel = \"x\"\n").expect("write");
+        let err = Config::load(Some(&path), Overrides::default()).expect_err("rejects");
+        assert!(err.to_string().contains("tls_ca_fiel"), "{err}");
+        std::fs::write(
+            &path,
+            "[nats]\ntoken = \"t\"\ncreds_file = \"/etc/hostname\"\n",
+        )
+        .expect("write");
+        let err = Config::load(Some(&path), Overrides::default()).expect_err("rejects");
+        assert!(err.to_string().contains("only one of"), "{err}");
+        std::fs::write(&path, "[nats]\ntls_required = true\ntoken = \"t\"\n").expect("write");
+        let config = Config::load(Some(&path), Overrides::default()).expect("loads");
+        assert!(config.nats.security.tls_required);
+        assert_eq!(config.nats.security.token.as_deref(), Some("t"));
 
         std::fs::write(&path, "[limits]\nreceive_maximum = 0\n").expect("write");
         let err = Config::load(Some(&path), Overrides::default()).expect_err("rejects");

@@ -58,6 +58,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(packet)
     }
 
+    /// True while part of a packet is buffered (its first bytes arrived, the rest not yet).
+    pub fn has_partial_packet(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
     /// Reads more bytes from the socket. Cancellation safe.
     pub async fn fill(&mut self) -> Result<(), ReadError> {
         if self.buf.capacity() - self.buf.len() < 1024 {

@@ -11,6 +11,8 @@ use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
+use jetmq_common::natsconn::NatsSecurity;
+
 use crate::routing::{validate_filter, validate_kafka_topic};
 
 /// Sections that environment variables may set; anything else under `JETMQ_` is left alone
@@ -50,16 +52,9 @@ pub struct NatsConfig {
     /// Server URLs; a list or one comma-separated string.
     #[serde(deserialize_with = "string_or_list")]
     pub urls: Vec<String>,
-    pub creds_file: Option<PathBuf>,
-    pub token: Option<String>,
-    pub user: Option<String>,
-    pub password: Option<String>,
-    /// NKey seed (`SU...`).
-    pub nkey_seed: Option<String>,
-    pub tls_required: bool,
-    pub tls_ca_file: Option<PathBuf>,
-    pub tls_cert_file: Option<PathBuf>,
-    pub tls_key_file: Option<PathBuf>,
+    /// TLS and authentication towards NATS (keys shared with the broker).
+    #[serde(flatten)]
+    pub security: NatsSecurity,
     /// Replicas of the message stream if this ingestor is the first to create it.
     pub stream_replicas: usize,
     /// Durable consumer name: `<consumer_prefix>-<mqtt-id>`.
@@ -81,15 +76,7 @@ impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             urls: vec!["nats://127.0.0.1:4222".to_owned()],
-            creds_file: None,
-            token: None,
-            user: None,
-            password: None,
-            nkey_seed: None,
-            tls_required: false,
-            tls_ca_file: None,
-            tls_cert_file: None,
-            tls_key_file: None,
+            security: NatsSecurity::default(),
             stream_replicas: 1,
             consumer_prefix: "jetmq-ingestor".to_owned(),
             ack_wait_secs: 30,
@@ -377,45 +364,9 @@ impl Config {
             url.parse::<async_nats::ServerAddr>()
                 .map_err(|e| invalid("nats.urls", format!("{url:?} is not a NATS URL: {e}")))?;
         }
-        if n.user.is_some() != n.password.is_some() {
-            return Err(invalid(
-                "nats.user",
-                "nats.user and nats.password go together",
-            ));
-        }
-        let auth_methods = [
-            n.creds_file.is_some(),
-            n.token.is_some(),
-            n.user.is_some(),
-            n.nkey_seed.is_some(),
-        ]
-        .iter()
-        .filter(|x| **x)
-        .count();
-        if auth_methods > 1 {
-            return Err(invalid(
-                "nats",
-                "set only one of creds_file, token, user/password, nkey_seed",
-            ));
-        }
-        if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
-            return Err(invalid(
-                "nats.tls_cert_file",
-                "nats.tls_cert_file and nats.tls_key_file go together",
-            ));
-        }
-        for (key, path) in [
-            ("nats.creds_file", &n.creds_file),
-            ("nats.tls_ca_file", &n.tls_ca_file),
-            ("nats.tls_cert_file", &n.tls_cert_file),
-            ("nats.tls_key_file", &n.tls_key_file),
-        ] {
-            if let Some(p) = path {
-                if !p.is_file() {
-                    return Err(invalid(key, format!("file {} does not exist", p.display())));
-                }
-            }
-        }
+        n.security
+            .validate()
+            .map_err(|e| invalid(e.key, e.message))?;
         if !(1..=5).contains(&n.stream_replicas) {
             return Err(invalid("nats.stream_replicas", "must be between 1 and 5"));
         }
@@ -538,15 +489,7 @@ impl Config {
     pub fn redacted(&self) -> Config {
         const HIDDEN: &str = "<redacted>";
         let mut c = self.clone();
-        for secret in [
-            &mut c.nats.token,
-            &mut c.nats.password,
-            &mut c.nats.nkey_seed,
-        ] {
-            if secret.is_some() {
-                *secret = Some(HIDDEN.to_owned());
-            }
-        }
+        c.nats.security.redact();
         for (key, value) in c.kafka.client.iter_mut() {
             let k = key.to_ascii_lowercase();
             if k.contains("password")
@@ -727,7 +670,7 @@ mod tests {
     #[test]
     fn secrets_are_redacted_for_printing() {
         let mut c = Config::default();
-        c.nats.token = Some("t0k3n".into());
+        c.nats.security.token = Some("t0k3n".into());
         c.kafka
             .client
             .insert("sasl.password".into(), "hunter2".into());

@@ -237,43 +237,32 @@ fn prepare(
 
 async fn connect_nats(config: &Config, mqtt_id: u32) -> anyhow::Result<async_nats::Client> {
     let n = &config.nats;
-    let mut opts = if let Some(path) = &n.creds_file {
-        async_nats::ConnectOptions::with_credentials_file(path)
-            .await
-            .with_context(|| format!("nats.creds_file {}", path.display()))?
-    } else {
-        async_nats::ConnectOptions::new()
-    };
-    if let Some(token) = &n.token {
-        opts = opts.token(token.clone());
-    }
-    if let (Some(user), Some(password)) = (&n.user, &n.password) {
-        opts = opts.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(seed) = &n.nkey_seed {
-        opts = opts.nkey(seed.clone());
-    }
-    if n.tls_required {
-        opts = opts.require_tls(true);
-    }
-    if let Some(ca) = &n.tls_ca_file {
-        opts = opts.add_root_certificates(ca.clone());
-    }
-    if let (Some(cert), Some(key)) = (&n.tls_cert_file, &n.tls_key_file) {
-        opts = opts.add_client_certificate(cert.clone(), key.clone());
-    }
-    opts = opts
+    let opts = async_nats::ConnectOptions::new()
         .name(format!("jetmq-ingestor-{mqtt_id}"))
         .connection_timeout(Duration::from_secs(n.connect_timeout_secs))
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Connected => info!("NATS connected"),
                 async_nats::Event::Disconnected => warn!("NATS disconnected"),
+                async_nats::Event::ServerError(err) => error!(error = %err, "NATS server error"),
                 other => debug!(event = %other, "NATS event"),
             }
         });
-    Ok(opts.connect(n.urls.clone()).await?)
+    let opts = n.security.apply(opts).await?;
+    opts.connect(n.urls.clone()).await.map_err(|err| {
+        let message = jetmq_common::natsconn::explain(&err);
+        if jetmq_common::natsconn::is_permanent(&err) {
+            anyhow::Error::new(Permanent(message))
+        } else {
+            anyhow::anyhow!(message)
+        }
+    })
 }
+
+/// An error that retrying cannot fix (NATS refused our credentials, TLS set-up failed).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Permanent(String);
 
 /// Retries `step` up to [`SETUP_ATTEMPTS`] times, 2 s apart, unless shut down.
 async fn with_retries<T, F, Fut>(
@@ -289,6 +278,9 @@ where
     loop {
         match step().await {
             Ok(v) => return Ok(Some(v)),
+            Err(e) if e.downcast_ref::<Permanent>().is_some() => {
+                return Err(e.context(format!("{what}: not retried")))
+            }
             Err(e) if attempt >= SETUP_ATTEMPTS => {
                 return Err(e.context(format!("{what}: gave up after {attempt} attempts")))
             }

@@ -115,3 +115,40 @@ def rs256_jwt(claims: dict, private_key: Path) -> str:
     signing_input = _signing_input("RS256", claims)
     sig = _run("dgst", "-sha256", "-sign", str(private_key), stdin=signing_input)
     return f"{signing_input.decode()}.{_b64url(sig)}"
+
+
+# ----------------------------------------------------------------------------- CRL
+
+
+class RevocationList:
+    """A CA's revocation database (``openssl ca``), written out as a PEM CRL.
+
+        crl = RevocationList(tmp, ca)
+        crl.revoke(device)
+        crl.write(tmp / "crl.pem")
+    """
+
+    def __init__(self, directory: Path, ca: Pair):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca = ca
+        (self.dir / "index.txt").write_text("")
+        (self.dir / "crlnumber").write_text("01\n")
+        self.conf = self.dir / "ca.cnf"
+        self.conf.write_text(
+            "[ca]\ndefault_ca = test_ca\n\n[test_ca]\n"
+            f"database = {self.dir / 'index.txt'}\n"
+            f"crlnumber = {self.dir / 'crlnumber'}\n"
+            f"certificate = {ca.cert}\nprivate_key = {ca.key}\n"
+            "default_md = sha256\ndefault_crl_days = 2\n"
+        )
+
+    def revoke(self, pair: Pair) -> None:
+        _run("ca", "-config", str(self.conf), "-revoke", str(pair.cert))
+
+    def write(self, path: Path) -> Path:
+        """Writes the current CRL to ``path`` atomically (write, then rename)."""
+        tmp = Path(path).with_suffix(".tmp")
+        _run("ca", "-config", str(self.conf), "-gencrl", "-out", str(tmp))
+        tmp.replace(path)
+        return Path(path)

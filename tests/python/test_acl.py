@@ -144,3 +144,79 @@ def test_will_to_denied_topic_not_published(clients, version):
     else:
         assert ca.reason in (0x87, 0x05, 0x86) or ca.reason >= 0x80, ca
     watcher.expect_none(2.0)
+
+
+# --------------------------------------------------------------------------- wildcard subscriptions vs deny rules
+# `acl/+/<u>` is allowed (the rule `deny subscribe acl/deny-sub/#` compares the filter literally), and
+# covers both `acl/deny-sub/<u>` and `acl/ok/<u>`. Every message is checked again at delivery, on all
+# three delivery paths: live, retained on SUBSCRIBE, and replayed to a resumed session. The denied
+# message always goes first, so once the allowed one has arrived the denied one would have too.
+
+
+def _only_allowed(c, u, timeout: float = 10.0):
+    first = c.get(timeout)
+    rest = c.drain(1.0)
+    return [(m.topic, m.payload) for m in [first, *rest]]
+
+
+def test_wildcard_subscription_gets_no_live_messages_from_denied_topics(clients, version):
+    u = uid("live")
+    sub = clients.connect(version=version)
+    assert sub.subscribe(f"acl/+/{u}", qos=1) == [1]
+    pub = clients.connect(version=version)
+    pub.publish(f"acl/deny-sub/{u}", b"secret", qos=1)
+    pub.publish(f"acl/ok/{u}", b"public", qos=1)
+    assert _only_allowed(sub, u) == [(f"acl/ok/{u}", b"public")]
+
+
+def test_wildcard_subscription_gets_no_retained_messages_from_denied_topics(clients, version):
+    u = uid("retained")
+    pub = clients.connect(version=version)
+    pub.publish(f"acl/deny-sub/{u}", b"secret retained", qos=1, retain=True)
+    pub.publish(f"acl/ok/{u}", b"public retained", qos=1, retain=True)
+    sub = clients.connect(version=version)
+    assert sub.subscribe(f"acl/+/{u}", qos=1) == [1]
+    got = _only_allowed(sub, u)
+    assert got == [(f"acl/ok/{u}", b"public retained")], got
+    for t in (f"acl/deny-sub/{u}", f"acl/ok/{u}"):
+        pub.publish(t, b"", qos=1, retain=True)  # clear
+
+
+def test_per_user_deny_applies_to_retained_messages(clients, version):
+    """Rule: deny subscribe acl/by-user/# for username mallory. alice gets the retained message
+    through a wildcard, mallory through the same wildcard does not."""
+    u = uid("byuser")
+    pub = clients.connect(version=version)
+    pub.publish(f"acl/by-user/{u}", b"not for mallory", qos=1, retain=True)
+    pub.publish(f"acl/ok/{u}", b"for everyone", qos=1, retain=True)
+    alice = clients(version=version, username="alice", password="pw").connect()
+    mallory = clients(version=version, username="mallory", password="pw").connect()
+    assert alice.subscribe(f"acl/+/{u}", qos=1) == [1]
+    assert mallory.subscribe(f"acl/+/{u}", qos=1) == [1]
+    assert sorted(m.payload for m in alice.expect(2)) == [b"for everyone", b"not for mallory"]
+    assert _only_allowed(mallory, u) == [(f"acl/ok/{u}", b"for everyone")]
+    for t in (f"acl/by-user/{u}", f"acl/ok/{u}"):
+        pub.publish(t, b"", qos=1, retain=True)
+
+
+def test_resumed_session_gets_no_replayed_messages_from_denied_topics(clients, version):
+    u, cid = uid("replay"), uid("replay-cid")
+
+    def session():
+        return clients(client_id=cid, version=version, clean=False,
+                       session_expiry=300 if version == V5 else None)
+
+    a = session().connect()
+    assert a.subscribe(f"acl/+/{u}", qos=1) == [1]
+    a.disconnect()
+    pub = clients.connect(version=version)
+    for i in range(3):
+        pub.publish(f"acl/deny-sub/{u}", f"secret-{i}".encode(), qos=1)
+    pub.publish(f"acl/ok/{u}", b"public", qos=1)
+    b = session().connect()
+    assert b.session_present
+    assert _only_allowed(b, u) == [(f"acl/ok/{u}", b"public")]
+    # ... and live ones after the resume as well
+    pub.publish(f"acl/deny-sub/{u}", b"secret-live", qos=1)
+    pub.publish(f"acl/ok/{u}", b"public-live", qos=1)
+    assert _only_allowed(b, u) == [(f"acl/ok/{u}", b"public-live")]

@@ -518,6 +518,72 @@ reload_interval_secs = 1
         b.terminate()
 
 
+# ----------------------------------------------------------------------------- revocation (CRL)
+
+
+def mtls_outcome(port: int, ca: certs.Pair, cert: certs.Pair, opened) -> int | None:
+    """CONNACK reason for a certificate login over TLS, None if the handshake was refused."""
+    try:
+        r = TlsRaw(port, tls_context(ca, cert), version=V5)
+    except (ssl.SSLError, ConnectionError, OSError):
+        return None
+    opened.append(r)
+    ack = refused_or_closed(r, R.connect(uid("crl"), version=V5))
+    return None if ack is None else ack.reason
+
+
+def test_revoked_client_certificate_is_refused_and_crl_reloads(tmp_path, pki, nats, opened):
+    """tls.crl_file: a revoked device certificate fails the handshake; a CRL revoking one more
+    device is picked up on SIGHUP; devices not revoked keep logging in, and the node keeps
+    serving everyone else."""
+    d = tmp_path / "pki"
+    revoked = certs.make_cert(d, pki.ca, "revoked-dev", cn="revoked-dev", client=True)
+    later = certs.make_cert(d, pki.ca, "later-dev", cn="later-dev", client=True)
+    authority = certs.RevocationList(d / "ca-db", pki.ca)
+    authority.revoke(revoked)
+    crl_path = authority.write(tmp_path / "crl.pem")
+    port = harness.free_port()
+    toml = f"""
+[listen]
+tls = "{HOST}:{port}"
+
+[tls]
+cert_file = {toml_str(pki.server.cert)}
+key_file = {toml_str(pki.server.key)}
+client_ca_file = {toml_str(pki.ca.cert)}
+client_auth = "required"
+crl_file = {toml_str(crl_path)}
+username_from_cert = "cn"
+reload_interval_secs = 0
+
+[auth]
+allow_anonymous = false
+"""
+    b = start_broker(tmp_path, nats.url, toml, "sec-crl")
+    try:
+        assert mtls_outcome(port, pki.ca, pki.device, opened) == 0
+        assert mtls_outcome(port, pki.ca, revoked, opened) is None, "a revoked certificate got in"
+        assert mtls_outcome(port, pki.ca, later, opened) == 0
+
+        authority.revoke(later)
+        authority.write(crl_path)
+        os.kill(b.pid, signal.SIGHUP)
+        harness.wait_until(lambda: "TLS certificates reloaded" in b.log_tail(200), 10, 0.1, "CRL reload")
+        assert mtls_outcome(port, pki.ca, later, opened) is None, "revoked after reload, still got in"
+        assert mtls_outcome(port, pki.ca, revoked, opened) is None
+        assert mtls_outcome(port, pki.ca, pki.device, opened) == 0
+
+        tls = {"ca_certs": str(pki.ca.cert), "certfile": str(pki.device.cert), "keyfile": str(pki.device.key)}
+        t = f"devices/{uid('crl')}"
+        c = client(opened, port, tls=tls).connect()
+        assert c.subscribe(t, qos=1) == [1]
+        assert c.publish(t, b"still served", qos=1) == 0
+        assert c.get().payload == b"still served"
+        assert b.alive()
+    finally:
+        b.terminate()
+
+
 # ----------------------------------------------------------------------------- WebSocket
 
 
@@ -679,6 +745,30 @@ def test_jwt_without_username_v5(secure, opened):
     assert r.connect(uid("jwt"), password=jwt().encode()).reason == 0
 
 
+@pytest.mark.slow
+def test_connection_ends_when_its_token_expires(secure, opened, version, still_serving):
+    """A client logged in with a JWT valid for 4 more seconds (leeway 0 on this node) works
+    until then and is disconnected at expiry: MQTT 5 DISCONNECT 0xA0 (maximum connect
+    time), 3.1.1 a closed socket. A client whose token lives longer stays."""
+    short = client(opened, secure.tcp, version, username="u", password=jwt(sub="short-lived", exp_in=4),
+                   keepalive=60).connect()
+    t0 = time.monotonic()
+    lasting = client(opened, secure.tcp, version, username="u", password=jwt(sub="long-lived", exp_in=600),
+                     keepalive=60).connect()
+    t = f"private/short-lived/{uid('exp')}"
+    assert short.subscribe(t, qos=1) == [1]
+    assert short.publish(t, b"before expiry", qos=1) == 0
+    assert short.get().payload == b"before expiry"
+    d = short.wait_disconnect(15)
+    elapsed = time.monotonic() - t0
+    assert 2.5 <= elapsed <= 9, elapsed
+    if version == V5:
+        assert (d.from_server, d.reason) == (True, 0xA0), d
+    assert lasting.connected, "a connection with a valid token was closed too"
+    own = f"private/long-lived/{uid('still')}"
+    assert lasting.subscribe(own, qos=1) == [1]
+
+
 @pytest.mark.parametrize("case", ["expired", "wrong-audience", "bad-signature", "no-expiry", "not-yet-valid",
                                   "alg-none"])
 def test_jwt_refused(secure, opened, version, case, still_serving):
@@ -799,3 +889,102 @@ def test_inbound_bandwidth_limit(broker_factory, opened):
     assert 3.0 <= elapsed <= 15, f"100 kB at 20 kB/s took {elapsed:.1f}s"
     quick = client(opened, b.port).connect()
     assert quick.publish(uid("q"), b"x", qos=1) == 0
+
+
+# ----------------------------------------------------------------------------- slow packets after CONNECT
+
+
+PACKET_READ_TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory, nats):
+    """A node whose packets must each arrive within 3 s (limits.packet_read_timeout_ms)."""
+    config = {"limits": dict(LIMITS, packet_read_timeout_ms=PACKET_READ_TIMEOUT_S * 1000)}
+    b = harness.BrokerNode(tmp_path_factory.mktemp("patient"), [nats.url], node_id="slow1", config=config)
+    b.start()
+    yield b
+    crashed = b.crashed()
+    b.terminate()
+    if crashed:
+        pytest.fail(f"broker crashed:\n{b.log_tail(80)}", pytrace=False)
+
+
+class Bystanders:
+    """A subscriber and a publisher on the same node, exchanging a message on every check."""
+
+    def __init__(self, port: int, opened):
+        self.topic = uid("bystander")
+        self.sub = client(opened, port).connect()
+        self.pub = client(opened, port).connect()
+        assert self.sub.subscribe(self.topic, qos=1) == [1]
+        self.n = 0
+
+    def check(self) -> None:
+        self.n += 1
+        assert self.pub.publish(self.topic, str(self.n).encode(), qos=1) == 0
+        assert self.sub.get(10).payload == str(self.n).encode(), "another client was not served meanwhile"
+
+
+@pytest.mark.slow
+def test_trickled_packet_after_connect_is_cut_off(patient, opened, version):
+    """A PUBLISH sent one byte per second after a good CONNECT (keep alive 60 s, so keep
+    alive would not catch it) is cut off after limits.packet_read_timeout_ms; meanwhile
+    other clients on the node are served."""
+    others = Bystanders(patient.port, opened)
+    r = R.RawClient(HOST, patient.port, version=version, timeout=10)
+    opened.append(r)
+    r.mqtt_connect(uid("trickle"), keepalive=60, version=version)
+    packet = R.publish(uid("t"), b"x" * 64, 0, False, False, None, version, None)
+    received: list = []
+
+    def closed() -> bool:
+        while True:
+            try:
+                received.append(r.recv_packet(0.05))
+            except R.Closed:
+                return True
+            except TimeoutError:
+                return False
+
+    t0 = time.monotonic()
+    closed_at = None
+    for byte in packet[:-1]:
+        if not r.send(bytes([byte])) or closed():
+            closed_at = time.monotonic() - t0
+            break
+        if time.monotonic() - t0 > PACKET_READ_TIMEOUT_S + 8:
+            break
+        others.check()
+        time.sleep(1.0)
+    assert closed_at is not None, f"trickling client still connected after {time.monotonic() - t0:.1f}s"
+    assert PACKET_READ_TIMEOUT_S - 1 <= closed_at <= PACKET_READ_TIMEOUT_S + 4, closed_at
+    if version == V5:
+        assert [(p.type, p.reason) for p in received] == [(R.DISCONNECT, 0x8D)], received
+    else:
+        assert received == [], received
+    others.check()
+
+
+@pytest.mark.slow
+def test_slow_packets_that_each_arrive_in_time_are_fine(patient, opened):
+    """The deadline is per packet: three PUBLISHes, each spread over ~2 s (under the 3 s
+    limit) and sent back to back, take longer than the limit together and all get through."""
+    t = uid("slowok")
+    sub = client(opened, patient.port).connect()
+    assert sub.subscribe(t, qos=1) == [1]
+    r = R.RawClient(HOST, patient.port, version=V5, timeout=10)
+    opened.append(r)
+    r.mqtt_connect(uid("slowok"), keepalive=60, version=V5)
+    t0 = time.monotonic()
+    for i in range(3):
+        packet = R.publish(t, f"slow-{i}".encode(), 1, False, False, i + 1, V5, None)
+        half = len(packet) // 2
+        for part in (packet[:1], packet[1:half], packet[half:]):
+            assert r.send(part), "closed while sending"
+            time.sleep(0.9)
+        ack = r.expect(R.PUBACK)
+        assert ack.packet_id == i + 1
+    assert time.monotonic() - t0 > PACKET_READ_TIMEOUT_S + 1
+    assert r.is_open()
+    assert [sub.get(10).payload for _ in range(3)] == [b"slow-0", b"slow-1", b"slow-2"]

@@ -20,6 +20,8 @@ pub(super) struct Admission {
     /// The authenticated username authorization sees (may differ from CONNECT's: a client
     /// certificate's name or a JWT claim), None for anonymous clients.
     pub username: Option<String>,
+    /// Unix seconds after which the credentials (a JWT) are no longer valid.
+    pub expires_at: Option<u64>,
 }
 
 /// Checks a CONNECT and authenticates the client (see [`crate::authn`]). `Err` carries the
@@ -99,6 +101,7 @@ pub(super) async fn admit(node: &Node, connect: &Connect) -> Result<Admission, R
         expiry_secs,
         expiry_capped: v5 && expiry_secs != requested_expiry,
         username: identity.username,
+        expires_at: identity.expires_at,
     })
 }
 

@@ -71,6 +71,10 @@ pub(crate) struct Client<R, W> {
     session_key: SessionKey,
     keep_alive: Duration,
     last_packet_at: Instant,
+    /// When the client's token expires: the connection ends then (MQTT 5: DISCONNECT 0xA0).
+    credentials_expire: Option<Instant>,
+    /// When the packet now partly buffered began to arrive (see `limits.packet_read_timeout_ms`).
+    partial_since: Option<Instant>,
 
     // The session record as last written, and its revision (for compare-and-set).
     record: SessionRecord,
@@ -250,6 +254,8 @@ async fn run<S: Transport>(
         session_key: connection,
         keep_alive: Duration::from_secs(u64::from(admission.keep_alive)),
         last_packet_at: Instant::now(),
+        partial_since: None,
+        credentials_expire: admission.expires_at.map(unix_secs_to_instant),
         persisted_cursor: claim.record.cursor,
         record_dirty: false,
         delivery,
@@ -283,6 +289,8 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         let mut persist_tick = tokio::time::interval(PERSIST_INTERVAL);
         persist_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stall_limit = self.node.config.limits.max_write_buffer;
+        let packet_read_timeout =
+            Duration::from_millis(self.node.config.limits.packet_read_timeout_ms);
         loop {
             self.pump();
             self.check_lag();
@@ -297,6 +305,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             } else {
                 Some(self.last_packet_at + self.keep_alive + self.keep_alive / 2)
             };
+            // Keep alive alone does not stop a client that trickles a packet a byte at a
+            // time (every byte counts as activity): each packet must also arrive in time.
+            let packet_deadline = self.partial_since.map(|since| since + packet_read_timeout);
             let accept_deliveries = self.delivery.replay_upto.is_none()
                 && !self.delivery.is_full()
                 && self.writer.pending() < WRITE_SOFT_LIMIT;
@@ -305,10 +316,13 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     if let Err(err) = read {
                         return self.read_failed(err);
                     }
-                    self.last_packet_at = Instant::now();
+                    let now = Instant::now();
+                    self.last_packet_at = now;
+                    let mut completed = false;
                     loop {
                         match self.reader.try_next() {
                             Ok(Some(packet)) => {
+                                completed = true;
                                 if let Err(exit) = Box::pin(self.handle_packet(packet)).await {
                                     return exit;
                                 }
@@ -317,6 +331,17 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                             Err(err) => return self.read_failed(ReadError::Decode(err)),
                         }
                     }
+                    self.partial_since = match self.partial_since {
+                        _ if !self.reader.has_partial_packet() => None,
+                        Some(since) if !completed => Some(since),
+                        _ => Some(now),
+                    };
+                }
+                _ = sleep_until(packet_deadline) => {
+                    self.node.metrics.protocol_errors.inc();
+                    tracing::info!(client_id = %self.client_id, peer = %self.peer, timeout = ?packet_read_timeout, "packet not completed in time; disconnecting");
+                    self.send_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
+                    return Exit::Abnormal;
                 }
                 written = self.writer.write_some(), if self.writer.pending() > 0 => {
                     if let Err(err) = written {
@@ -358,6 +383,11 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 _ = persist_tick.tick() => {
                     self.advance_position();
                     self.maybe_start_persist(true);
+                }
+                _ = sleep_until(self.credentials_expire) => {
+                    tracing::info!(client_id = %self.client_id, username = self.username.as_deref(), "token expired; disconnecting");
+                    self.send_disconnect(ReasonCode::MAXIMUM_CONNECT_TIME);
+                    return Exit::Abnormal;
                 }
                 _ = sleep_until(keep_alive_deadline) => {
                     tracing::info!(client_id = %self.client_id, "keep alive expired");
@@ -508,6 +538,16 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             Exit::Abnormal | Exit::Shutdown => self.end_session().await,
         }
     }
+}
+
+/// The monotonic instant of a wall-clock time (Unix seconds); past times are now.
+fn unix_secs_to_instant(secs: u64) -> Instant {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let ahead = (secs as f64 - now_unix).max(0.0);
+    Instant::now() + Duration::from_secs_f64(ahead.min(100.0 * 365.0 * 86_400.0))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context as _;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use tokio_rustls::rustls::crypto::{ring, CryptoProvider};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
@@ -58,6 +58,9 @@ pub struct TlsConfig {
     /// CA certificates that sign client certificates, PEM.
     pub client_ca_file: Option<PathBuf>,
     pub client_auth: ClientAuth,
+    /// Certificate revocation lists (PEM, one or more) of the CAs in `client_ca_file`;
+    /// a client certificate they revoke fails the handshake.
+    pub crl_file: Option<PathBuf>,
     pub username_from_cert: CertName,
     /// How often the files are checked for changes, seconds; 0: only on SIGHUP.
     pub reload_interval_secs: u64,
@@ -70,6 +73,7 @@ impl Default for TlsConfig {
             key_file: None,
             client_ca_file: None,
             client_auth: ClientAuth::None,
+            crl_file: None,
             username_from_cert: CertName::None,
             reload_interval_secs: 30,
         }
@@ -94,6 +98,12 @@ impl TlsConfig {
                 "required when tls.client_auth is optional or required".into(),
             ));
         }
+        if self.crl_file.is_some() && self.client_auth == ClientAuth::None {
+            return Err((
+                "tls.crl_file",
+                "needs tls.client_auth = \"optional\" or \"required\"".into(),
+            ));
+        }
         if self.username_from_cert != CertName::None && self.client_auth == ClientAuth::None {
             return Err((
                 "tls.username_from_cert",
@@ -110,6 +120,7 @@ struct Loaded {
     cert: Vec<u8>,
     key: Vec<u8>,
     client_ca: Option<Vec<u8>>,
+    crl: Option<Vec<u8>>,
 }
 
 /// The live TLS server configuration.
@@ -196,6 +207,11 @@ fn read_files(config: &TlsConfig) -> anyhow::Result<Loaded> {
             .as_deref()
             .map(|p| read(p, "client CA bundle"))
             .transpose()?,
+        crl: config
+            .crl_file
+            .as_deref()
+            .map(|p| read(p, "certificate revocation list"))
+            .transpose()?,
     })
 }
 
@@ -219,7 +235,21 @@ fn build(config: &TlsConfig, files: &Loaded) -> anyhow::Result<ServerConfig> {
                     .map_err(|e| anyhow::anyhow!("tls.client_ca_file: {e}"))?;
             }
             anyhow::ensure!(!roots.is_empty(), "tls.client_ca_file holds no certificate");
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            let mut verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            if let Some(crl) = &files.crl {
+                let crls: Vec<CertificateRevocationListDer<'static>> =
+                    CertificateRevocationListDer::pem_slice_iter(crl)
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| anyhow::anyhow!("tls.crl_file: {e}"))?;
+                anyhow::ensure!(!crls.is_empty(), "tls.crl_file holds no CRL");
+                // Like mosquitto's crlfile: the client's own certificate is checked, and
+                // the CRL of its issuer must be there (a certificate whose issuer has no CRL
+                // in the file is refused). Intermediate CAs are not checked. A CRL past its
+                // next update still counts: a stalled CRL publisher must not lock out
+                // every device.
+                verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+            }
             let verifier = if config.client_auth == ClientAuth::Optional {
                 verifier.allow_unauthenticated()
             } else {
@@ -311,6 +341,11 @@ mod tests {
         assert_eq!(config.validate(true).unwrap_err().0, "tls.client_ca_file");
         config.client_ca_file = Some("ca.pem".into());
         assert!(config.validate(true).is_ok());
+        config.crl_file = Some("crl.pem".into());
+        assert!(config.validate(true).is_ok());
+        config.client_auth = ClientAuth::None;
+        config.username_from_cert = CertName::None;
+        assert_eq!(config.validate(true).unwrap_err().0, "tls.crl_file");
     }
 
     #[test]
