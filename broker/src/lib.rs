@@ -16,6 +16,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod dns;
 pub mod ingress;
 pub mod janitor;
 pub mod retained;
