@@ -1,5 +1,6 @@
 //! The node's connection to the NATS backbone and the JetStream objects it uses.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -8,6 +9,7 @@ use async_nats::ConnectOptions;
 use jetmq_common::streams::{self, MessageStreamSettings};
 
 use crate::config::{Config, NatsConfig};
+use crate::dns::{DnsConfig, NatsAddresses};
 use crate::session::SessionStore;
 
 /// Largest session record we write; also the bucket's value limit.
@@ -26,68 +28,34 @@ pub fn kick_subject(node_id: &str) -> String {
     format!("jetmq.node.{node_id}.kick")
 }
 
-/// Expands every URL whose host resolves to several addresses into one URL per address,
-/// so that a round-robin DNS name for the NATS cluster means all of its nodes.
-pub async fn expand_urls(urls: &[String]) -> Vec<String> {
-    let mut out = Vec::new();
-    for url in urls {
-        for part in url.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (scheme, rest) = part.split_once("://").unwrap_or(("nats", part));
-            let (auth, hostport) = match rest.rsplit_once('@') {
-                Some((auth, hp)) => (Some(auth), hp),
-                None => (None, rest),
-            };
-            let with_port = if hostport
-                .rsplit_once(':')
-                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            {
-                hostport.to_owned()
-            } else {
-                format!("{hostport}:4222")
-            };
-            let is_ip = with_port.parse::<std::net::SocketAddr>().is_ok();
-            // TLS needs the host name for verification: keep those URLs as they are.
-            let resolved = if is_ip || scheme == "tls" {
-                Vec::new()
-            } else {
-                match tokio::net::lookup_host(with_port.as_str()).await {
-                    Ok(addrs) => addrs.collect::<Vec<_>>(),
-                    Err(err) => {
-                        tracing::warn!(url = %part, error = %err, "cannot resolve NATS host; using it as given");
-                        Vec::new()
-                    }
-                }
-            };
-            if resolved.is_empty() {
-                out.push(format!("{scheme}://{}", rest));
-            } else {
-                for addr in resolved {
-                    let auth = auth.map(|a| format!("{a}@")).unwrap_or_default();
-                    out.push(format!("{scheme}://{auth}{addr}"));
-                }
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
-async fn connect_client(config: &NatsConfig, node_id: &str) -> anyhow::Result<async_nats::Client> {
-    let urls = expand_urls(&config.urls).await;
+async fn connect_client(
+    config: &NatsConfig,
+    dns: &DnsConfig,
+    node_id: &str,
+) -> anyhow::Result<async_nats::Client> {
+    // Host names stand for all their addresses, re-resolved on reconnects (crate::dns).
+    let resolver = crate::dns::Resolver::new(dns)?;
+    let addresses = Arc::new(
+        NatsAddresses::new(resolver, &config.urls)
+            .map_err(|e| anyhow::anyhow!("nats.urls: {e}"))?
+            .keeping_names(config.security.uses_tls()),
+    );
+    let urls = addresses.resolve().await;
     let addrs: Vec<async_nats::ServerAddr> = urls
         .iter()
         .map(|u| u.parse().with_context(|| format!("invalid NATS URL {u:?}")))
         .collect::<anyhow::Result<_>>()?;
     tracing::info!(servers = ?urls, "connecting to NATS");
     let name = format!("jetmq-broker/{node_id}");
-    jetmq_common::natsconn::connect_first(
-        || nats_options(config, name.clone()),
+    let client = jetmq_common::natsconn::connect_first(
+        || nats_options(config, name.clone(), &addresses),
         &addrs,
         INITIAL_CONNECT_PATIENCE,
     )
     .await
-    .map_err(anyhow::Error::msg)
+    .map_err(anyhow::Error::msg)?;
+    addresses.spawn_refresh(client.clone(), Duration::from_secs(dns.refresh_secs));
+    Ok(client)
 }
 
 /// How long start-up waits for an unreachable NATS (wrong credentials or a TLS failure stop
@@ -95,7 +63,11 @@ async fn connect_client(config: &NatsConfig, node_id: &str) -> anyhow::Result<as
 const INITIAL_CONNECT_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The client options: identity, timeouts, and the TLS and authentication of `[nats]`.
-async fn nats_options(config: &NatsConfig, name: String) -> std::io::Result<ConnectOptions> {
+async fn nats_options(
+    config: &NatsConfig,
+    name: String,
+    addresses: &Arc<NatsAddresses>,
+) -> std::io::Result<ConnectOptions> {
     let options = ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
@@ -114,11 +86,11 @@ async fn nats_options(config: &NatsConfig, name: String) -> std::io::Result<Conn
                 event => tracing::info!(%event, "NATS connection event"),
             }
         });
-    config.security.apply(options).await
+    config.security.apply(addresses.install(options)).await
 }
 
 pub async fn connect(config: &Config) -> anyhow::Result<Cluster> {
-    let client = connect_client(&config.nats, &config.node_id).await?;
+    let client = connect_client(&config.nats, &config.dns, &config.node_id).await?;
     // One permit per un-awaited publish ack. Connections bound their own windows, so the
     // node-wide limit only has to be large enough never to block one connection on
     // another's acknowledgements.
@@ -206,23 +178,5 @@ where
             }
             Err(err) => return Err(err),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn ip_urls_are_kept_and_lists_split() {
-        let urls = expand_urls(&["nats://127.0.0.1:4222,127.0.0.2:4223".to_owned()]).await;
-        assert_eq!(urls, vec!["nats://127.0.0.1:4222", "nats://127.0.0.2:4223"]);
-    }
-
-    #[tokio::test]
-    async fn host_names_expand_to_addresses() {
-        let urls = expand_urls(&["nats://localhost:4222".to_owned()]).await;
-        assert!(!urls.is_empty());
-        assert!(urls.iter().all(|u| !u.contains("localhost")), "{urls:?}");
     }
 }

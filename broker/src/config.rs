@@ -12,6 +12,7 @@ use jetmq_common::natsconn::NatsSecurity;
 
 use crate::auth::AclConfig;
 use crate::authn::AuthConfig;
+use crate::dns::DnsConfig;
 use crate::transport::tls::TlsConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,6 +22,8 @@ pub struct Config {
     pub node_id: String,
     pub listen: ListenConfig,
     pub nats: NatsConfig,
+    /// How host names in `nats.urls` are resolved.
+    pub dns: DnsConfig,
     pub limits: Limits,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
@@ -120,6 +123,7 @@ impl Default for Config {
             node_id: default_node_id(),
             listen: ListenConfig::default(),
             nats: NatsConfig::default(),
+            dns: DnsConfig::default(),
             limits: Limits::default(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
@@ -208,7 +212,9 @@ fn default_node_id() -> String {
 /// Others (`JETMQ_LOG`, read by the logger; the test harness's `JETMQ_BROKER_BIN`, ...)
 /// are not, and must not fail the start-up as unknown keys.
 fn is_config_env(key: &str) -> bool {
-    const SECTIONS: [&str; 7] = ["listen", "nats", "limits", "tls", "auth", "acl", "log"];
+    const SECTIONS: [&str; 8] = [
+        "listen", "nats", "limits", "tls", "auth", "acl", "log", "dns",
+    ];
     let key = key.to_ascii_lowercase();
     key == "node_id"
         || key
@@ -383,6 +389,9 @@ impl Config {
             .validate(tls_listener)
             .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
         self.auth
+            .validate()
+            .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
+        self.dns
             .validate()
             .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
         Ok(())

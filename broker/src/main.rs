@@ -43,6 +43,36 @@ struct Cli {
 enum Command {
     /// Read a password from stdin (first line) and print its argon2id hash for auth.users.
     HashPassword,
+    /// Resolve a cluster's DNS name, connect to every address with MQTT and print what each
+    /// node reports in $SYS (exit 1 if any address is unreachable).
+    Check(jetmq_broker::check::CheckArgs),
+}
+
+fn check(args: jetmq_broker::check::CheckArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("jetmq-broker: cannot start runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(jetmq_broker::check::run(&args)) {
+        Ok(reports) => {
+            print!("{}", jetmq_broker::check::render(&reports));
+            if reports.iter().all(|r| r.reachable()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("jetmq-broker check: {err:#}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn hash_password() -> ExitCode {
@@ -71,8 +101,10 @@ fn hash_password() -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::HashPassword) = cli.command {
-        return hash_password();
+    match cli.command {
+        Some(Command::HashPassword) => return hash_password(),
+        Some(Command::Check(args)) => return check(args),
+        None => {}
     }
     let overrides = Overrides {
         node_id: cli.node_id,

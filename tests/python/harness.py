@@ -6,6 +6,7 @@ Everything here starts real processes on loopback addresses only:
 * ``NatsCluster`` - N nats-server nodes with routes, cluster name ``jetmq``
 * ``BrokerNode``  - one jetmq-broker process
 * ``Mosquitto``   - a mosquitto broker, used to validate the tests themselves
+* ``Dnsmasq``     - a real DNS server answering names with loopback addresses
 
 Every process is started in its own session, logs to a file, and is stopped by
 PID (``terminate()`` / ``kill9()``); nothing is ever stopped by name.
@@ -108,6 +109,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def common_free_port(hosts: Sequence[str], tries: int = 50) -> int:
+    """A TCP port free on every one of ``hosts`` (one DNS name + one port for all nodes)."""
+    for _ in range(tries):
+        port = free_port(hosts[0])
+        try:
+            for h in hosts[1:]:
+                _check_loopback(h)
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((h, port))
+        except OSError:
+            continue
+        return port
+    raise HarnessError(f"no port free on all of {list(hosts)}")
 
 
 def _check_loopback(host: str) -> None:
@@ -422,10 +438,12 @@ class NatsServer(ManagedProcess):
 class NatsCluster:
     """``n`` routed nats-server nodes with JetStream, cluster name ``jetmq``."""
 
-    def __init__(self, workdir: Path, n: int = 3, hosts: Sequence[str] | None = None, mapping: str | None = None):
+    def __init__(self, workdir: Path, n: int = 3, hosts: Sequence[str] | None = None, mapping: str | None = None,
+                 ports: Sequence[int | None] | None = None):
         hosts = list(hosts or (NODE_HOSTS[:n] if n <= len(NODE_HOSTS) else ["127.0.0.1"] * n))
         if len(hosts) != n:
             raise HarnessError("need one host per node")
+        ports = list(ports or [None] * n)
         cluster_ports = [free_port(h) for h in hosts]
         self.nodes: list[NatsServer] = []
         for i, host in enumerate(hosts):
@@ -434,6 +452,7 @@ class NatsCluster:
                 NatsServer(
                     workdir,
                     host=host,
+                    port=ports[i],
                     server_name=f"n{i + 1}",
                     cluster_port=cluster_ports[i],
                     routes=routes,
@@ -668,6 +687,64 @@ class Mosquitto(ManagedProcess):
         return [mosquitto_bin(), "-c", str(self.config_path)]
 
     def ready(self) -> bool:
+        return port_open(self.host, self.port)
+
+
+# --------------------------------------------------------------------------- dnsmasq
+
+
+def dnsmasq_bin() -> str:
+    w = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
+    if not w:
+        raise HarnessError("dnsmasq not found: run scripts/install-deps (apt package dnsmasq-base)")
+    return w
+
+
+class Dnsmasq(ManagedProcess):
+    """dnsmasq in the foreground on 127.0.0.1:<port>, answering only from a hosts file.
+
+    ``records`` maps a name to its addresses; ``set_records()`` rewrites the file and sends
+    SIGHUP, which makes dnsmasq re-read it (TTL 0: resolvers see the change at once). Names
+    under ``domain`` that are not listed get NXDOMAIN / NODATA, nothing is forwarded.
+    """
+
+    kind = "dns"
+
+    def __init__(self, workdir: Path, records: dict[str, Sequence[str]], domain: str = "jetmq.test",
+                 port: int | None = None):
+        super().__init__("dnsmasq", Path(workdir) / "dnsmasq")
+        self.host = "127.0.0.1"
+        self.port = port or free_port(self.host)
+        self.domain = domain
+        self.hosts_path = self.workdir / "hosts"
+        self._write(records)
+
+    @property
+    def nameserver(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _write(self, records: dict[str, Sequence[str]]) -> None:
+        lines = [f"{ip} {name}" for name, ips in records.items() for ip in ips]
+        self.hosts_path.write_text("\n".join(lines) + "\n")
+
+    def set_records(self, records: dict[str, Sequence[str]]) -> None:
+        self._write(records)
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGHUP)
+
+    def argv(self) -> list[str]:
+        a = [
+            dnsmasq_bin(), "--no-daemon", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+            f"--addn-hosts={self.hosts_path}", f"--local=/{self.domain}/", f"--port={self.port}",
+            f"--listen-address={self.host}", "--bind-interfaces", "--pid-file=", "--log-facility=-",
+            "--log-queries",
+        ]
+        if os.geteuid() == 0:
+            a.append("--user=root")  # don't drop to 'nobody': the hosts file lives in a 0700 tmp dir
+        return a
+
+    def ready(self) -> bool:
+        # dnsmasq answers over TCP too, on the same port.
         return port_open(self.host, self.port)
 
 

@@ -86,11 +86,13 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 return self.republish_qos2(publish, msg_id).await;
             }
         }
-        if !self
-            .node
-            .config
-            .acl
-            .allowed(self.principal(), Action::Publish, &publish.topic)
+        // The node itself answers for $SYS/broker/ (crate::sys_topics): no spoofing it.
+        if crate::sys_topics::is_reserved(&publish.topic)
+            || !self
+                .node
+                .config
+                .acl
+                .allowed(self.principal(), Action::Publish, &publish.topic)
         {
             tracing::info!(client_id = %self.client_id, topic = %publish.topic, "publish denied by ACL");
             return self.refuse_publish(packet_id, publish.qos);

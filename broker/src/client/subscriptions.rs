@@ -123,7 +123,14 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 _ => false,
             };
             if send_retained {
-                for msg in self.node.retained.matching(parsed.filter) {
+                let sys = crate::sys_topics::matching(&self.node, parsed.filter);
+                for msg in self
+                    .node
+                    .retained
+                    .matching(parsed.filter)
+                    .into_iter()
+                    .chain(sys)
+                {
                     if entry.no_local && *msg.envelope.client_id == *self.client_id {
                         continue;
                     }

@@ -22,7 +22,9 @@ pub(crate) async fn publish_will(
         username,
         client_id,
     };
-    if !node.config.acl.allowed(who, Action::Publish, &will.topic) {
+    if crate::sys_topics::is_reserved(&will.topic)
+        || !node.config.acl.allowed(who, Action::Publish, &will.topic)
+    {
         tracing::info!(client_id, topic = %will.topic, "will denied by ACL; not published");
         return;
     }
