@@ -24,6 +24,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub acl: AclConfig,
     pub log: LogConfig,
+    pub drain: DrainConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,6 +104,24 @@ pub struct Limits {
     pub max_inbound_bytes_rate: u64,
 }
 
+/// Graceful drain (SIGTERM, SIGINT, `jetmq-broker drain`): see docs/drain.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// Client disconnects are spread evenly over this time, milliseconds.
+    pub duration_ms: u64,
+    /// At most this many waves; each wave disconnects an equal share of the clients.
+    pub waves: u32,
+    /// Hard deadline from the start of the drain to the process exit, milliseconds.
+    pub timeout_ms: u64,
+    /// When set, MQTT 5 clients get DISCONNECT 0x9C (use another server) with this Server
+    /// Reference instead of 0x8B (server shutting down).
+    pub server_reference: Option<String>,
+    /// Wills of drained clients with a persistent session wait at least this long, seconds,
+    /// so a client that reconnects elsewhere in time cancels its will (0: MQTT's rule).
+    pub will_delay_secs: u32,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -122,6 +141,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             acl: AclConfig::default(),
             log: LogConfig::default(),
+            drain: DrainConfig::default(),
         }
     }
 }
@@ -181,6 +201,18 @@ impl Default for Limits {
     }
 }
 
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            duration_ms: 10_000,
+            waves: 10,
+            timeout_ms: 30_000,
+            server_reference: None,
+            will_delay_secs: 0,
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
@@ -207,7 +239,9 @@ fn default_node_id() -> String {
 /// Others (`JETMQ_LOG`, read by the logger; the test harness's `JETMQ_BROKER_BIN`, ...)
 /// are not, and must not fail the start-up as unknown keys.
 fn is_config_env(key: &str) -> bool {
-    const SECTIONS: [&str; 7] = ["listen", "nats", "limits", "tls", "auth", "acl", "log"];
+    const SECTIONS: [&str; 8] = [
+        "listen", "nats", "limits", "tls", "auth", "acl", "log", "drain",
+    ];
     let key = key.to_ascii_lowercase();
     key == "node_id"
         || key
@@ -355,6 +389,20 @@ impl Config {
             self.nats.replay_buffer_messages > 0,
             "nats.replay_buffer_messages",
             "must be at least 1",
+        )?;
+        check(self.drain.waves > 0, "drain.waves", "must be at least 1")?;
+        check(
+            self.drain.timeout_ms > self.drain.duration_ms,
+            "drain.timeout_ms",
+            "must be longer than drain.duration_ms",
+        )?;
+        check(
+            self.drain
+                .server_reference
+                .as_ref()
+                .is_none_or(|r| !r.is_empty() && r.len() < 65_536),
+            "drain.server_reference",
+            "must be a non-empty string shorter than 64 KiB",
         )?;
         self.acl.validate().map_err(|reason| ConfigError::Value {
             key: "acl.rules",
