@@ -286,7 +286,9 @@ def test_will_delay_on_drain_lets_clients_move(broker_factory):
 
 # ----------------------------------------------------------------------------- rolling restart
 
-ROLL_MAX_PER_PUBLISHER = int(os.environ.get("JETMQ_TEST_ROLL_MESSAGES", "3000"))
+ROLL_MAX_PER_PUBLISHER = int(os.environ.get("JETMQ_TEST_ROLL_MESSAGES", "8000"))
+# Paced, so the load lasts through all three restarts instead of finishing before them.
+ROLL_RATE_PER_PUBLISHER = float(os.environ.get("JETMQ_TEST_ROLL_RATE", "100"))
 ROLL_PUBLISHERS = 3
 DELIVERY_DEADLINE_S = 150
 
@@ -336,6 +338,10 @@ class Publisher(threading.Thread):
         self.reconnects = 0
         self.error: BaseException | None = None
 
+    def state(self) -> str:
+        return (f"{self.client.client_id} sent={self.sent} acked={len(self.acked)} home={self.home} "
+                f"connected={self.client.connected} alive={self.is_alive()} error={self.error!r}")
+
     def ensure(self):
         if not self.client.connected:
             self.home = connect_anywhere(self.client, self.nodes, self.home + 1)
@@ -352,7 +358,8 @@ class Publisher(threading.Thread):
 
     def run(self):
         try:
-            deadline = time.monotonic() + 300
+            started = time.monotonic()
+            deadline = started + 300
             window = []
             while self.sent < ROLL_MAX_PER_PUBLISHER and not self.stop_flag.is_set() and time.monotonic() < deadline:
                 self.ensure()
@@ -361,6 +368,9 @@ class Publisher(threading.Thread):
                 if len(window) >= 8:
                     self.settle(window, deadline + 60)
                     window.clear()
+                    ahead = started + self.sent / ROLL_RATE_PER_PUBLISHER - time.monotonic()
+                    if ahead > 0:
+                        self.stop_flag.wait(ahead)
             self.settle(window, deadline + 60)
         except BaseException as e:  # noqa: BLE001
             self.error = e
@@ -377,6 +387,10 @@ class Subscriber(threading.Thread):
         self.reasons: list[int] = []
         self.lost_session = 0
         self.error: BaseException | None = None
+
+    def state(self) -> str:
+        return (f"{self.client.client_id} got={len(self.counts)} home={self.home} reasons={self.reasons} "
+                f"connected={self.client.connected} alive={self.is_alive()} error={self.error!r}")
 
     def run(self):
         try:
@@ -441,7 +455,11 @@ def test_rolling_restart_under_qos1_load_loses_nothing(drain_cluster):
             assert code == 0, f"{node.name} exited {code} after drain\n{node.log_tail(40)}"
             node.start(timeout=60)
             timeline.append((node.node_id, round(drained, 2), round(time.monotonic() - t0, 2), progress() - before))
-            harness.wait_until(lambda: progress() >= before + 100, 60, what=f"load continuing after {node.name}")
+            try:
+                harness.wait_until(lambda: progress() >= before + 100, 60, what=f"load continuing after {node.name}")
+            except TimeoutError as e:
+                raise AssertionError(f"{e}; publishers: {[p.state() for p in pubs]}; "
+                                     f"subscribers: {[s.state() for s in subs]}") from None
         stop_pub.set()
         for p in pubs:
             p.join(120)
