@@ -471,6 +471,18 @@ mod tests {
     }
 
     #[test]
+    fn drain_deadline_must_exceed_duration() {
+        let mut config = Config::default();
+        config.drain.timeout_ms = config.drain.duration_ms;
+        let err = config.validate().expect_err("rejects");
+        assert!(err.to_string().contains("drain.timeout_ms"), "{err}");
+        config.drain.timeout_ms = config.drain.duration_ms + 1;
+        config.drain.waves = 0;
+        let err = config.validate().expect_err("rejects");
+        assert!(err.to_string().contains("drain.waves"), "{err}");
+    }
+
+    #[test]
     fn unknown_and_invalid_keys_are_named() {
         let dir = std::env::temp_dir().join(format!("jetmq-config-bad-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("tmp dir");

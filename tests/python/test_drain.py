@@ -87,6 +87,9 @@ class HealthWatch:
     def stop(self):
         self._stop.set()
         self._t.join(5)
+        # the last probe may race the process exit
+        while self.health_while_unready and self.health_while_unready[-1] is None:
+            self.health_while_unready.pop()
 
 
 def waves_of(times: list[float], gap: float = 0.4) -> list[list[float]]:
@@ -161,6 +164,27 @@ def test_listener_closed_while_draining(broker_factory):
         d = old.wait_disconnect(15)
         assert d.reason == SERVER_SHUTTING_DOWN
         assert wait_exit(node, 25) == 0
+    finally:
+        cl.close_all()
+
+
+def test_second_signal_stops_at_once(broker_factory):
+    """A second SIGTERM skips the remaining waves: everyone leaves at once, exit 0."""
+    node = broker_factory(config=drain_config(duration_ms=20000, waves=2, timeout_ms=40000),
+                          node_id=uid("ds").replace("-", "_"))
+    cl = Tracker(node.address)
+    try:
+        clients = [cl.connect(node.address, version=V5) for _ in range(4)]
+        sigterm(node)
+        harness.wait_until(lambda: http_status(node, "/readyz") == 503, 5, what="readyz 503")
+        time.sleep(0.5)
+        assert all(c.connected for c in clients), "first wave is due only after 10s"
+        second = sigterm(node)
+        for c in clients:
+            d = c.wait_disconnect(10)
+            assert d.reason == SERVER_SHUTTING_DOWN and d.t - second < 5, d
+        assert wait_exit(node, 15) == 0
+        assert time.monotonic() - second < 10
     finally:
         cl.close_all()
 
@@ -286,9 +310,9 @@ def test_will_delay_on_drain_lets_clients_move(broker_factory):
 
 # ----------------------------------------------------------------------------- rolling restart
 
-ROLL_MAX_PER_PUBLISHER = int(os.environ.get("JETMQ_TEST_ROLL_MESSAGES", "8000"))
+ROLL_MAX_PER_PUBLISHER = int(os.environ.get("JETMQ_TEST_ROLL_MESSAGES", "10000"))
 # Paced, so the load lasts through all three restarts instead of finishing before them.
-ROLL_RATE_PER_PUBLISHER = float(os.environ.get("JETMQ_TEST_ROLL_RATE", "100"))
+ROLL_RATE_PER_PUBLISHER = float(os.environ.get("JETMQ_TEST_ROLL_RATE", "400"))
 ROLL_PUBLISHERS = 3
 DELIVERY_DEADLINE_S = 150
 
