@@ -28,6 +28,30 @@ pub fn kick_subject(node_id: &str) -> String {
     format!("jetmq.node.{node_id}.kick")
 }
 
+/// Subject on which node `node_id` takes drain requests (`jetmq-broker drain`).
+pub fn drain_subject(node_id: &str) -> String {
+    format!("jetmq.node.{node_id}.drain")
+}
+
+/// Asks node `node_id` to drain (see `crate::server`); returns its answer.
+pub async fn request_drain(
+    config: &NatsConfig,
+    dns: &DnsConfig,
+    node_id: &str,
+    timeout: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    let client = connect_client(config, dns, "drain-command").await?;
+    let reply = tokio::time::timeout(
+        timeout,
+        client.request(drain_subject(node_id), bytes::Bytes::new()),
+    )
+    .await
+    .with_context(|| format!("node {node_id:?} did not answer within {timeout:?}"))?
+    .with_context(|| format!("drain request to node {node_id:?} failed (is it running?)"))?;
+    serde_json::from_slice(&reply.payload)
+        .with_context(|| format!("node {node_id:?} sent an unreadable answer"))
+}
+
 async fn connect_client(
     config: &NatsConfig,
     dns: &DnsConfig,

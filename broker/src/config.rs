@@ -29,6 +29,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub acl: AclConfig,
     pub log: LogConfig,
+    pub drain: DrainConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,6 +110,24 @@ pub struct Limits {
     pub max_inbound_bytes_rate: u64,
 }
 
+/// Graceful drain (SIGTERM, SIGINT, `jetmq-broker drain`): see docs/drain.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// Client disconnects are spread evenly over this time, milliseconds.
+    pub duration_ms: u64,
+    /// At most this many waves; each wave disconnects an equal share of the clients.
+    pub waves: u32,
+    /// Hard deadline from the start of the drain to the process exit, milliseconds.
+    pub timeout_ms: u64,
+    /// When set, MQTT 5 clients get DISCONNECT 0x9C (use another server) with this Server
+    /// Reference instead of 0x8B (server shutting down).
+    pub server_reference: Option<String>,
+    /// Wills of drained clients with a persistent session wait at least this long, seconds,
+    /// so a client that reconnects elsewhere in time cancels its will (0: MQTT's rule).
+    pub will_delay_secs: u32,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -129,6 +148,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             acl: AclConfig::default(),
             log: LogConfig::default(),
+            drain: DrainConfig::default(),
         }
     }
 }
@@ -186,6 +206,18 @@ impl Default for Limits {
     }
 }
 
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            duration_ms: 10_000,
+            waves: 10,
+            timeout_ms: 30_000,
+            server_reference: None,
+            will_delay_secs: 0,
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
@@ -212,8 +244,8 @@ fn default_node_id() -> String {
 /// Others (`JETMQ_LOG`, read by the logger; the test harness's `JETMQ_BROKER_BIN`, ...)
 /// are not, and must not fail the start-up as unknown keys.
 fn is_config_env(key: &str) -> bool {
-    const SECTIONS: [&str; 8] = [
-        "listen", "nats", "limits", "tls", "auth", "acl", "log", "dns",
+    const SECTIONS: [&str; 9] = [
+        "listen", "nats", "limits", "tls", "auth", "acl", "log", "dns", "drain",
     ];
     let key = key.to_ascii_lowercase();
     key == "node_id"
@@ -375,6 +407,20 @@ impl Config {
             "nats.replay_buffer_messages",
             "must be at least 1",
         )?;
+        check(self.drain.waves > 0, "drain.waves", "must be at least 1")?;
+        check(
+            self.drain.timeout_ms > self.drain.duration_ms,
+            "drain.timeout_ms",
+            "must be longer than drain.duration_ms",
+        )?;
+        check(
+            self.drain
+                .server_reference
+                .as_ref()
+                .is_none_or(|r| !r.is_empty() && r.len() < 65_536),
+            "drain.server_reference",
+            "must be a non-empty string shorter than 64 KiB",
+        )?;
         self.acl.validate().map_err(|reason| ConfigError::Value {
             key: "acl.rules",
             reason,
@@ -442,6 +488,18 @@ mod tests {
             assert_eq!(config.auth.jwt.audience.as_deref(), Some("aud"));
             Ok(())
         });
+    }
+
+    #[test]
+    fn drain_deadline_must_exceed_duration() {
+        let mut config = Config::default();
+        config.drain.timeout_ms = config.drain.duration_ms;
+        let err = config.validate().expect_err("rejects");
+        assert!(err.to_string().contains("drain.timeout_ms"), "{err}");
+        config.drain.timeout_ms = config.drain.duration_ms + 1;
+        config.drain.waves = 0;
+        let err = config.validate().expect_err("rejects");
+        assert!(err.to_string().contains("drain.waves"), "{err}");
     }
 
     #[test]

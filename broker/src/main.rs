@@ -21,7 +21,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 )]
 struct Cli {
     /// TOML configuration file; every key can also be set as JETMQ_<SECTION>__<KEY>.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// MQTT over TCP (default 0.0.0.0:1883).
     #[arg(long)]
@@ -30,10 +30,10 @@ struct Cli {
     #[arg(long)]
     http_listen: Option<SocketAddr>,
     /// NATS server URLs, comma separated; a name with several addresses means all of them.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', global = true)]
     nats: Option<Vec<String>>,
-    /// This node's id (default: host name).
-    #[arg(long)]
+    /// This node's id (default: host name); for `drain`, the node to drain.
+    #[arg(long, global = true)]
     node_id: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -46,18 +46,31 @@ enum Command {
     /// Resolve a cluster's DNS name, connect to every address with MQTT and print what each
     /// node reports in $SYS (exit 1 if any address is unreachable).
     Check(jetmq_broker::check::CheckArgs),
+    /// Ask the node --node-id, reached over NATS (--nats, or nats.* of --config), to drain:
+    /// unready, stop accepting, send its clients away in waves, write their sessions back, exit.
+    Drain {
+        /// How long to wait for the node's answer, seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
 }
 
-fn check(args: jetmq_broker::check::CheckArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+fn current_thread_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
+        Ok(runtime) => Some(runtime),
         Err(err) => {
             eprintln!("jetmq-broker: cannot start runtime: {err}");
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+fn check(args: jetmq_broker::check::CheckArgs) -> ExitCode {
+    let Some(runtime) = current_thread_runtime() else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(jetmq_broker::check::run(&args)) {
         Ok(reports) => {
@@ -71,6 +84,28 @@ fn check(args: jetmq_broker::check::CheckArgs) -> ExitCode {
         Err(err) => {
             eprintln!("jetmq-broker check: {err:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn drain(config: &Config, timeout: u64) -> ExitCode {
+    let Some(runtime) = current_thread_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let answer = runtime.block_on(jetmq_broker::cluster::request_drain(
+        &config.nats,
+        &config.dns,
+        &config.node_id,
+        std::time::Duration::from_secs(timeout),
+    ));
+    match answer {
+        Ok(answer) => {
+            println!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("jetmq-broker: {err:#}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -101,11 +136,18 @@ fn hash_password() -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let drain_timeout = match cli.command {
         Some(Command::HashPassword) => return hash_password(),
         Some(Command::Check(args)) => return check(args),
-        None => {}
-    }
+        Some(Command::Drain { timeout }) => {
+            if cli.node_id.is_none() {
+                eprintln!("jetmq-broker: drain needs --node-id (the node to drain)");
+                return ExitCode::from(2);
+            }
+            Some(timeout)
+        }
+        _ => None,
+    };
     let overrides = Overrides {
         node_id: cli.node_id,
         listen_tcp: cli.listen,
@@ -119,6 +161,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(timeout) = drain_timeout {
+        return drain(&config, timeout);
+    }
     jetmq_broker::telemetry::init_logging(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -131,9 +176,10 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let drain = CancellationToken::new();
         let shutdown = CancellationToken::new();
-        tokio::spawn(wait_for_signal(shutdown.clone()));
-        match jetmq_broker::server::run(config, shutdown).await {
+        tokio::spawn(wait_for_signal(drain.clone(), shutdown.clone()));
+        match jetmq_broker::server::run(config, drain, shutdown).await {
             Ok(()) => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS
@@ -146,15 +192,26 @@ fn main() -> ExitCode {
     })
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
+/// The first SIGTERM / SIGINT drains the node; a second one stops it at once.
+async fn wait_for_signal(drain: CancellationToken, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
         return;
     };
     tokio::select! {
         _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
     }
-    tracing::info!("shutdown requested");
+    tracing::info!("shutdown requested: draining (signal again to stop at once)");
+    drain.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: stopping at once");
     shutdown.cancel();
 }

@@ -1,6 +1,6 @@
 //! The node: start-up, listeners, health endpoint, shutdown.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::authn::Authenticator;
 use crate::client;
@@ -30,7 +31,7 @@ use crate::transport::{self, Edge, Kind};
 pub enum Control {
     /// Another connection took the session over.
     TakenOver,
-    /// The node is shutting down.
+    /// The node is draining or shutting down.
     Shutdown,
 }
 
@@ -55,7 +56,12 @@ pub struct Node {
     next_id: AtomicU64,
     first_connection_id: u64,
     pub ready: AtomicBool,
+    /// Cancelled when a graceful drain is requested (signal, `jetmq-broker drain`).
+    pub drain: CancellationToken,
+    /// Cancelled for the hard stop: background tasks end, connections close at once.
     pub shutdown: CancellationToken,
+    /// Every accepted connection's task, so a drain can wait until each session is written.
+    connections: TaskTracker,
 }
 
 impl Node {
@@ -95,8 +101,13 @@ impl Node {
     }
 }
 
-/// Starts the node and serves until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Starts the node and serves until `drain` (graceful: see [`drain_clients`]) or `shutdown`
+/// (immediate) is cancelled.
+pub async fn run(
+    config: Config,
+    drain: CancellationToken,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     // Certificates and keys first: a typo in a path should not wait for NATS.
     let edge = Edge::new(&config)?;
@@ -149,7 +160,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         next_id: AtomicU64::new(first_connection_id),
         first_connection_id,
         ready: AtomicBool::new(false),
+        drain: drain.clone(),
         shutdown: shutdown.clone(),
+        connections: TaskTracker::new(),
         cluster,
     });
 
@@ -182,6 +195,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .context("cannot subscribe to node control subject")?;
     tokio::spawn(serve_kicks(node.clone(), kicks));
+    let drain_requests = node
+        .cluster
+        .client
+        .subscribe(cluster::drain_subject(&node.config.node_id))
+        .await
+        .context("cannot subscribe to node drain subject")?;
+    tokio::spawn(serve_drain_requests(node.clone(), drain_requests));
     tokio::spawn(crate::janitor::run(
         node.clone(),
         nodes_kv,
@@ -215,23 +235,52 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     edge.spawn_reloader(shutdown.clone());
     node.ready.store(true, Ordering::Release);
+    // Unready strictly before the listeners close: DNS health checks should stop sending
+    // clients here no later than the node stops taking them.
+    let stop_accepting = CancellationToken::new();
+    tokio::spawn({
+        let node = node.clone();
+        let stop_accepting = stop_accepting.clone();
+        async move {
+            tokio::select! {
+                _ = node.drain.cancelled() => {}
+                _ = node.shutdown.cancelled() => {}
+            }
+            node.ready.store(false, Ordering::Release);
+            stop_accepting.cancel();
+        }
+    });
     // One connection limit for all listeners together.
     let permits = Arc::new(Semaphore::new(node.config.limits.max_connections));
     let loops = listeners.into_iter().map(|(kind, addr, listener)| {
         tracing::info!(%addr, transport = %kind, node_id = %node.config.node_id, "MQTT listener ready");
-        accept_loop(node.clone(), listener, kind, edge.clone(), permits.clone())
+        accept_loop(
+            node.clone(),
+            listener,
+            kind,
+            edge.clone(),
+            permits.clone(),
+            stop_accepting.clone(),
+        )
     });
     futures::future::join_all(loops).await;
-
     node.ready.store(false, Ordering::Release);
-    disconnect_all(&node).await;
+    node.connections.close();
+
+    let result = if node.shutdown.is_cancelled() {
+        stop_now(&node).await;
+        Ok(())
+    } else {
+        drain_clients(&node).await
+    };
+    shutdown.cancel();
     // With NATS unreachable a flush would wait forever; shutdown must not.
     match tokio::time::timeout(Duration::from_secs(5), node.cluster.client.flush()).await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => tracing::warn!(error = %err, "NATS flush on shutdown failed"),
         Err(_) => tracing::warn!("NATS flush on shutdown timed out"),
     }
-    Ok(())
+    result
 }
 
 /// Listen queue for MQTT sockets. The default 128 overflows in a reconnect storm (thousands
@@ -276,10 +325,11 @@ async fn accept_loop(
     kind: Kind,
     edge: Arc<Edge>,
     permits: Arc<Semaphore>,
+    stop: CancellationToken,
 ) {
     loop {
         let accepted = tokio::select! {
-            _ = node.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -302,6 +352,7 @@ async fn accept_loop(
             edge.refuse(kind, stream, peer);
             continue;
         }
+        let tracker = node.connections.clone();
         let node = node.clone();
         let edge = edge.clone();
         let task = async move {
@@ -312,32 +363,158 @@ async fn accept_loop(
             }
             drop(permit);
         };
-        tokio::spawn(task);
+        tracker.spawn(task);
     }
 }
 
-async fn disconnect_all(node: &Node) {
-    let controls: Vec<mpsc::Sender<Control>> = node
-        .clients
+/// How long the hard stop waits for connections to write their sessions back.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The hard stop: every connection closes at once (0x8B) and writes its session back.
+async fn stop_now(node: &Node) {
+    node.shutdown.cancel();
+    if tokio::time::timeout(STOP_GRACE, node.connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = node.connections.len(),
+            "connections still closing at shutdown"
+        );
+    }
+}
+
+/// The graceful path: the listeners are closed and /readyz answers 503 already. Clients are
+/// sent away in waves spread over `drain.duration_ms`, so the nodes that take them over are
+/// not hit by all of them at once; each connection writes its session back (cursor,
+/// released QoS 2 ids, owner cleared) before it ends, so another node can claim it without
+/// waiting for the janitor. Err when the hard deadline `drain.timeout_ms` cut it short.
+async fn drain_clients(node: &Node) -> anyhow::Result<()> {
+    let config = &node.config.drain;
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_millis(config.timeout_ms);
+    let duration = Duration::from_millis(config.duration_ms);
+    node.metrics.draining.set(1);
+    let total = local_clients(node, &HashSet::new()).len();
+    let waves = (config.waves as usize).min(total).max(1);
+    tracing::info!(
+        clients = total,
+        waves,
+        duration_ms = config.duration_ms,
+        timeout_ms = config.timeout_ms,
+        "drain started: not ready, listeners closed"
+    );
+    let mut signalled = HashSet::new();
+    if total > 0 {
+        for wave in 1..=waves {
+            let at = started + duration.mul_f64(wave as f64 / waves as f64);
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {}
+                // Everyone left on their own.
+                _ = node.connections.wait() => break,
+                _ = node.shutdown.cancelled() => break,
+            }
+            let remaining = local_clients(node, &signalled);
+            let share = remaining.len().div_ceil(waves - wave + 1);
+            let sent = signal(remaining.into_iter().take(share), &mut signalled);
+            node.metrics.drain_disconnects.add(sent as u64);
+            tracing::info!(
+                wave,
+                waves,
+                disconnected = sent,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "drain wave"
+            );
+        }
+    }
+    // Connections still in their handshake when the drain began register late; they go too.
+    let mut sweep = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let late = local_clients(node, &signalled);
+        if !late.is_empty() {
+            let sent = signal(late.into_iter(), &mut signalled);
+            node.metrics.drain_disconnects.add(sent as u64);
+            tracing::info!(disconnected = sent, "drain: late connections sent away");
+        }
+        tokio::select! {
+            _ = node.connections.wait() => {
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "drain complete: every session written back"
+                );
+                return Ok(());
+            }
+            _ = sweep.tick() => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = node.shutdown.cancelled() => {
+                stop_now(node).await;
+                return Ok(());
+            }
+        }
+    }
+    let left = node.connections.len();
+    tracing::error!(
+        connections = left,
+        "drain deadline passed; closing the remaining connections now"
+    );
+    stop_now(node).await;
+    anyhow::bail!(
+        "drain did not finish within drain.timeout_ms = {} ms ({left} connections left)",
+        config.timeout_ms
+    )
+}
+
+/// Registered connections not yet asked to leave.
+fn local_clients(node: &Node, signalled: &HashSet<u64>) -> Vec<(u64, mpsc::Sender<Control>)> {
+    node.clients
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .values()
-        .map(|c| c.control.clone())
-        .collect();
-    for control in &controls {
-        let _ = control.try_send(Control::Shutdown);
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while tokio::time::Instant::now() < deadline {
-        if node
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-        {
-            break;
+        .filter(|c| !signalled.contains(&c.connection))
+        .map(|c| (c.connection, c.control.clone()))
+        .collect()
+}
+
+fn signal(
+    clients: impl Iterator<Item = (u64, mpsc::Sender<Control>)>,
+    signalled: &mut HashSet<u64>,
+) -> usize {
+    let mut sent = 0;
+    for (connection, control) in clients {
+        match control.try_send(Control::Shutdown) {
+            Ok(()) => sent += 1,
+            // A full control queue means another command is pending; the sweep retries.
+            Err(mpsc::error::TrySendError::Full(_)) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        signalled.insert(connection);
+    }
+    sent
+}
+
+/// `jetmq-broker drain` sends a request here (see [`cluster::drain_subject`]); the reply
+/// says how many clients the node is about to send away.
+async fn serve_drain_requests(node: Arc<Node>, mut requests: async_nats::Subscriber) {
+    while let Some(message) = requests.next().await {
+        let already = node.drain.is_cancelled();
+        tracing::info!(already, "drain requested over NATS");
+        node.drain.cancel();
+        if let Some(reply) = message.reply {
+            let body = serde_json::json!({
+                "node_id": node.config.node_id,
+                "draining": true,
+                "already_draining": already,
+                "connections": node.metrics.connections.get(),
+            });
+            if let Err(err) = node
+                .cluster
+                .client
+                .publish(reply, body.to_string().into())
+                .await
+            {
+                tracing::warn!(error = %err, "cannot answer drain request");
+            }
+        }
     }
 }
 

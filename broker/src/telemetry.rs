@@ -53,6 +53,10 @@ impl Gauge {
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    pub fn set(&self, value: i64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
 }
 
 /// The node's counters, exported on /metrics.
@@ -68,6 +72,9 @@ pub struct Metrics {
     pub takeovers: Counter,
     pub session_replays: Counter,
     pub wills_published: Counter,
+    /// 1 while the node drains (see [`crate::server`]).
+    pub draining: Gauge,
+    pub drain_disconnects: Counter,
 }
 
 impl Metrics {
@@ -144,6 +151,18 @@ impl Metrics {
             "counter",
             "Will messages published.",
             self.wills_published.get().to_string(),
+        );
+        line(
+            "jetmq_draining",
+            "gauge",
+            "1 while the node drains: unready, listeners closed, clients sent away in waves.",
+            self.draining.get().to_string(),
+        );
+        line(
+            "jetmq_drain_disconnects_total",
+            "counter",
+            "Clients asked to leave by a drain.",
+            self.drain_disconnects.get().to_string(),
         );
         out
     }

@@ -60,8 +60,12 @@ ACL = {
 }
 
 
+# Teardown SIGTERMs the brokers: a short drain keeps that well inside harness.terminate()'s wait.
+DRAIN = {"duration_ms": 1000, "waves": 2, "timeout_ms": 8000}
+
+
 def broker_config(limits: dict | None = None, acl: dict | None = None) -> dict:
-    return {"limits": dict(limits or LIMITS), "acl": dict(acl or ACL)}
+    return {"limits": dict(limits or LIMITS), "acl": dict(acl or ACL), "drain": dict(DRAIN)}
 
 
 def mosquitto_conf(limits: dict | None = None) -> list[str]:

@@ -89,6 +89,8 @@ class Connack:
 class Disconnect:
     from_server: bool  # a DISCONNECT packet was received (v5); False: socket closed
     reason: int
+    props: dict = field(default_factory=dict)  # v5 DISCONNECT properties (e.g. ServerReference)
+    t: float = 0.0  # time.monotonic() when the client noticed
 
 
 def props_dict(p: Properties | None) -> dict:
@@ -207,7 +209,8 @@ class Client:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected = False
-        self.disconnects.put(Disconnect(bool(flags.is_disconnect_packet_from_server), int(reason_code.value)))
+        self.disconnects.put(Disconnect(bool(flags.is_disconnect_packet_from_server), int(reason_code.value),
+                                        props_dict(properties), time.monotonic()))
         with self._cv:
             self._cv.notify_all()
 

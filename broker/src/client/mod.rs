@@ -44,6 +44,10 @@ const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 const ROUTER_QUEUE: usize = 256;
 /// Outgoing bytes above which we stop taking new deliveries until the socket drains.
 const WRITE_SOFT_LIMIT: usize = 64 * 1024;
+/// How long a drained connection waits for the acknowledgements in flight (JetStream acks of
+/// its PUBLISHes, the client's PUBACKs) before it says goodbye. Whatever is still open then
+/// is resent after the client reconnects: duplicates, never losses.
+const DRAIN_SETTLE: Duration = Duration::from_secs(2);
 
 /// Why the loop ended.
 #[derive(Debug)]
@@ -107,6 +111,9 @@ pub(crate) struct Client<R, W> {
     /// Record fields changed that no pending write covers yet.
     record_dirty: bool,
     persist_failures: u32,
+    /// Set when a drain asked this connection to leave: nothing new goes out, and the loop
+    /// ends once what is in flight is acknowledged or this deadline passes.
+    closing: Option<Instant>,
 }
 
 /// Serves one accepted socket until it closes. Never panics on client input; every way out
@@ -277,6 +284,7 @@ async fn run<S: Transport>(
         waiting_for_persist: Vec::new(),
         riding_on_persist: Vec::new(),
         persist_failures: 0,
+        closing: None,
     };
     client.resend_released();
     client.join_shared();
@@ -292,9 +300,18 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         let packet_read_timeout =
             Duration::from_millis(self.node.config.limits.packet_read_timeout_ms);
         loop {
-            self.pump();
-            self.check_lag();
-            self.maybe_start_replay();
+            if let Some(deadline) = self.closing {
+                if (self.acks.is_empty() && self.delivery.inflight() == 0)
+                    || Instant::now() >= deadline
+                {
+                    self.send_drain_disconnect();
+                    return Exit::Shutdown;
+                }
+            } else {
+                self.pump();
+                self.check_lag();
+                self.maybe_start_replay();
+            }
             self.maybe_start_persist(false);
             if self.writer.pending() > stall_limit {
                 tracing::info!(client_id = %self.client_id, bytes = self.writer.pending(), "client is not reading; disconnecting");
@@ -308,7 +325,8 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             // Keep alive alone does not stop a client that trickles a packet a byte at a
             // time (every byte counts as activity): each packet must also arrive in time.
             let packet_deadline = self.partial_since.map(|since| since + packet_read_timeout);
-            let accept_deliveries = self.delivery.replay_upto.is_none()
+            let accept_deliveries = self.closing.is_none()
+                && self.delivery.replay_upto.is_none()
                 && !self.delivery.is_full()
                 && self.writer.pending() < WRITE_SOFT_LIMIT;
             tokio::select! {
@@ -394,19 +412,24 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     self.send_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
                     return Exit::Abnormal;
                 }
+                _ = sleep_until(self.closing) => {}
                 command = control.recv() => {
-                    let command = command.unwrap_or(Control::Shutdown);
-                    self.send_disconnect(control_reason(command));
-                    return match command {
+                    match command.unwrap_or(Control::Shutdown) {
                         Control::TakenOver => {
+                            self.send_disconnect(control_reason(Control::TakenOver));
                             tracing::info!(client_id = %self.client_id, "session taken over by a newer connection");
-                            Exit::TakenOver
+                            return Exit::TakenOver;
                         }
-                        Control::Shutdown => Exit::Shutdown,
-                    };
+                        Control::Shutdown => {
+                            if self.closing.is_none() {
+                                tracing::debug!(client_id = %self.client_id, inflight = self.delivery.inflight(), "drain: settling before disconnect");
+                                self.closing = Some(Instant::now() + DRAIN_SETTLE);
+                            }
+                        }
+                    }
                 }
                 _ = self.node.shutdown.cancelled() => {
-                    self.send_disconnect(ReasonCode::SERVER_SHUTTING_DOWN);
+                    self.send_drain_disconnect();
                     return Exit::Shutdown;
                 }
             }
@@ -437,6 +460,22 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 .writer
                 .queue(&Packet::Disconnect(Disconnect::new(reason)));
         }
+    }
+
+    /// The drain's goodbye: 0x9C with the configured Server Reference, else 0x8B.
+    fn send_drain_disconnect(&mut self) {
+        if !self.v5 {
+            return;
+        }
+        let reference = self.node.config.drain.server_reference.clone();
+        let reason = if reference.is_some() {
+            ReasonCode::USE_ANOTHER_SERVER
+        } else {
+            ReasonCode::SERVER_SHUTTING_DOWN
+        };
+        let mut disconnect = Disconnect::new(reason);
+        disconnect.properties.server_reference = reference;
+        let _ = self.writer.queue(&Packet::Disconnect(disconnect));
     }
 
     fn protocol_error(&mut self, reason: ReasonCode, what: &str) -> Exit {
@@ -533,9 +572,13 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     self.publish_own_will().await;
                 }
                 self.record.will = None;
-                self.end_session().await;
+                self.end_session(0).await;
             }
-            Exit::Abnormal | Exit::Shutdown => self.end_session().await,
+            Exit::Abnormal => self.end_session(0).await,
+            Exit::Shutdown => {
+                let min_will_delay = self.node.config.drain.will_delay_secs;
+                self.end_session(min_will_delay).await
+            }
         }
     }
 }

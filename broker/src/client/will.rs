@@ -104,7 +104,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
 
     /// The connection is gone: publish or schedule the will, then either delete the session
     /// (no expiry) or leave it for a later connection, marked as disconnected.
-    pub(super) async fn end_session(&mut self) {
+    /// `min_will_delay` (seconds, drain only) postpones the will of a persistent session so
+    /// a client that resumes it elsewhere in time cancels it.
+    pub(super) async fn end_session(&mut self, min_will_delay: u32) {
         if let Some(pending) = self.persist.take() {
             match pending.await {
                 Ok(revision) => self.revision = revision,
@@ -128,7 +130,12 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             return;
         }
         let mut due = None;
-        match self.record.will.as_ref().map(|w| w.delay_secs) {
+        match self
+            .record
+            .will
+            .as_ref()
+            .map(|w| w.delay_secs.max(min_will_delay))
+        {
             Some(0) => self.publish_own_will().await,
             Some(delay) => {
                 let delay_ms = u64::from(delay.min(self.record.expiry_secs)) * 1000;
