@@ -192,6 +192,14 @@ def test_broker_flags_in_the_compose_files_are_accepted_by_the_broker(stack, nod
     # The check really checks: a flag the broker does not know fails it.
     bad = run([harness.broker_bin(), "--node-id=x", "--no-such-flag", "--check-config"])
     assert bad.returncode != 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETMQ_")}
+    bad = run([harness.broker_bin(), "--node-id=not valid", "--check-config"], env=env)
+    assert bad.returncode == 2 and "node_id" in bad.stderr, bad.stderr
+    # Files are read too: a TLS listener whose certificate does not exist is refused.
+    bad = run([harness.broker_bin(), "--node-id=x", "--check-config"],
+              env={**env, "JETMQ_LISTEN__TLS": "127.0.0.1:8883", "JETMQ_TLS__CERT_FILE": "/nonexistent/cert.pem",
+                   "JETMQ_TLS__KEY_FILE": "/nonexistent/key.pem"})
+    assert bad.returncode == 2, bad.stdout + bad.stderr
 
 
 def test_ingestor_flags_and_environment_are_accepted_by_the_ingestor(stack, node):
