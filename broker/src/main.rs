@@ -35,6 +35,10 @@ struct Cli {
     /// This node's id (default: host name); for `drain`, the node to drain.
     #[arg(long, global = true)]
     node_id: Option<String>,
+    /// Load and validate the configuration (file, environment, flags), print it, exit 0
+    /// if it is valid and 2 if not. Reads certificate files but connects to nothing.
+    #[arg(long)]
+    check_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -134,6 +138,35 @@ fn hash_password() -> ExitCode {
     }
 }
 
+fn check_config(config: &Config) -> ExitCode {
+    // What Config::load cannot see: certificate and key files are read at start-up.
+    if let Err(err) = jetmq_broker::transport::Edge::new(config) {
+        eprintln!("jetmq-broker: {err:#}");
+        return ExitCode::from(2);
+    }
+    if let Err(err) = jetmq_broker::authn::Authenticator::new(&config.auth) {
+        eprintln!("jetmq-broker: {err:#}");
+        return ExitCode::from(2);
+    }
+    // A summary rather than the whole configuration: that holds secrets (NATS token,
+    // JWT key, password hashes) that do not belong in a terminal or a CI log.
+    let listeners: Vec<String> = jetmq_broker::transport::listeners(&config.listen)
+        .into_iter()
+        .map(|(kind, addr)| format!("{kind} {addr}"))
+        .collect();
+    println!(
+        "configuration ok: node_id={} mqtt=[{}] http={} nats=[{}]",
+        config.node_id,
+        listeners.join(", "),
+        config
+            .listen
+            .http
+            .map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        config.nats.urls.join(", ")
+    );
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let drain_timeout = match cli.command {
@@ -163,6 +196,9 @@ fn main() -> ExitCode {
     };
     if let Some(timeout) = drain_timeout {
         return drain(&config, timeout);
+    }
+    if cli.check_config {
+        return check_config(&config);
     }
     jetmq_broker::telemetry::init_logging(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -566,10 +566,14 @@ async fn answer_http(node: Arc<Node>, mut stream: TcpStream) -> std::io::Result<
                 ("503 Service Unavailable", "not ready\n".to_owned())
             }
         }
-        "/metrics" => (
-            "200 OK",
-            node.metrics.render(node.router.subscription_count()),
-        ),
+        "/metrics" => {
+            let sessions = node.clients.lock().unwrap_or_else(|p| p.into_inner()).len();
+            (
+                "200 OK",
+                node.metrics
+                    .render(node.router.subscription_count(), sessions),
+            )
+        }
         _ => ("404 Not Found", "not found\n".to_owned()),
     };
     let response = format!(

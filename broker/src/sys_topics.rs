@@ -54,8 +54,8 @@ impl Snapshot {
             clients_connected: node.clients.lock().unwrap_or_else(|p| p.into_inner()).len(),
             subscriptions: node.router.subscription_count(),
             retained: node.retained.len(),
-            messages_received: node.metrics.messages_received.get(),
-            messages_sent: node.metrics.messages_sent.get(),
+            messages_received: node.metrics.messages_received.total(),
+            messages_sent: node.metrics.messages_sent.total(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! how a message is wrapped for JetStream, and the names of streams and buckets.
 
 pub mod envelope;
+pub mod histogram;
 pub mod natsconn;
 pub mod shares;
 pub mod streams;

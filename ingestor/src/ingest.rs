@@ -165,10 +165,15 @@ async fn await_delivery(
 ) -> Outcome {
     let mut current = first;
     let mut attempt = 0u32;
+    // Per attempt: the latency of a confirmation, not of our retry back-off.
+    let mut enqueued = Instant::now();
     loop {
         let err = match current {
             Ok(future) => match future.await {
-                Ok(Ok(_)) => return Outcome::Produced,
+                Ok(Ok(_)) => {
+                    shared.stats.produce_latency.observe(enqueued.elapsed());
+                    return Outcome::Produced;
+                }
                 Ok(Err((e, _))) => e,
                 Err(_) => KafkaError::Canceled,
             },
@@ -190,6 +195,7 @@ async fn await_delivery(
             debug!(seq, attempt, error = %err, ?delay, "Kafka did not take the record, retrying");
         }
         tokio::time::sleep(delay).await;
+        enqueued = Instant::now();
         current = enqueue(&shared.producer, &record);
     }
 }
@@ -465,7 +471,9 @@ pub async fn run(
         pending: VecDeque::new(),
         blocked: None,
     };
+    stats.ready.store(true, Ordering::Relaxed);
     let result = pipeline.run(&consumer, &mut shutdown).await;
+    stats.ready.store(false, Ordering::Relaxed);
 
     // Drain: wait for the confirmations of what is in flight, ack them. Bounded even if NATS
     // itself is unreachable meanwhile.

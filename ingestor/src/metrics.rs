@@ -1,10 +1,12 @@
-//! Counters, logged periodically and served as Prometheus text on `GET /metrics`.
+//! Counters, logged periodically and served as Prometheus text on `GET /metrics`, next to
+//! `GET /healthz` (the process answers) and `GET /readyz` (consuming its share).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use jetmq_common::histogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -30,6 +32,10 @@ pub struct Stats {
     pub in_flight: AtomicI64,
     /// The consumer's num_pending (messages of the share not yet delivered), -1 unknown.
     pub lag: AtomicI64,
+    /// Time from handing a record to librdkafka until Kafka confirmed it (per attempt).
+    pub produce_latency: Histogram,
+    /// Connected to NATS, consumer in place, taking messages: what /readyz reports.
+    pub ready: AtomicBool,
 }
 
 impl Stats {
@@ -114,11 +120,33 @@ impl Stats {
                 value.load(Ordering::Relaxed)
             ));
         }
+        out.push_str(&format!(
+            "# HELP jetmq_ingestor_ready Consuming its share (1) or not (0).\n# TYPE jetmq_ingestor_ready gauge\njetmq_ingestor_ready{{mqtt_id=\"{mqtt_id}\"}} {}\n",
+            u8::from(self.ready.load(Ordering::Relaxed))
+        ));
+        self.produce_latency.render(
+            &mut out,
+            "jetmq_ingestor_kafka_produce_seconds",
+            "Time from handing a record to the Kafka producer until Kafka confirmed it.",
+            &format!("mqtt_id=\"{mqtt_id}\""),
+        );
         out
+    }
+
+    /// Status line and body for a request `path`.
+    fn answer(&self, path: &str, mqtt_id: u32) -> (&'static str, String) {
+        match path {
+            "/healthz" => ("200 OK", "ok\n".to_owned()),
+            "/readyz" if self.ready.load(Ordering::Relaxed) => ("200 OK", "ready\n".to_owned()),
+            "/readyz" => ("503 Service Unavailable", "not ready\n".to_owned()),
+            // Every other path is the metrics page, as it always was.
+            _ => ("200 OK", self.prometheus(mqtt_id)),
+        }
     }
 }
 
-/// Serves `GET /metrics` (any path, in fact) on `listener` until the task is dropped.
+/// Serves `GET /healthz`, `GET /readyz` and `GET /metrics` (any other path, in fact) on
+/// `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, stats: Arc<Stats>, mqtt_id: u32) {
     loop {
         let (mut socket, _) = match listener.accept().await {
@@ -151,9 +179,11 @@ pub async fn serve(listener: TcpListener, stats: Arc<Stats>, mqtt_id: u32) {
             if read.is_err() {
                 return;
             }
-            let body = stats.prometheus(mqtt_id);
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/metrics");
+            let (status, body) = stats.answer(path, mqtt_id);
             let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = socket.write_all(response.as_bytes()).await;
@@ -199,5 +229,52 @@ mod tests {
             "{response}"
         );
         assert!(stats.summary().contains("consumed=2"));
+        assert!(
+            response.contains("jetmq_ingestor_kafka_produce_seconds_count{mqtt_id=\"3\"} 0"),
+            "{response}"
+        );
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut response = String::new();
+        conn.read_to_string(&mut response).await.expect("read");
+        response
+    }
+
+    #[tokio::test]
+    async fn health_and_readiness_follow_the_ready_flag() {
+        let stats = Stats::new();
+        stats.produce_latency.observe(Duration::from_millis(30));
+        let listener = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(serve(listener, stats.clone(), 1));
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200 OK"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        stats.ready.store(true, Ordering::Relaxed);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200 OK"));
+        let page = get(addr, "/metrics").await;
+        server.abort();
+        assert!(
+            page.contains("jetmq_ingestor_ready{mqtt_id=\"1\"} 1"),
+            "{page}"
+        );
+        assert!(
+            page.contains(
+                "jetmq_ingestor_kafka_produce_seconds_bucket{mqtt_id=\"1\",le=\"0.05\"} 1"
+            ),
+            "{page}"
+        );
+        assert!(
+            page.contains(
+                "jetmq_ingestor_kafka_produce_seconds_bucket{mqtt_id=\"1\",le=\"0.025\"} 0"
+            ),
+            "{page}"
+        );
     }
 }

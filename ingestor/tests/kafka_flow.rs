@@ -287,6 +287,16 @@ topic = "temps"
         .await;
         assert_eq!(m.get("produced_total"), Some(&((N + 3) as f64)));
         assert_eq!(m.get("lag"), Some(&0.0));
+        assert_eq!(m.get("ready"), Some(&1.0));
+        // One produce-latency observation per record Kafka confirmed; tansu on loopback
+        // confirms within seconds, not never and not instantly.
+        assert_eq!(
+            m.get("kafka_produce_seconds_count"),
+            Some(&((N + 3) as f64)),
+            "{m:?}"
+        );
+        let mean = m["kafka_produce_seconds_sum"] / m["kafka_produce_seconds_count"];
+        assert!(mean > 0.0 && mean < 10.0, "mean produce latency {mean} s");
         // Graceful shutdown: exit 0.
         let status = ingestor.sigterm(Duration::from_secs(15));
         assert!(status.success(), "exit status {status:?}");

@@ -7,6 +7,7 @@ use jetmq_codec::{
 use crate::authn::{Credentials, Refusal};
 use crate::server::Node;
 use crate::session::{now_ms, Owner, SessionRecord, StoreError, StoredProperties, StoredWill};
+use crate::telemetry::PreviousOwner;
 use crate::topic;
 
 /// What the handshake settled.
@@ -180,6 +181,7 @@ pub(super) async fn claim_session(
         record.username = admission.username.clone();
         match store.save(&record, revision).await {
             Ok(revision) => {
+                count_claim(node, session_present, previous_owner.as_ref());
                 if let Some(owner) = previous_owner {
                     node.metrics.takeovers.inc();
                     node.kick(&owner.node, &admission.client_id, owner.connection)
@@ -195,6 +197,21 @@ pub(super) async fn claim_session(
             Err(err) => return Err(err),
         }
     }
+}
+
+fn count_claim(node: &Node, session_present: bool, previous_owner: Option<&Owner>) {
+    if !session_present {
+        node.metrics.sessions_created.inc();
+        return;
+    }
+    // A session still owned by another node when its client comes back here is, after a
+    // node failure, exactly the "session load after failover" operators want to see.
+    let previous = match previous_owner {
+        None => PreviousOwner::None,
+        Some(owner) if owner.node == node.config.node_id => PreviousOwner::ThisNode,
+        Some(_) => PreviousOwner::OtherNode,
+    };
+    node.metrics.session_resumed(previous);
 }
 
 pub(super) fn connack(

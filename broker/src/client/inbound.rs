@@ -24,7 +24,7 @@ pub(super) type PendingAck = Pin<Box<dyn Future<Output = InboundDone> + Send>>;
 
 impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
     pub(super) async fn handle_publish(&mut self, mut publish: Publish) -> Result<(), Exit> {
-        self.node.metrics.messages_received.inc();
+        self.node.metrics.messages_received.inc(publish.qos as u8);
         let limits = &self.node.config.limits;
         if let Some(alias) = publish.properties.topic_alias.take() {
             if alias == 0 || alias > limits.topic_alias_maximum {
@@ -213,6 +213,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         msg_id: Option<&str>,
     ) -> Result<(), Exit> {
         let qos = QoS::from_u8(envelope.qos).unwrap_or(QoS::AtLeastOnce);
+        let started = std::time::Instant::now();
         match self
             .node
             .ingress
@@ -220,11 +221,16 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             .await
         {
             Ok(ack) => {
+                let metrics = self.node.metrics.clone();
                 self.acks.push_back(Box::pin(async move {
+                    let result = ack.await;
+                    if result.is_ok() {
+                        metrics.publish_ack_latency.observe(started.elapsed());
+                    }
                     InboundDone {
                         packet_id,
                         qos,
-                        result: ack.await,
+                        result,
                     }
                 }));
                 Ok(())

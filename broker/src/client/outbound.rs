@@ -189,7 +189,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         };
         match self.writer.queue(&Packet::Publish(publish)) {
             Ok(true) => {
-                self.node.metrics.messages_sent.inc();
+                self.node.metrics.messages_sent.inc(delivery.qos as u8);
                 self.delivery.sent(delivery, packet_id);
             }
             Ok(false) => {
