@@ -7,7 +7,13 @@ use bytes::BytesMut;
 use jetmq_codec::{
     decode_packet, encode_packet, encoded_len, DecodeError, EncodeError, Packet, ProtocolVersion,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// Bytes read at once into the stack buffer while a connection has nothing buffered.
+const IDLE_READ_CHUNK: usize = 4096;
 
 /// Anything a client can connect over: TCP, TLS, WebSocket.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -65,10 +71,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Reads more bytes from the socket. Cancellation safe.
     pub async fn fill(&mut self) -> Result<(), ReadError> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(2048);
-        }
-        let n = self.reader.read_buf(&mut self.buf).await?;
+        let n = if self.buf.is_empty() {
+            // Waiting between packets is what idle connections do all day: wait with a
+            // stack buffer and copy what arrives, so that waiting costs no heap memory.
+            let (reader, buf) = (&mut self.reader, &mut self.buf);
+            std::future::poll_fn(|cx| {
+                let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); IDLE_READ_CHUNK];
+                let mut read = ReadBuf::uninit(&mut stack);
+                match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {
+                        buf.extend_from_slice(read.filled());
+                        Poll::Ready(Ok(read.filled().len()))
+                    }
+                    Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await?
+        } else {
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(2048);
+            }
+            self.reader.read_buf(&mut self.buf).await?
+        };
         if n == 0 {
             return Err(if self.buf.is_empty() {
                 ReadError::Closed

@@ -99,7 +99,55 @@ impl Node {
             }
         }
     }
+
+    fn is_live_here(&self, client_id: &str, connection: u64) -> bool {
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(client_id)
+            .is_some_and(|c| c.connection == connection)
+    }
+
+    /// Asks a session's current connection to go away and waits (bounded) until it has
+    /// written its final state: where it got to in the stream, which QoS 2 messages are
+    /// released. The next owner then starts from there instead of from the last periodic
+    /// write, which matters when a client roams to another node within milliseconds.
+    /// A dead node or one that does not answer in time changes nothing: the caller claims
+    /// the session as it is stored and kicks afterwards.
+    pub async fn hand_over(&self, node: &str, client_id: &str, connection: u64) {
+        if node == self.config.node_id {
+            self.kick_local(client_id, connection);
+            self.wait_until_gone(client_id, connection).await;
+            return;
+        }
+        let payload = format!("{connection}\n{client_id}");
+        let request = self
+            .cluster
+            .client
+            .request(cluster::kick_subject(node), payload.into());
+        match tokio::time::timeout(HANDOVER_WAIT, request).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::debug!(client_id, node, error = %err, "previous owner did not hand the session over")
+            }
+            Err(_) => {
+                tracing::info!(client_id, node, "previous owner did not hand the session over in time")
+            }
+        }
+    }
+
+    async fn wait_until_gone(&self, client_id: &str, connection: u64) {
+        // Takeovers are rare; polling the registry costs nothing per connection, unlike a
+        // completion channel held by every connection.
+        let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+        while self.is_live_here(client_id, connection) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
 }
+
+/// How long a new owner waits for the previous connection's final session write.
+const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
 /// Starts the node and serves until `drain` (graceful: see [`drain_clients`]) or `shutdown`
 /// (immediate) is cancelled.
@@ -526,10 +574,19 @@ async fn serve_kicks(node: Arc<Node>, mut kicks: async_nats::Subscriber) {
         let Some((connection, client_id)) = text.split_once('\n') else {
             continue;
         };
-        let Ok(connection) = connection.parse() else {
+        let Ok(connection) = connection.parse::<u64>() else {
             continue;
         };
         node.kick_local(client_id, connection);
+        if let Some(reply) = message.reply {
+            // The requester waits for the session's final write: answer once it is done.
+            let node = node.clone();
+            let client_id = client_id.to_owned();
+            tokio::spawn(async move {
+                node.wait_until_gone(&client_id, connection).await;
+                let _ = node.cluster.client.publish(reply, Default::default()).await;
+            });
+        }
     }
 }
 

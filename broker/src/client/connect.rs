@@ -157,11 +157,20 @@ pub(super) async fn claim_session(
 ) -> Result<Claim, StoreError> {
     let store = &node.cluster.sessions;
     let mut attempt = 0;
+    let mut handed_over_by = None;
     loop {
         attempt += 1;
         let (existing, revision) = store.load(&admission.client_id).await?;
         let now = now_ms();
         let previous_owner = existing.as_ref().and_then(|r| r.owner.clone());
+        if handed_over_by.is_none() {
+            if let Some(owner) = &previous_owner {
+                node.hand_over(&owner.node, &admission.client_id, owner.connection)
+                    .await;
+                handed_over_by = Some(owner.clone());
+                continue;
+            }
+        }
         let (mut record, session_present) = match existing {
             Some(record) if !connect.clean_start && !record.is_expired(now) => (record, true),
             _ => (
@@ -181,9 +190,17 @@ pub(super) async fn claim_session(
         record.username = admission.username.clone();
         match store.save(&record, revision).await {
             Ok(revision) => {
-                count_claim(node, session_present, previous_owner.as_ref());
-                if let Some(owner) = previous_owner {
+                count_claim(
+                    node,
+                    session_present,
+                    previous_owner.as_ref().or(handed_over_by.as_ref()),
+                );
+                if previous_owner.is_some() || handed_over_by.is_some() {
                     node.metrics.takeovers.inc();
+                }
+                // Still owned after the hand-over: the old connection did not answer in time
+                // (or its node is gone); make sure it goes.
+                if let Some(owner) = previous_owner {
                     node.kick(&owner.node, &admission.client_id, owner.connection)
                         .await;
                 }

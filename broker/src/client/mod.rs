@@ -124,24 +124,32 @@ pub async fn serve<S: Transport>(node: Arc<Node>, stream: S, peer: SocketAddr) {
     let (read_half, write_half) = tokio::io::split(stream);
     let reader = FrameReader::new(read_half, node.config.limits.max_packet_size as usize);
     let writer = FrameWriter::new(write_half);
-    run(node.clone(), reader, writer, peer).await;
+    // The handshake's state (CONNECT packet, session claim) is large and short-lived: boxed,
+    // so that it is freed once the session runs. A suspended future is as big as its
+    // largest state, and an idle connection should pay only for waiting.
+    if let Some((mut client, mut control_rx)) =
+        Box::pin(handshake(node.clone(), reader, writer, peer)).await
+    {
+        let exit = client.run_loop(&mut control_rx).await;
+        Box::pin(client.finish(exit)).await;
+    }
     node.metrics.connections.dec();
 }
 
-// The large, short-lived steps (handshake, session claim, packet handling, clean-up) are
-// boxed: a suspended future is as big as its largest state, and an idle connection should
-// pay only for waiting.
-async fn run<S: Transport>(
+/// A connection past CONNACK: its state and the channel for orders from the node.
+type Established<S> = (Client<ReadHalf<S>, WriteHalf<S>>, mpsc::Receiver<Control>);
+
+async fn handshake<S: Transport>(
     node: Arc<Node>,
     mut reader: FrameReader<ReadHalf<S>>,
     mut writer: FrameWriter<WriteHalf<S>>,
     peer: SocketAddr,
-) {
+) -> Option<Established<S>> {
     let timeout = Duration::from_millis(node.config.limits.connect_timeout_ms);
     let first = match tokio::time::timeout(timeout, reader.next()).await {
         Err(_) => {
             tracing::info!(%peer, "no CONNECT within {timeout:?}; closing");
-            return;
+            return None;
         }
         Ok(Err(ReadError::Decode(jetmq_codec::DecodeError::UnsupportedProtocol(level)))) => {
             tracing::info!(%peer, level, "unsupported protocol level; refusing");
@@ -152,19 +160,19 @@ async fn run<S: Transport>(
             };
             let _ = writer.queue(&connect::refusal(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION));
             let _ = writer.flush().await;
-            return;
+            return None;
         }
         Ok(Err(err)) => {
             node.metrics.protocol_errors.inc();
             tracing::info!(%peer, error = %err, "closing before CONNECT completed");
-            return;
+            return None;
         }
         Ok(Ok(packet)) => packet,
     };
     let Packet::Connect(connect) = first else {
         node.metrics.protocol_errors.inc();
         tracing::info!(%peer, packet = first.name(), "first packet was not CONNECT; closing");
-        return;
+        return None;
     };
     writer.version = connect.protocol;
     let admission = match Box::pin(connect::admit(&node, &connect)).await {
@@ -173,7 +181,7 @@ async fn run<S: Transport>(
             tracing::info!(%peer, client_id = %connect.client_id, reason = reason.0, "CONNECT refused");
             let _ = writer.queue(&connect::refusal(reason));
             let _ = writer.flush().await;
-            return;
+            return None;
         }
     };
     if let Some(max) = connect.properties.maximum_packet_size {
@@ -190,11 +198,11 @@ async fn run<S: Transport>(
             tracing::warn!(%peer, client_id = %admission.client_id, error = %err, "cannot claim session; refusing");
             let _ = writer.queue(&connect::refusal(ReasonCode::SERVER_UNAVAILABLE));
             let _ = writer.flush().await;
-            return;
+            return None;
         }
     };
     let client_id: Arc<str> = Arc::from(admission.client_id.as_str());
-    let (control_tx, mut control_rx) = mpsc::channel(4);
+    let (control_tx, control_rx) = mpsc::channel(4);
     if let Some(previous) = node
         .clients
         .lock()
@@ -218,7 +226,7 @@ async fn run<S: Transport>(
         ))
         .is_err()
     {
-        return;
+        return None;
     }
     tracing::debug!(%peer, client_id = %client_id, session_present = claim.session_present, "connected");
 
@@ -288,8 +296,7 @@ async fn run<S: Transport>(
     };
     client.resend_released();
     client.join_shared();
-    let exit = client.run_loop(&mut control_rx).await;
-    Box::pin(client.finish(exit)).await;
+    Some((client, control_rx))
 }
 
 impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
@@ -549,15 +556,6 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             self.subscriptions.iter().map(|(f, _)| f.clone()),
         );
         self.leave_shared();
-        {
-            let mut clients = self.node.clients.lock().unwrap_or_else(|p| p.into_inner());
-            if clients
-                .get(&*self.client_id)
-                .is_some_and(|c| c.connection == self.connection)
-            {
-                clients.remove(&*self.client_id);
-            }
-        }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.writer.flush()).await;
         self.writer.shutdown().await;
         tracing::debug!(client_id = %self.client_id, ?exit, "connection ended");
@@ -566,6 +564,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 if self.record.will.as_ref().is_some_and(|w| w.delay_secs == 0) {
                     self.publish_own_will().await;
                 }
+                self.hand_over_session().await;
             }
             Exit::Disconnect { publish_will } => {
                 if publish_will {
@@ -579,6 +578,15 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 let min_will_delay = self.node.config.drain.will_delay_secs;
                 self.end_session(min_will_delay).await
             }
+        }
+        // Only now, with the session written: a new owner waiting in a hand-over watches
+        // for this entry to go (see Node::hand_over).
+        let mut clients = self.node.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if clients
+            .get(&*self.client_id)
+            .is_some_and(|c| c.connection == self.connection)
+        {
+            clients.remove(&*self.client_id);
         }
     }
 }

@@ -102,6 +102,29 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         }
     }
 
+    /// Another connection takes the session: write where this one got to, so the next
+    /// owner neither repeats acknowledged messages nor forgets released QoS 2 ones. A
+    /// conflict means the new owner claimed first (it stopped waiting): nothing to add.
+    pub(super) async fn hand_over_session(&mut self) {
+        if let Some(pending) = self.persist.take() {
+            match pending.await {
+                Ok(revision) => self.revision = revision,
+                Err(_) => return,
+            }
+        }
+        self.record.owner = None;
+        self.record.will_due_ms = None;
+        self.record.disconnected_at_ms = Some(now_ms());
+        self.record.cursor = self.delivery.durable_cursor();
+        self.record.released = self.delivery.released_sorted();
+        match self.node.cluster.sessions.save(&self.record, self.revision).await {
+            Ok(_) | Err(StoreError::Conflict) => {}
+            Err(err) => {
+                tracing::warn!(client_id = %self.client_id, error = %err, "session write failed at hand-over")
+            }
+        }
+    }
+
     /// The connection is gone: publish or schedule the will, then either delete the session
     /// (no expiry) or leave it for a later connection, marked as disconnected.
     /// `min_will_delay` (seconds, drain only) postpones the will of a persistent session so
