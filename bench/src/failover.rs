@@ -105,6 +105,11 @@ pub struct FailoverArgs {
     /// MQTT 5 session expiry, seconds.
     #[arg(long, default_value_t = 3600)]
     pub session_expiry: u32,
+    /// Subscribers hold each QoS 1 PUBACK this many milliseconds (a client that acknowledges
+    /// after processing). Keeps QoS 1 deliveries in flight while later QoS 2 ones complete,
+    /// the state a broker must persist carefully to resume without QoS 2 duplicates.
+    #[arg(long, default_value_t = 0)]
+    pub puback_delay_ms: u64,
     /// Print a timeline line per second to stderr.
     #[arg(long)]
     pub progress: bool,
@@ -447,6 +452,7 @@ pub async fn run(args: FailoverArgs, run_id: &str) -> Result<serde_json::Value> 
             "reconnect_delay": args.reconnect_delay,
             "reconnect_jitter": args.reconnect_jitter,
             "session_expiry": args.session_expiry,
+            "puback_delay_ms": args.puback_delay_ms,
             "kill": args.kill.as_ref().map(|k| format!("{}={}", k.name, k.pid)),
             "kill_target": args.kill_target.map(|t| t.to_string()),
             "mqtt": format!("{:?}", c.mqtt),
@@ -593,6 +599,9 @@ struct Client {
     reconnect_delay: Duration,
     reconnect_jitter: f64,
     keepalive: Duration,
+    puback_delay: Duration,
+    /// PUBACKs held back by --puback-delay-ms: when they are due, and for which packet id.
+    delayed_acks: VecDeque<(Instant, u16)>,
 }
 
 enum Event {
@@ -638,6 +647,8 @@ impl Client {
             reconnect_delay: secs(args.reconnect_delay),
             reconnect_jitter: args.reconnect_jitter.max(0.0),
             keepalive: Duration::from_secs(u64::from(c.keepalive)),
+            puback_delay: Duration::from_millis(args.puback_delay_ms),
+            delayed_acks: VecDeque::new(),
         }
     }
 
@@ -737,6 +748,8 @@ impl Client {
     /// session the broker lost), and resends what was in flight.
     async fn connect(&mut self, first: bool) -> Result<Conn> {
         let (mut conn, ack) = Conn::open(&self.opts).await?;
+        // Held PUBACKs belonged to the old connection; the broker sends those messages again.
+        self.delayed_acks.clear();
         let now = payload::now_ns();
         self.shared.bump(&self.shared.timeline.connacks, now, 1);
         if let Some(rm) = ack.properties.receive_maximum {
@@ -836,6 +849,14 @@ impl Client {
             }
             let now = Instant::now();
             let mut wake: Option<Instant> = None;
+            while let Some(&(due, id)) = self.delayed_acks.front() {
+                if due > now {
+                    wake = Some(due);
+                    break;
+                }
+                conn.queue(&Packet::PubAck(PubResp::new(id, ReasonCode::SUCCESS)))?;
+                self.delayed_acks.pop_front();
+            }
             if phase == Phase::Run && self.inflight.len() < self.window {
                 let period = Duration::from_secs_f64(1.0 / self.rate);
                 let due = *self.next_due.get_or_insert_with(|| {
@@ -848,7 +869,10 @@ impl Client {
                     let next = due + period;
                     self.next_due = Some(if next + period < now { now } else { next });
                 }
-                wake = self.next_due;
+                wake = match (wake, self.next_due) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
             }
             if !self.keepalive.is_zero() {
                 let ping_at = conn.last_write + self.keepalive * 3 / 4;
@@ -931,6 +955,10 @@ impl Client {
     fn on_publish(&mut self, conn: &mut Conn, p: Publish) -> Result<()> {
         match p.qos {
             QoS::AtMostOnce => {}
+            QoS::AtLeastOnce if !self.puback_delay.is_zero() => {
+                let due = Instant::now() + self.puback_delay;
+                self.delayed_acks.push_back((due, p.packet_id));
+            }
             QoS::AtLeastOnce => conn.queue(&Packet::PubAck(PubResp::new(
                 p.packet_id,
                 ReasonCode::SUCCESS,
