@@ -199,7 +199,7 @@ def _status_of(d):
     if d is None:
         return "missing"
     if get(d, "not_run"):
-        return "not run"
+        return "not applicable" if "not applicable" in str(get(d, "error")) else "not run"
     if get(d, "error"):
         return "FAILED: " + str(get(d, "error"))
     if not get(d, "ok", default=False):

@@ -365,6 +365,7 @@ pub async fn run(args: FailoverArgs, run_id: &str) -> Result<serde_json::Value> 
     monitor.mark("drained");
     // Before Close, which ends the reconnect loops too.
     let down_at_end = ld(&shared.down);
+    let timeline_end = run_start.elapsed();
     let connected_at_end = ld(&shared.connected);
     let _ = phase_tx.send(Phase::Close);
     let close_limit = deadline.cap(Instant::now() + Duration::from_secs(15));
@@ -427,7 +428,7 @@ pub async fn run(args: FailoverArgs, run_id: &str) -> Result<serde_json::Value> 
     } else {
         None
     };
-    let timeline = timeline_json(&shared, run_start);
+    let timeline = timeline_json(&shared, timeline_end);
     let sent = ld(&shared.sent);
     let acked = ld(&shared.acked);
     let ok = notes.is_empty()
@@ -541,9 +542,11 @@ async fn sample_connected(shared: Arc<Shared>, progress: bool) {
     }
 }
 
-fn timeline_json(shared: &Shared, run_start: Instant) -> serde_json::Value {
+/// The whole seconds of the timeline up to `end` (since the start of publishing): the
+/// closing phase, which would share the last partial second, is left out.
+fn timeline_json(shared: &Shared, end: Duration) -> serde_json::Value {
     let t = &shared.timeline;
-    let end = ((run_start.elapsed().as_secs_f64()).ceil() as usize).min(t.received.len());
+    let end = (end.as_secs() as usize).min(t.received.len());
     let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let rows: Vec<serde_json::Value> = (0..end)
         .map(|s| {
