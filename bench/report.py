@@ -5,7 +5,8 @@
 
 Reads DIR/<scenario>.<target>.json (one jetmq-bench result each) and writes
 OUT/latest.json, OUT/latest.md, OUT/latency.png (matplotlib) or OUT/latency.svg
-(hand-written, when matplotlib is missing), and copies the raw results and the
+(hand-written, when matplotlib is missing), OUT/failover.png (the node-failure timeline:
+connected clients and messages per second; matplotlib only), and copies the raw results and the
 warnings/errors grepped from the process logs to OUT/raw/. Prints the table.
 Standard library only (matplotlib optional).
 """
@@ -38,6 +39,7 @@ SCENARIO_TITLES = {
     "clients10k": "10k clients x 1 msg/s",
     "idle10k": "idle connections",
     "reconnect": "reconnect storm",
+    "failover": "node failure (kill -9)",
     "kafka": "MQTT to Kafka",
 }
 
@@ -140,6 +142,18 @@ METRICS = [
     ("reconnect", "kernel listen overflows", lambda d, t: get(d, "kernel_tcp", "listen_overflows"), "lower", "{:,.0f}"),
     ("clients10k", "kernel listen overflows", lambda d, t: get(d, "kernel_tcp", "listen_overflows"), "lower", "{:,.0f}"),
     ("idle10k", "kernel listen overflows", lambda d, t: get(d, "kernel_tcp", "listen_overflows"), "lower", "{:,.0f}"),
+    ("failover", "clients", lambda d, t: get(d, "result", "connect", "ok"), "higher", "{:,.0f}"),
+    ("failover", "clients dropped by the kill", lambda d, t: get(d, "result", "kill", "clients_dropped"), "", "{:,.0f}"),
+    ("failover", "resumed, session present", lambda d, t: get(d, "result", "kill", "resumed_session_present"), "higher", "{:,.0f}"),
+    ("failover", "reconnected, session lost", lambda d, t: get(d, "result", "kill", "resumed_session_absent"), "lower", "{:,.0f}"),
+    ("failover", "s from kill to last resume", lambda d, t: get(d, "result", "kill", "last_resume_secs"), "lower", "{:,.2f}"),
+    ("failover", "all connected at end", lambda d, t: get(d, "result", "kill", "all_connected_at_end"), "higher", "{}"),
+    ("failover", "messages acknowledged", lambda d, t: get(d, "result", "publish", "acked"), "higher", "{:,.0f}"),
+    ("failover", "lost (acked, not delivered)", lambda d, t: get(d, "result", "receive", "lost"), "lower", "{:,.0f}"),
+    ("failover", "QoS 2 duplicates", lambda d, t: get(d, "result", "receive", "duplicates_qos2"), "lower", "{:,.0f}"),
+    ("failover", "QoS 1 duplicates", lambda d, t: get(d, "result", "receive", "duplicates_qos1"), "lower", "{:,.0f}"),
+    ("failover", "latency p99 ms", lambda d, t: get(d, "result", "receive", "latency_ms", "p99"), "lower", "{:,.1f}"),
+    ("failover", "latency max ms", lambda d, t: get(d, "result", "receive", "latency_ms", "max"), "lower", "{:,.1f}"),
 ]
 def log_lines(d, t):
     logs = get(d, "_logs")
@@ -185,7 +199,7 @@ def _status_of(d):
     if d is None:
         return "missing"
     if get(d, "not_run"):
-        return "not run"
+        return "not applicable" if "not applicable" in str(get(d, "error")) else "not run"
     if get(d, "error"):
         return "FAILED: " + str(get(d, "error"))
     if not get(d, "ok", default=False):
@@ -300,6 +314,19 @@ def check_targets(rows, targets, quick):
         add("reconnect storm < 5 s", j, st, 5,
             None if st is None else (st < 5 and (sp or 0) >= 1.0),
             "until every client has CONNACK with session present")
+    if "jetmq3" in targets:
+        lost = value(rows, "failover", "lost (acked, not delivered)", "jetmq3")
+        dup2 = value(rows, "failover", "QoS 2 duplicates", "jetmq3")
+        resume = value(rows, "failover", "s from kill to last resume", "jetmq3")
+        absent = value(rows, "failover", "reconnected, session lost", "jetmq3")
+        back = value(rows, "failover", "all connected at end", "jetmq3")
+        add("node failure: zero loss", "jetmq3", lost, 0, None if lost is None else lost == 0,
+            "acknowledged (PUBACK/PUBCOMP) and never delivered")
+        add("node failure: no QoS 2 duplicates", "jetmq3", dup2, 0, None if dup2 is None else dup2 == 0,
+            "QoS 2 messages delivered twice")
+        add("node failure: all sessions resumed < 10 s", "jetmq3", resume, 10,
+            None if resume is None else (resume < 10 and absent == 0 and back is True),
+            "kill until the last dropped client had CONNACK with session present")
     if quick:
         for c in checks:
             c["detail"] += " (quick mode: scaled down)"
@@ -340,7 +367,7 @@ def machine_info(args):
 def latency_series(runs, targets):
     """(scenario, target) -> percentiles in ms, for the pubsub scenarios."""
     out = {}
-    for s in ("qos0-fanin", "qos1-fanin", "qos1-backlog", "fanout", "clients10k"):
+    for s in LATENCY_SCENARIOS:
         for t in targets:
             lat = get(runs.get(s, {}).get(t) or {}, "result", "receive", "latency_ms")
             if lat and lat.get("count"):
@@ -348,6 +375,7 @@ def latency_series(runs, targets):
     return out
 
 
+LATENCY_SCENARIOS = ("qos0-fanin", "qos1-fanin", "qos1-backlog", "fanout", "clients10k", "failover")
 PCT_LABELS = ["p50", "p90", "p99", "p99.9", "max"]
 COLORS = {"mosquitto": "#4c72b0", "nats": "#55a868", "jetmq1": "#c44e52", "jetmq3": "#8172b2"}
 
@@ -360,7 +388,7 @@ def plot_png(series, targets, path):
         import matplotlib.pyplot as plt
     except Exception:  # noqa: BLE001
         return False
-    scen = [s for s in ("qos0-fanin", "qos1-fanin", "qos1-backlog", "fanout", "clients10k") if any((s, t) in series for t in targets)]
+    scen = [s for s in LATENCY_SCENARIOS if any((s, t) in series for t in targets)]
     if not scen:
         return False
     ncols = min(3, len(scen))
@@ -391,7 +419,7 @@ def plot_png(series, targets, path):
 def plot_svg(series, targets, path):
     import math
 
-    scen = [s for s in ("qos0-fanin", "qos1-fanin", "qos1-backlog", "fanout", "clients10k") if any((s, t) in series for t in targets)]
+    scen = [s for s in LATENCY_SCENARIOS if any((s, t) in series for t in targets)]
     if not scen:
         return False
     pw, ph, pad = 380, 260, 50
@@ -433,6 +461,86 @@ def plot_svg(series, targets, path):
     parts.append("</svg>")
     Path(path).write_text("\n".join(parts))
     return True
+
+
+def plot_failover(d, path):
+    """Connected clients and messages per second around the kill; False without data."""
+    rows = get(d, "result", "timeline") or []
+    if not rows:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return False
+    t = [r["t"] for r in rows]
+    lo = [r["connected_min"] if r["connected_min"] is not None else r["connected_max"] for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    ax.step(t, lo, where="post", color="#8172b2", label="connected clients (lowest in the second)")
+    ax.set_xlabel("seconds since publishing started")
+    ax.set_ylabel("connected clients")
+    ax.set_ylim(0, max(get(d, "params", "clients") or 0, max(lo or [0])) * 1.08 + 1)
+    ax2 = ax.twinx()
+    ax2.plot(t, [r["received"] for r in rows], color="#c44e52", label="messages received / s")
+    ax2.plot(t, [r["acked"] for r in rows], color="#55a868", alpha=0.8, label="publishes acknowledged / s")
+    ax2.set_ylabel("messages per second")
+    ax2.set_ylim(bottom=0)
+    kill = get(d, "result", "kill", "at_secs")
+    if kill is not None:
+        ax.axvline(kill, color="black", linestyle="--", linewidth=1)
+        ax.text(kill, ax.get_ylim()[1] * 0.98, " kill -9", va="top")
+        last = get(d, "result", "kill", "last_resume_secs")
+        if last is not None:
+            ax.axvspan(kill, kill + last, color="#dddddd", alpha=0.5, label=f"kill to last resume: {last:.1f} s")
+    lost = get(d, "result", "receive", "lost")
+    dup2 = get(d, "result", "receive", "duplicates_qos2")
+    dup1 = get(d, "result", "receive", "duplicates_qos1")
+    ax.set_title(f"node failure: {get(d, 'params', 'clients')} clients, lost {lost}, "
+                 f"QoS 2 duplicates {dup2}, QoS 1 duplicates {dup1}", fontsize=10)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def failover_md(d, plot):
+    """A section for latest.md: the key numbers and the timeline."""
+    r = get(d, "result") or {}
+    k = r.get("kill") or {}
+    rec = r.get("receive") or {}
+    out = ["", "## Node failure", ""]
+    if get(d, "error"):
+        return out + [f"Failed: {get(d, 'error')}"]
+    p = get(d, "params") or {}
+    out += [f"{p.get('clients')} clients ({p.get('mqtt')}, QoS {p.get('qos')}, {p.get('rate')} msg/s each), "
+            f"{p.get('kill')} killed at {fmt(k.get('at_secs'), '{:.1f}')} s; reconnect delay {p.get('reconnect_delay')} s "
+            f"+ up to {p.get('reconnect_jitter')} s.", "",
+            f"- clients dropped by the kill: {k.get('clients_dropped')}; back with session present: "
+            f"{k.get('resumed_session_present')}; with session lost: {k.get('resumed_session_absent')}; "
+            f"all connected at the end: {k.get('all_connected_at_end')}",
+            f"- kill to the last resumed session: {fmt(k.get('last_resume_secs'), '{:.2f}')} s; outage per client "
+            f"p50 {fmt(get(k, 'outage_ms', 'p50'), '{:,.0f}')} ms, p99 {fmt(get(k, 'outage_ms', 'p99'), '{:,.0f}')} ms, "
+            f"max {fmt(get(k, 'outage_ms', 'max'), '{:,.0f}')} ms",
+            f"- sent {get(r, 'publish', 'sent')}, acknowledged {get(r, 'publish', 'acked')}, "
+            f"unacknowledged at the end {get(r, 'publish', 'unacked_at_end')}; received {rec.get('received')} "
+            f"({rec.get('unique')} unique); **lost {rec.get('lost')}**, QoS 2 duplicates {rec.get('duplicates_qos2')}, "
+            f"QoS 1 duplicates {rec.get('duplicates_qos1')}",
+            f"- errors seen by the clients: " + ("; ".join(f"{e} x{n}" for e, n in (r.get("errors") or {}).items()) or "none")]
+    if plot:
+        out += ["", f"![node failure timeline]({plot})"]
+    rows = r.get("timeline") or []
+    if rows:
+        out += ["", "| s | connected (min-max) | sent | acked | received | CONNACKs |", "|---|---|---|---|---|---|"]
+        for row in rows:
+            out.append(f"| {row['t']} | {row['connected_min']}-{row['connected_max']} | {row['sent']} | "
+                       f"{row['acked']} | {row['received']} | {row['connacks']} |")
+    return out
 
 
 def main():
@@ -503,6 +611,14 @@ def main():
     elif plot_svg(series, targets, out / "latency.svg"):
         plot = "latency.svg"
 
+    fo = runs.get("failover", {}).get("jetmq3")
+    fo_plot = None
+    stale = out / "failover.png"
+    if stale.exists():
+        stale.unlink()
+    if fo and not get(fo, "not_run") and plot_failover(fo, out / "failover.png"):
+        fo_plot = "failover.png"
+
     doc = {
         "machine": info,
         "command": args.command,
@@ -513,6 +629,7 @@ def main():
         "table": [{k: v for k, v in r.items() if k != "fmt"} for r in rows],
         "targets_from_issue": checks,
         "plot": plot,
+        "failover_plot": fo_plot,
         "runs": runs,
     }
     (out / "latest.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
@@ -536,6 +653,8 @@ def main():
         md.append(f"| {c['target']} | {TARGET_NAMES[c['jetmq']]} | {got} | {c['want']} | {met} |")
     if plot:
         md += ["", f"![latency percentiles]({plot})"]
+    if fo and not get(fo, "not_run"):
+        md += failover_md(fo, fo_plot)
     (out / "latest.md").write_text("\n".join(md) + "\n")
 
     print()
@@ -549,7 +668,8 @@ def main():
     for c in checks:
         met = "n/a" if c["met"] is None else ("met" if c["met"] else "MISSED")
         print(f"{TARGET_NAMES[c['jetmq']]:16} {c['target']:40} got {c['got']} want {c['want']}: {met}")
-    print(f"\nwrote {out / 'latest.json'}, {out / 'latest.md'}" + (f", {out / plot}" if plot else ""))
+    print(f"\nwrote {out / 'latest.json'}, {out / 'latest.md'}" + (f", {out / plot}" if plot else "")
+          + (f", {out / fo_plot}" if fo_plot else ""))
     return 0
 
 

@@ -4,12 +4,14 @@
 //! * `pubsub`: N publishers, M subscribers; fan-in, fan-out and many-clients tests.
 //! * `idle`: N idle connections; broker memory per connection.
 //! * `reconnect`: a storm of N persistent sessions reconnecting at once.
+//! * `failover`: persistent-session clients over several nodes, one node killed with -9.
 //!
 //! Every run is bounded by `--duration` and a hard `--timeout`; the result is one JSON
 //! document (stdout or `--json FILE`), a one-line summary goes to stderr.
 
 mod client;
 mod common;
+mod failover;
 mod idle;
 mod payload;
 mod procmon;
@@ -45,6 +47,8 @@ enum Cmd {
     Idle(idle::IdleArgs),
     /// Reconnect storm of persistent sessions.
     Reconnect(reconnect::ReconnectArgs),
+    /// Node failure: persistent sessions fail over when one broker process is killed.
+    Failover(failover::FailoverArgs),
 }
 
 impl Cmd {
@@ -53,6 +57,14 @@ impl Cmd {
             Cmd::Pubsub(a) => &a.common,
             Cmd::Idle(a) => &a.common,
             Cmd::Reconnect(a) => &a.common,
+            Cmd::Failover(a) => &a.common,
+        }
+    }
+
+    fn hard_timeout(&self) -> Duration {
+        match self {
+            Cmd::Failover(a) => a.hard_timeout(),
+            other => other.common().hard_timeout(),
         }
     }
 }
@@ -73,7 +85,7 @@ fn main() -> ExitCode {
         }
     };
     let c = cli.cmd.common().clone();
-    let hard = c.hard_timeout() + Duration::from_secs(30);
+    let hard = cli.cmd.hard_timeout() + Duration::from_secs(30);
     let run_id = common::run_id();
     let started = std::time::Instant::now();
     let result = runtime.block_on(async {
@@ -82,6 +94,7 @@ fn main() -> ExitCode {
                 Cmd::Pubsub(a) => pubsub::run(a, &run_id).await,
                 Cmd::Idle(a) => idle::run(a, &run_id).await,
                 Cmd::Reconnect(a) => reconnect::run(a, &run_id).await,
+                Cmd::Failover(a) => failover::run(a, &run_id).await,
             }
         };
         match tokio::time::timeout(hard, work).await {
@@ -164,6 +177,21 @@ fn summary_line(v: &serde_json::Value) -> String {
             f("/result/storm/secs"),
             g("/result/offline/delivered"),
             g("/result/offline/expected"),
+        ),
+        Some("failover") => format!(
+            "[{}] failover ok={} dropped={} resumed={} absent={} resume={}s sent={} acked={} lost={} dup1={} dup2={} all_back={}",
+            g("/label"),
+            g("/ok"),
+            g("/result/kill/clients_dropped"),
+            g("/result/kill/resumed_session_present"),
+            g("/result/kill/resumed_session_absent"),
+            f("/result/kill/last_resume_secs"),
+            g("/result/publish/sent"),
+            g("/result/publish/acked"),
+            g("/result/receive/lost"),
+            g("/result/receive/duplicates_qos1"),
+            g("/result/receive/duplicates_qos2"),
+            g("/result/kill/all_connected_at_end"),
         ),
         _ => format!("[{}] error: {}", g("/label"), g("/error")),
     }

@@ -152,6 +152,18 @@ impl SeqTracker {
     }
 }
 
+impl SeqTracker {
+    /// How many sequence numbers seen by `other` this tracker has not seen (e.g. messages
+    /// acknowledged to the publisher and never delivered).
+    pub fn missing_of(&self, other: &SeqTracker) -> u64 {
+        let words = other.bits.iter().enumerate().map(|(i, w)| {
+            let mine = self.bits.get(i).copied().unwrap_or(0);
+            u64::from((w & !mine).count_ones())
+        });
+        words.sum()
+    }
+}
+
 /// Error messages by count (bounded number of distinct messages).
 #[derive(Default)]
 pub struct ErrorLog {
@@ -196,6 +208,22 @@ mod tests {
         assert_eq!(t.missing_below(5), 0);
         assert_eq!(t.missing_below(71), 71 - 6);
         assert_eq!(t.missing_below(200), 200 - 6);
+    }
+
+    #[test]
+    fn missing_of_counts_only_the_others_entries() {
+        let mut acked = SeqTracker::default();
+        let mut received = SeqTracker::default();
+        for s in [0, 1, 2, 3, 100, 5000] {
+            acked.record(s);
+        }
+        for s in [0, 2, 3, 7, 5000] {
+            received.record(s);
+        }
+        // 1 and 100 were acknowledged and never received; 7 arrived without an ack.
+        assert_eq!(received.missing_of(&acked), 2);
+        assert_eq!(acked.missing_of(&received), 1);
+        assert_eq!(received.missing_of(&SeqTracker::default()), 0);
     }
 
     #[test]

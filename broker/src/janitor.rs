@@ -116,7 +116,9 @@ async fn live_nodes(nodes_kv: &kv::Store) -> Option<HashMap<String, u64>> {
         if !key.starts_with("node.") {
             continue;
         }
-        if let Ok(Some(value)) = nodes_kv.get(&key).await {
+        // A heartbeat that cannot be read says nothing about its node: no verdict this round
+        // rather than one that takes the sessions of a live node away.
+        if let Some(value) = nodes_kv.get(&key).await.ok()? {
             if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&value) {
                 alive.insert(beat.node_id, beat.first_connection);
             }
@@ -183,34 +185,56 @@ impl Drop for SessionIndex {
 async fn sweep(node: &Arc<Node>, index: &SessionIndex, alive: &HashMap<String, u64>) {
     let now = now_ms();
     for record in index.records.values() {
-        let orphaned = record
-            .owner
-            .as_ref()
-            .is_some_and(|owner| match alive.get(&owner.node) {
-                Some(first) => owner.connection < *first,
-                None => true,
-            });
-        let will_due = record.owner.is_none()
-            && record
-                .will_due_ms
-                .is_some_and(|due| now >= due + WILL_GRACE_MS);
-        let expired = record.owner.is_none() && record.is_expired(now);
-        if orphaned || will_due || expired {
-            if let Err(err) = settle(node, &record.client_id, now).await {
+        // The index may trail the bucket (a busy cluster writes every session about once a
+        // second), so this only picks candidates; `settle` decides on a fresh read.
+        if needs_settling(record, alive, now) {
+            if let Err(err) = settle(node, &record.client_id, alive, now).await {
                 tracing::debug!(client_id = %record.client_id, error = %err, "janitor left session for the next round");
             }
         }
     }
 }
 
-/// Re-reads one session and brings it to the state its clock says it should be in.
-async fn settle(node: &Arc<Node>, client_id: &str, now: u64) -> Result<(), StoreError> {
-    let store = &node.cluster.sessions;
-    let (Some(mut record), revision) = store.load(client_id).await? else {
-        return Ok(());
-    };
-    if let Some(owner) = &record.owner {
-        tracing::info!(client_id, node = %owner.node, "session orphaned by a dead node; taking care of it");
+/// Is the record's owner a process that no longer runs?
+fn owner_is_dead(record: &SessionRecord, alive: &HashMap<String, u64>) -> bool {
+    record
+        .owner
+        .as_ref()
+        .is_some_and(|owner| match alive.get(&owner.node) {
+            Some(first) => owner.connection < *first,
+            None => true,
+        })
+}
+
+fn needs_settling(record: &SessionRecord, alive: &HashMap<String, u64>, now: u64) -> bool {
+    let will_due = record.owner.is_none()
+        && record
+            .will_due_ms
+            .is_some_and(|due| now >= due + WILL_GRACE_MS);
+    let expired = record.owner.is_none() && record.is_expired(now);
+    owner_is_dead(record, alive) || will_due || expired
+}
+
+#[derive(Debug, PartialEq)]
+enum Settled {
+    /// The record is fine as it is (e.g. its client reconnected to a live node meanwhile).
+    Untouched,
+    Save,
+    Delete,
+}
+
+/// Brings a freshly read record to the state its clock says it should be in; returns what to
+/// do with it and the will to publish, if any.
+fn settle_record(
+    record: &mut SessionRecord,
+    alive: &HashMap<String, u64>,
+    now: u64,
+) -> (Settled, Option<crate::session::StoredWill>) {
+    if record.owner.is_some() {
+        if !owner_is_dead(record, alive) {
+            // Owned by a live connection: never take a session away from it.
+            return (Settled::Untouched, None);
+        }
         record.owner = None;
         record.disconnected_at_ms = Some(now);
         if let Some(will) = &record.will {
@@ -218,15 +242,86 @@ async fn settle(node: &Arc<Node>, client_id: &str, now: u64) -> Result<(), Store
             record.will_due_ms = Some(now + delay);
         }
     }
-    let will_due = record.will_due_ms.is_some_and(|due| now >= due) || record.is_expired(now);
-    if will_due {
-        if let Some(will) = record.will.take() {
-            publish_will(node, client_id, record.username.as_deref(), &will).await;
-        }
+    let mut will = None;
+    if record.will_due_ms.is_some_and(|due| now >= due) || record.is_expired(now) {
+        will = record.will.take();
         record.will_due_ms = None;
     }
     if record.is_expired(now) {
-        return store.delete(client_id, revision).await;
+        (Settled::Delete, will)
+    } else {
+        (Settled::Save, will)
     }
-    store.save(&record, revision).await.map(|_| ())
+}
+
+/// Re-reads one session and settles it (see [`settle_record`]).
+async fn settle(
+    node: &Arc<Node>,
+    client_id: &str,
+    alive: &HashMap<String, u64>,
+    now: u64,
+) -> Result<(), StoreError> {
+    let store = &node.cluster.sessions;
+    let (Some(mut record), revision) = store.load(client_id).await? else {
+        return Ok(());
+    };
+    let owner = record.owner.as_ref().map(|o| o.node.clone());
+    let (what, will) = settle_record(&mut record, alive, now);
+    if what == Settled::Untouched {
+        return Ok(());
+    }
+    if let Some(node_id) = owner {
+        tracing::info!(client_id, node = %node_id, "session orphaned by a dead node; taking care of it");
+    }
+    if let Some(will) = will {
+        publish_will(node, client_id, record.username.as_deref(), &will).await;
+    }
+    match what {
+        Settled::Delete => store.delete(client_id, revision).await,
+        _ => store.save(&record, revision).await.map(|_| ()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Owner;
+
+    fn owned_by(node: &str, connection: u64) -> SessionRecord {
+        let mut r = SessionRecord::new("c", 0);
+        r.owner = Some(Owner {
+            node: node.into(),
+            connection,
+        });
+        r.expiry_secs = 3600;
+        r
+    }
+
+    #[test]
+    fn a_session_taken_over_by_a_live_node_is_left_alone() {
+        // node-1 died; the janitor's index still shows the session there, but by the time it
+        // reads the record again the client has resumed it on node-2.
+        let alive = HashMap::from([("node-2".to_owned(), 100)]);
+        let stale = owned_by("node-1", 7);
+        assert!(needs_settling(&stale, &alive, 1_000));
+        let mut fresh = owned_by("node-2", 150);
+        let before = fresh.clone();
+        assert_eq!(
+            settle_record(&mut fresh, &alive, 1_000).0,
+            Settled::Untouched
+        );
+        assert_eq!(fresh, before);
+    }
+
+    #[test]
+    fn a_session_of_a_dead_node_is_released() {
+        let alive = HashMap::from([("node-2".to_owned(), 100)]);
+        for mut r in [owned_by("node-1", 7), owned_by("node-2", 99)] {
+            let (what, will) = settle_record(&mut r, &alive, 1_000);
+            assert_eq!(what, Settled::Save);
+            assert!(will.is_none());
+            assert_eq!(r.owner, None);
+            assert_eq!(r.disconnected_at_ms, Some(1_000));
+        }
+    }
 }

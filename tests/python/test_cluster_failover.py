@@ -331,3 +331,58 @@ def test_kill9_nats_node_keeps_acknowledged_messages(fresh_cluster):
                           f"streams: {stream_report(nats)}")
     finally:
         cl.close_all()
+
+
+def test_kill9_completed_qos2_not_redelivered_behind_pending_qos1(fresh_cluster):
+    """A QoS 2 message the subscriber completed (PUBCOMP) while an earlier QoS 1 message still
+    waited for its PUBACK must not come back as a PUBLISH after its node dies: the stored
+    cursor is still below it, and the client forgot its packet id at PUBREL, so a resend would
+    be a second delivery. (Found by the node-failure benchmark with --puback-delay-ms.)"""
+    import mqtt_raw as R
+
+    _nats, procs, targets = fresh_cluster
+    a, b, _c = targets
+    cid, topic = uid("q2c"), uid("q2c-topic")
+    props = {"SessionExpiryInterval": 600}
+    cl = Tracker(a)
+    try:
+        sub = cl.raw(a, version=V5)
+        sub.mqtt_connect(cid, clean=False, props=props)
+        assert sub.subscribe([(topic, 2)]).reasons == [2]
+        pub = cl.raw(b, version=V5)
+        pub.mqtt_connect(uid("q2c-pub"))
+        assert pub.publish_acked(topic, b"first", qos=1).type == R.PUBACK
+        first = sub.expect(R.PUBLISH, 30)
+        assert (first.payload, first.qos) == (b"first", 1)
+        # PUBACK for "first" is held back; "second" goes through the whole QoS 2 exchange.
+        assert pub.publish_acked(topic, b"second", qos=2).type == R.PUBCOMP
+        second = sub.expect(R.PUBLISH, 30)
+        assert (second.payload, second.qos) == (b"second", 2)
+        sub.send(R.ack(R.PUBREC, second.packet_id, V5))
+        assert sub.expect(R.PUBREL, 30).packet_id == second.packet_id
+        sub.send(R.ack(R.PUBCOMP, second.packet_id, V5))
+        # The session record is written about once a second while its state changes; there is
+        # no outside event for it, so give it a few write periods before the kill.
+        time.sleep(3.0)
+        procs[0].kill9()
+        sub.wait_closed(30)
+
+        again = cl.raw(b, version=V5)
+        assert again.mqtt_connect(cid, clean=False, props=props).session_present
+        got = []
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            try:
+                p = again.recv_packet(max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            got.append(p)
+            if p.type == R.PUBLISH and p.qos == 1:
+                again.send(R.ack(R.PUBACK, p.packet_id, V5))
+            elif p.type == R.PUBREL:
+                again.send(R.ack(R.PUBCOMP, p.packet_id, V5))
+        payloads = [p.payload for p in got if p.type == R.PUBLISH]
+        assert b"second" not in payloads, f"completed QoS 2 message delivered again: {got}"
+        assert b"first" in payloads, f"unacknowledged QoS 1 message not resent after the crash: {got}"
+    finally:
+        cl.close_all()

@@ -107,6 +107,12 @@ pub struct DeliveryState {
     /// Messages in (position, replay_upto] must come from a replay, not the router queue.
     pub replay_upto: Option<u64>,
     released: HashSet<u64>,
+    /// Released messages whose PUBCOMP arrived while the cursor was still below them. They
+    /// stay in `released` until the cursor covers them: dropping them earlier would leave a
+    /// stored record in which they are neither below the cursor nor released, and a resume
+    /// from it would send them again as new PUBLISHes, which the client (having forgotten
+    /// the packet id at PUBREL) would deliver twice.
+    completed: HashSet<u64>,
     /// Stream sequences a previous connection may already have sent (DUP on resend).
     maybe_sent_before: RangeInclusive<u64>,
     /// A QoS 1/2 message was queued or finished since the flag was last cleared.
@@ -139,6 +145,7 @@ impl DeliveryState {
             position: cursor,
             replay_upto: None,
             released: released.iter().copied().collect(),
+            completed: HashSet::new(),
             maybe_sent_before,
             delivered_since_persist: false,
             released_changed: false,
@@ -284,6 +291,7 @@ impl DeliveryState {
         if delivery.qos != QoS::AtMostOnce {
             self.delivered_since_persist = true;
         }
+        self.forget_covered_completions();
     }
 
     pub fn acked(&mut self, packet_id: u16, kind: AckKind, reason: ReasonCode) -> AckOutcome {
@@ -319,9 +327,31 @@ impl DeliveryState {
                 ack.ack();
             }
             self.delivered_since_persist = true;
-            if self.released.remove(&outgoing.seq) {
-                self.released_changed = true;
+            if self.released.contains(&outgoing.seq) {
+                self.completed.insert(outgoing.seq);
             }
+        }
+        self.forget_covered_completions();
+    }
+
+    /// Drops completed QoS 2 messages the cursor now covers from `released`.
+    fn forget_covered_completions(&mut self) {
+        if self.completed.is_empty() {
+            return;
+        }
+        let cursor = self.durable_cursor();
+        let before = self.completed.len();
+        let released = &mut self.released;
+        self.completed.retain(|&seq| {
+            if seq <= cursor {
+                released.remove(&seq);
+                false
+            } else {
+                true
+            }
+        });
+        if self.completed.len() != before {
+            self.released_changed = true;
         }
     }
 
@@ -528,5 +558,56 @@ mod tests {
             s.acked(id, AckKind::PubComp, ReasonCode::SUCCESS),
             AckOutcome::UnknownPacketId
         );
+    }
+
+    #[test]
+    fn completed_qos2_above_the_cursor_is_not_sent_again_after_a_crash() {
+        let mut s = state(0);
+        s.accept_live(delivery(10, QoS::AtLeastOnce));
+        s.accept_live(delivery(11, QoS::ExactlyOnce));
+        let (d10, id10, _) = s.next_to_send().expect("QoS 1");
+        s.sent(d10, id10);
+        let (d11, id11, _) = s.next_to_send().expect("QoS 2");
+        s.sent(d11, id11);
+        assert_eq!(
+            s.acked(id11, AckKind::PubRec, ReasonCode::SUCCESS),
+            AckOutcome::SendPubRel {
+                persist_first: true
+            }
+        );
+        assert_eq!(
+            s.acked(id11, AckKind::PubComp, ReasonCode::SUCCESS),
+            AckOutcome::Finished
+        );
+        // The QoS 1 message still waits for its PUBACK, so the cursor stays below both.
+        let cursor = s.durable_cursor();
+        assert_eq!(cursor, 9);
+        // What a periodic write would store; then the node dies.
+        let released = s.released_sorted();
+        let mut resumed = DeliveryState::new(
+            100,
+            1 << 20,
+            2,
+            cursor,
+            &released,
+            RangeInclusive::new(10, 11),
+        );
+        resumed.resume_released();
+        assert_eq!(
+            resumed.accept_replayed(delivery(10, QoS::AtLeastOnce)),
+            Accept::Queued,
+            "QoS 1 is at least once"
+        );
+        // The client forgot packet id 11 at PUBREL: sending it again would deliver it twice.
+        assert_eq!(
+            resumed.accept_replayed(delivery(11, QoS::ExactlyOnce)),
+            Accept::Duplicate
+        );
+
+        // Once the QoS 1 message is acknowledged the cursor covers 11 and it is forgotten.
+        s.acked(id10, AckKind::PubAck, ReasonCode::SUCCESS);
+        assert_eq!(s.durable_cursor(), 11);
+        assert!(s.released_sorted().is_empty());
+        assert!(s.released_changed);
     }
 }
