@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Bytes read at once into the stack buffer while a connection has nothing buffered.
 const IDLE_READ_CHUNK: usize = 4096;
+/// How long closing a connection's write side may take.
+const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Anything a client can connect over: TCP, TLS, WebSocket.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -169,7 +171,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.writer.flush().await
     }
 
+    /// Closes the write side. Bounded: TLS sends close_notify first, which never completes
+    /// towards a peer that stopped reading and filled the socket buffer.
     pub async fn shutdown(&mut self) {
-        let _ = self.writer.shutdown().await;
+        let _ = tokio::time::timeout(SHUTDOWN_LIMIT, self.writer.shutdown()).await;
     }
 }
