@@ -173,8 +173,8 @@ impl Default for NatsConfig {
             replicas: None,
             message_max_age_secs: 7 * 24 * 3600,
             message_max_bytes: -1,
-            replay_buffer_messages: 65_536,
-            replay_buffer_bytes: 32 * 1024 * 1024,
+            replay_buffer_messages: 32_768,
+            replay_buffer_bytes: 8 * 1024 * 1024,
             security: NatsSecurity::default(),
         }
     }
