@@ -33,17 +33,8 @@ pub async fn replay_range(
         return Ok((Vec::new(), upto.max(after)));
     }
     let wanted = |msg: &MessageRef| filters.iter().any(|f| topic::matches(f, &msg.topic));
-    if let Some(messages) = router.ring_range(after, upto) {
-        let mut out = Vec::new();
-        for msg in messages {
-            if wanted(&msg) {
-                if out.len() == limit {
-                    return Ok((out, msg.seq - 1));
-                }
-                out.push(msg);
-            }
-        }
-        return Ok((out, upto));
+    if let Some(found) = router.ring_matching(filters, after, upto, limit) {
+        return Ok(found);
     }
     from_jetstream(stream, filters, after, upto, limit, wanted).await
 }
