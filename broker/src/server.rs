@@ -56,6 +56,8 @@ pub struct Node {
     next_id: AtomicU64,
     first_connection_id: u64,
     pub ready: AtomicBool,
+    /// The message stream answered its last probe (see [`probe_jetstream`]).
+    pub jetstream_ok: AtomicBool,
     /// Cancelled when a graceful drain is requested (signal, `jetmq-broker drain`).
     pub drain: CancellationToken,
     /// Cancelled for the hard stop: background tasks end, connections close at once.
@@ -212,6 +214,7 @@ pub async fn run(
         next_id: AtomicU64::new(first_connection_id),
         first_connection_id,
         ready: AtomicBool::new(false),
+        jetstream_ok: AtomicBool::new(true),
         drain: drain.clone(),
         shutdown: shutdown.clone(),
         connections: TaskTracker::new(),
@@ -247,6 +250,7 @@ pub async fn run(
         .await
         .context("cannot subscribe to node control subject")?;
     tokio::spawn(serve_kicks(node.clone(), kicks));
+    tokio::spawn(probe_jetstream(node.clone()));
     let drain_requests = node
         .cluster
         .client
@@ -570,6 +574,40 @@ async fn serve_drain_requests(node: Arc<Node>, mut requests: async_nats::Subscri
     }
 }
 
+/// How often /readyz's view of JetStream is refreshed.
+const JETSTREAM_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Keeps `jetstream_ok` current: the message stream must answer (it has a leader and the
+/// NATS node we talk to reaches it), else publishes cannot be acknowledged and DNS health
+/// checks should send clients elsewhere. Two failed probes in a row flip it, one success
+/// flips it back, so one slow answer does not take a node out.
+async fn probe_jetstream(node: Arc<Node>) {
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(JETSTREAM_PROBE_INTERVAL) => {}
+        }
+        let probe = node
+            .cluster
+            .js
+            .get_stream(jetmq_common::streams::MESSAGE_STREAM);
+        let ok = matches!(
+            tokio::time::timeout(JETSTREAM_PROBE_INTERVAL, probe).await,
+            Ok(Ok(_))
+        );
+        failures = if ok { 0 } else { failures + 1 };
+        let healthy = failures < 2;
+        if node.jetstream_ok.swap(healthy, Ordering::AcqRel) != healthy {
+            if healthy {
+                tracing::info!("JetStream reachable again; ready");
+            } else {
+                tracing::warn!("JetStream does not answer; not ready");
+            }
+        }
+    }
+}
+
 async fn serve_kicks(node: Arc<Node>, mut kicks: async_nats::Subscriber) {
     while let Some(message) = kicks.next().await {
         let Ok(text) = std::str::from_utf8(&message.payload) else {
@@ -621,7 +659,10 @@ async fn answer_http(node: Arc<Node>, mut stream: TcpStream) -> std::io::Result<
         "/readyz" => {
             let connected =
                 node.cluster.client.connection_state() == async_nats::connection::State::Connected;
-            if node.ready.load(Ordering::Acquire) && connected {
+            if node.ready.load(Ordering::Acquire)
+                && connected
+                && node.jetstream_ok.load(Ordering::Acquire)
+            {
                 ("200 OK", "ready\n".to_owned())
             } else {
                 ("503 Service Unavailable", "not ready\n".to_owned())

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 
+import harness
 import pytest
 
 from mqtt_client import V5, V311, Client, Tracker, uid
@@ -386,3 +387,24 @@ def test_kill9_completed_qos2_not_redelivered_behind_pending_qos1(fresh_cluster)
         assert b"first" in payloads, f"unacknowledged QoS 1 message not resent after the crash: {got}"
     finally:
         cl.close_all()
+
+
+@pytest.mark.needs_nats
+def test_readyz_follows_jetstream_not_just_the_nats_connection(fresh_cluster):
+    """A broker whose NATS node lost the cluster majority is still connected to it but cannot
+    store anything: /readyz must say 503 (so DNS health checks take the node out) while
+    /healthz stays 200, and /readyz must come back once JetStream answers again."""
+    nats, procs, _targets = fresh_cluster
+    if nats is None:
+        pytest.skip("jetmq only: NATS majority loss")
+    b1 = procs[0]  # prefers NATS node 0, the one left alone below
+    assert b1.ready()
+    nats.nodes[1].kill9()
+    nats.nodes[2].kill9()
+    harness.wait_until(lambda: not b1.ready(), 30, 0.25, "b1 to turn unready without a JetStream majority")
+    status, _ = harness.http_get(f"http://{b1.host}:{b1.http_port}/healthz", timeout=2.0)
+    assert status == 200, "the process is alive: /healthz stays 200"
+    assert "JetStream does not answer; not ready" in b1.log_tail(400)
+    nats.nodes[1].start()
+    harness.wait_until(b1.ready, 90, 0.5, "b1 to be ready again once JetStream has a majority")
+    assert "JetStream reachable again; ready" in b1.log_tail(400)
