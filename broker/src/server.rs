@@ -131,7 +131,11 @@ impl Node {
                 tracing::debug!(client_id, node, error = %err, "previous owner did not hand the session over")
             }
             Err(_) => {
-                tracing::info!(client_id, node, "previous owner did not hand the session over in time")
+                tracing::info!(
+                    client_id,
+                    node,
+                    "previous owner did not hand the session over in time"
+                )
             }
         }
     }

@@ -290,6 +290,91 @@ def duplicates(records: list[Record]) -> int:
     return len(records) - distinct(records)
 
 
+# --------------------------------------------------------------------------- whole pipeline
+
+
+class Pipeline:
+    """NATS (single node or 3-node cluster) + brokers + tansu + ingestors, torn down by PID."""
+
+    def __init__(self, workdir, shares: int, ingestors: int | None = None, cluster: bool = False,
+                 brokers: int = 1, ingestor_extra: str = "", broker_env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.shares = shares
+        self.extra = ingestor_extra
+        self.ingestors: dict[str, Ingestor] = {}
+        self.cluster: harness.NatsCluster | None = None
+        self.nats_nodes: list[harness.NatsServer] = []
+        self.brokers: list[harness.BrokerNode] = []
+        self.tansu: Tansu | None = None
+        try:
+            mapping = mapping_block(shares)
+            if cluster:
+                self.cluster = harness.NatsCluster(workdir, n=3, mapping=mapping)
+                self.cluster.start()
+                self.nats_nodes = self.cluster.nodes
+                self.brokers = harness.start_broker_cluster(workdir, self.cluster, hosts=harness.NODE_HOSTS[:brokers],
+                                                            extra_env=broker_env)
+            else:
+                node = harness.NatsServer(workdir, mapping=mapping)
+                self.nats_nodes = [node]
+                node.start()
+                self.brokers = [harness.BrokerNode(workdir, [node.url], node_id="b1", extra_env=broker_env).start()]
+            self.nats_urls = [n.url for n in self.nats_nodes]
+            self.tansu = Tansu(workdir)
+            self.tansu.start()
+            for t in ("mqtt", "temps", "mqtt-dead-letter"):
+                self.tansu.create_topic(t, 3)
+            for i in range(1, (ingestors if ingestors is not None else shares) + 1):
+                self.start_ingestor(i)
+        except BaseException:
+            self.close()
+            raise
+
+    def targets(self) -> list:
+        from mqtt_client import Target
+
+        return [Target(b.host, b.port, "jetmq", {}, b) for b in self.brokers]
+
+    def start_ingestor(self, mqtt_id: int, tag: str | None = None) -> Ingestor:
+        tag = tag or str(mqtt_id)
+        ing = Ingestor(self.workdir, mqtt_id, ingestor_toml(self.nats_urls, self.tansu.bootstrap, self.extra),
+                       tag=tag)
+        self.ingestors[tag] = ing
+        ing.start(timeout=60)
+        return ing
+
+    def reader(self, *topics: str) -> "Reader":
+        return Reader(self.tansu.bootstrap, list(topics or ["mqtt"]))
+
+    def set_shares(self, shares: int) -> None:
+        """The documented resize: new mapping on every server, reloaded one after the other."""
+        block = mapping_block(shares)
+        for node in self.nats_nodes:
+            node.mapping = block
+            reload_nats(node)
+        self.shares = shares
+
+    def diagnostics(self) -> str:
+        parts = []
+        for tag, ing in self.ingestors.items():
+            parts.append(f"--- ingestor {tag} {ing.metrics()}\n{ing.log_tail(30)}")
+        parts.append(f"--- tansu\n{self.tansu.log_tail(20)}")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        for ing in self.ingestors.values():
+            ing.terminate(timeout=20)
+        if self.tansu:
+            self.tansu.kill9()
+        for b in self.brokers:
+            b.terminate()
+        if self.cluster:
+            self.cluster.stop()
+        else:
+            for n in self.nats_nodes:
+                n.terminate()
+
+
 def publish_many(client, messages: Iterable[tuple[str, bytes, int]], timeout: float = 120.0,
                  props: dict | None = None) -> int:
     """Publishes (topic, payload, qos) tuples without waiting in between, then waits until

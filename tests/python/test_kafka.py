@@ -14,11 +14,10 @@ import pytest
 
 import harness
 import kafka_harness as kh
-from mqtt_client import V311, V5, Client, Target, uid
+from mqtt_client import V311, V5, Client, uid
 
 pytestmark = [pytest.mark.slow, pytest.mark.jetmq_only("needs jetmq, NATS and Kafka")]
 
-TOPICS = ("mqtt", "temps", "mqtt-dead-letter")
 ROUTES = """
 [[routing.rules]]
 filter = "sensors/+/temp"
@@ -26,91 +25,16 @@ topic = "temps"
 """
 
 
-def _require_binaries():
-    for problem in (harness.broker_bin_problem(), kh.ingestor_bin_problem()):
-        if problem:
-            pytest.fail(problem, pytrace=False)
-
-
-class Pipeline:
-    """NATS (single node or 3-node cluster) + brokers + tansu + ingestors, torn down by PID."""
-
-    def __init__(self, workdir, shares: int, ingestors: int | None = None, cluster: bool = False,
-                 brokers: int = 1, ingestor_extra: str = ROUTES):
-        _require_binaries()
-        self.workdir = workdir
-        self.shares = shares
-        self.extra = ingestor_extra
-        self.procs: list[harness.ManagedProcess] = []
-        self.ingestors: dict[str, kh.Ingestor] = {}
-        mapping = kh.mapping_block(shares)
-        if cluster:
-            self.cluster = harness.NatsCluster(workdir, n=3, mapping=mapping)
-            self.cluster.start()
-            self.nats_nodes = self.cluster.nodes
-            self.nats_urls = self.cluster.urls
-            self.brokers = harness.start_broker_cluster(workdir, self.cluster, hosts=harness.NODE_HOSTS[:brokers])
-        else:
-            self.cluster = None
-            node = harness.NatsServer(workdir, mapping=mapping)
-            node.start()
-            self.nats_nodes = [node]
-            self.nats_urls = [node.url]
-            self.brokers = [harness.BrokerNode(workdir, self.nats_urls, node_id="b1").start()]
-        self.tansu = kh.Tansu(workdir).start()
-        for t in TOPICS:
-            self.tansu.create_topic(t, 3)
-        for i in range(1, (ingestors if ingestors is not None else shares) + 1):
-            self.start_ingestor(i)
-
-    def targets(self) -> list[Target]:
-        return [Target(b.host, b.port, "jetmq", {}, b) for b in self.brokers]
-
-    def start_ingestor(self, mqtt_id: int, tag: str | None = None) -> kh.Ingestor:
-        tag = tag or str(mqtt_id)
-        ing = kh.Ingestor(self.workdir, mqtt_id, kh.ingestor_toml(self.nats_urls, self.tansu.bootstrap, self.extra),
-                          tag=tag)
-        ing.start(timeout=60)
-        self.ingestors[tag] = ing
-        return ing
-
-    def reader(self, *topics: str) -> kh.Reader:
-        return kh.Reader(self.tansu.bootstrap, list(topics or ["mqtt"]))
-
-    def set_shares(self, shares: int) -> None:
-        """The documented resize: new mapping on every server, reloaded one after the other."""
-        block = kh.mapping_block(shares)
-        for node in self.nats_nodes:
-            node.mapping = block
-            kh.reload_nats(node)
-        self.shares = shares
-
-    def diagnostics(self) -> str:
-        parts = []
-        for tag, ing in self.ingestors.items():
-            parts.append(f"--- ingestor {tag} {ing.metrics()}\n{ing.log_tail(30)}")
-        parts.append(f"--- tansu\n{self.tansu.log_tail(20)}")
-        return "\n".join(parts)
-
-    def close(self) -> None:
-        for ing in self.ingestors.values():
-            ing.terminate(timeout=20)
-        self.tansu.kill9()
-        for b in self.brokers:
-            b.terminate()
-        if self.cluster:
-            self.cluster.stop()
-        else:
-            for n in self.nats_nodes:
-                n.terminate()
-
-
 @pytest.fixture
 def pipeline(tmp_path_factory):
     made = []
 
-    def make(**kw) -> Pipeline:
-        p = Pipeline(tmp_path_factory.mktemp("kafka"), **kw)
+    def make(**kw) -> kh.Pipeline:
+        for problem in (harness.broker_bin_problem(), kh.ingestor_bin_problem()):
+            if problem:
+                pytest.fail(problem, pytrace=False)
+        kw.setdefault("ingestor_extra", ROUTES)
+        p = kh.Pipeline(tmp_path_factory.mktemp("kafka"), **kw)
         made.append(p)
         return p
 

@@ -117,7 +117,13 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.record.disconnected_at_ms = Some(now_ms());
         self.record.cursor = self.delivery.durable_cursor();
         self.record.released = self.delivery.released_sorted();
-        match self.node.cluster.sessions.save(&self.record, self.revision).await {
+        match self
+            .node
+            .cluster
+            .sessions
+            .save(&self.record, self.revision)
+            .await
+        {
             Ok(_) | Err(StoreError::Conflict) => {}
             Err(err) => {
                 tracing::warn!(client_id = %self.client_id, error = %err, "session write failed at hand-over")
