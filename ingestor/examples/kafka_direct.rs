@@ -2,7 +2,9 @@
 //! records of `--size` bytes straight into Kafka with exactly the ingestor's producer settings
 //! (`jetmq_ingestor::kafka::client_config`, defaults: idempotent, acks=all, linger 5 ms), keys
 //! cycling over `--keys` MQTT-like topics, at most `--window` records awaiting confirmation
-//! (the ingestor's `ingest.max_in_flight`). Prints one JSON line: records, seconds, rate.
+//! (the ingestor's `ingest.max_in_flight`). Prints one JSON line: records, seconds, rate, and
+//! `confirmed_at`: seconds since the first send at which each confirmation was taken (in
+//! order), so the caller can compute a steady-state rate without start-up.
 //!
 //! cargo run --release -p jetmq-ingestor --example kafka_direct -- \
 //!     --bootstrap 127.0.0.1:9092 --topic direct --count 20000 --size 256
@@ -60,10 +62,12 @@ async fn main() -> anyhow::Result<()> {
     let mut inflight = VecDeque::with_capacity(args.window);
     let started = Instant::now();
     let mut failed = 0usize;
+    let mut confirmed_at = Vec::with_capacity(args.count);
     for n in 0..args.count {
         if inflight.len() >= args.window {
             if let Some(f) = inflight.pop_front() {
                 failed += usize::from(!matches!(f.await, Ok(Ok(_))));
+                confirmed_at.push(started.elapsed().as_secs_f64());
             }
         }
         let key = &keys[n % keys.len()];
@@ -88,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
     }
     for f in inflight {
         failed += usize::from(!matches!(f.await, Ok(Ok(_))));
+        confirmed_at.push(started.elapsed().as_secs_f64());
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
@@ -98,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
             "size": args.size,
             "seconds": secs,
             "rate": args.count as f64 / secs,
+            "confirmed_at": confirmed_at,
         })
     );
     if failed > 0 {

@@ -232,6 +232,7 @@ class Reader:
     bootstrap: str
     topics: list[str]
     records: list[Record] = field(default_factory=list)
+    from_end: bool = False  # start at the end of each partition instead of the beginning
 
     def __post_init__(self):
         from confluent_kafka import Consumer, TopicPartition
@@ -242,6 +243,8 @@ class Reader:
             "enable.auto.commit": False,
             "enable.partition.eof": False,
             "auto.offset.reset": "earliest",
+            # Fetch as soon as anything is there: the benchmark measures latency with this.
+            "fetch.wait.max.ms": int(os.environ.get("JETMQ_TEST_FETCH_WAIT_MS", "10")),
         })
         assignment = []
         for topic in self.topics:
@@ -249,7 +252,8 @@ class Reader:
             t = md.topics.get(topic)
             if t is None or t.error is not None or not t.partitions:
                 raise HarnessError(f"Kafka topic {topic} not found: {t.error if t else 'missing'}")
-            assignment += [TopicPartition(topic, p, -2) for p in t.partitions]  # -2: beginning
+            # Offsets -2 and -1: the beginning and the end of the partition.
+            assignment += [TopicPartition(topic, p, -1 if self.from_end else -2) for p in t.partitions]
         self._consumer.assign(assignment)
 
     def poll(self, timeout: float = 0.2) -> int:
@@ -280,6 +284,21 @@ class Reader:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+def stored_count(bootstrap: str, topic: str) -> int:
+    """Records stored in `topic`: the sum of its partitions' high watermarks. (tansu 0.6 stops
+    answering fetches from the beginning of partitions with tens of thousands of records, so
+    large runs count instead of reading everything back.)"""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"jetmq-count-{os.getpid()}"})
+    try:
+        md = c.list_topics(topic, timeout=20)
+        return sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=20)[1]
+                   for p in md.topics[topic].partitions)
+    finally:
+        c.close()
 
 
 def distinct(records: list[Record]) -> int:
