@@ -30,6 +30,7 @@ pub struct Config {
     pub acl: AclConfig,
     pub log: LogConfig,
     pub drain: DrainConfig,
+    pub telemetry: jetmq_common::otel::TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +150,7 @@ impl Default for Config {
             acl: AclConfig::default(),
             log: LogConfig::default(),
             drain: DrainConfig::default(),
+            telemetry: Default::default(),
         }
     }
 }
@@ -244,8 +246,17 @@ fn default_node_id() -> String {
 /// Others (`JETMQ_LOG`, read by the logger; the test harness's `JETMQ_BROKER_BIN`, ...)
 /// are not, and must not fail the start-up as unknown keys.
 fn is_config_env(key: &str) -> bool {
-    const SECTIONS: [&str; 9] = [
-        "listen", "nats", "limits", "tls", "auth", "acl", "log", "dns", "drain",
+    const SECTIONS: [&str; 10] = [
+        "listen",
+        "nats",
+        "limits",
+        "tls",
+        "auth",
+        "acl",
+        "log",
+        "dns",
+        "drain",
+        "telemetry",
     ];
     let key = key.to_ascii_lowercase();
     key == "node_id"
@@ -438,6 +449,9 @@ impl Config {
             .validate()
             .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
         self.dns
+            .validate()
+            .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
+        self.telemetry
             .validate()
             .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
         Ok(())

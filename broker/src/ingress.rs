@@ -11,6 +11,7 @@ use jetmq_common::subject;
 
 use crate::retained::RetainedCache;
 use crate::routing::StoredMessage;
+use crate::telemetry::PublishTrace;
 
 pub type AckFuture = Pin<Box<dyn Future<Output = Result<(), PublishError>> + Send>>;
 
@@ -22,10 +23,14 @@ async fn send_on(
     subject: &str,
     body: Bytes,
     msg_id: Option<&str>,
+    headers: Option<&async_nats::HeaderMap>,
 ) -> Result<jetstream::context::PublishAckFuture, PublishError> {
     let mut publish = jetstream::message::PublishMessage::build().payload(body);
     if let Some(id) = msg_id {
         publish = publish.message_id(id);
+    }
+    if let Some(headers) = headers {
+        publish = publish.headers(headers.clone());
     }
     js.send_publish(subject.to_owned(), publish)
         .await
@@ -54,8 +59,9 @@ impl Ingress {
         subject: &str,
         body: Bytes,
         msg_id: Option<&str>,
+        headers: Option<&async_nats::HeaderMap>,
     ) -> Result<jetstream::context::PublishAckFuture, PublishError> {
-        send_on(&self.js, subject, body, msg_id).await
+        send_on(&self.js, subject, body, msg_id, headers).await
     }
 
     /// Sends a message on its way. For QoS 0 the returned future resolves at once; for
@@ -70,18 +76,34 @@ impl Ingress {
     ) -> Result<AckFuture, PublishError> {
         let body = envelope.encode(&payload)?;
         let retained_body = envelope.retain.then(|| body.clone());
+        let subject = subject::publish_subject(topic);
+        // Tracing off: one atomic load. On and sampled: a span until JetStream's ack, and
+        // its traceparent in the NATS headers for the ingestor.
+        let trace = PublishTrace::start(topic, &subject, envelope);
+        let headers = trace.as_ref().map(|t| &t.headers);
         let main: AckFuture = if envelope.qos == 0 {
-            self.client
-                .publish(subject::publish_subject(topic), body)
-                .await
-                .map_err(|e| PublishError::Store(e.to_string()))?;
+            let sent = match headers {
+                None => self.client.publish(subject, body).await,
+                Some(h) => {
+                    self.client
+                        .publish_with_headers(subject, h.clone(), body)
+                        .await
+                }
+            };
+            let sent = sent.map_err(|e| PublishError::Store(e.to_string()));
+            if let Some(t) = trace {
+                t.end(sent.as_ref().err().map(|e| e as _));
+            }
+            sent?;
             Box::pin(async { Ok(()) })
         } else {
-            let subject = subject::publish_subject(topic);
             let msg_id = msg_id.map(str::to_owned);
-            let first = self.send(&subject, body.clone(), msg_id.as_deref()).await?;
+            let first = self
+                .send(&subject, body.clone(), msg_id.as_deref(), headers)
+                .await?;
             let js = self.js.clone();
-            Box::pin(async move {
+            let headers = headers.cloned();
+            let stored = async move {
                 let mut ack = first;
                 let mut attempt = 0u32;
                 loop {
@@ -100,12 +122,27 @@ impl Ingress {
                                 50 * u64::from(attempt),
                             ))
                             .await;
-                            ack = send_on(&js, &subject, body.clone(), msg_id.as_deref()).await?;
+                            ack = send_on(
+                                &js,
+                                &subject,
+                                body.clone(),
+                                msg_id.as_deref(),
+                                headers.as_ref(),
+                            )
+                            .await?;
                         }
                         Err(err) => return Err(PublishError::Store(err.to_string())),
                     }
                 }
-            })
+            };
+            match trace {
+                None => Box::pin(stored),
+                Some(t) => Box::pin(async move {
+                    let result = stored.await;
+                    t.end(result.as_ref().err().map(|e| e as _));
+                    result
+                }),
+            }
         };
         let Some(retained_body) = retained_body else {
             return Ok(main);

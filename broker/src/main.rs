@@ -200,7 +200,11 @@ fn main() -> ExitCode {
     if cli.check_config {
         return check_config(&config);
     }
-    jetmq_broker::telemetry::init_logging(&config.log);
+    jetmq_broker::telemetry::init_logging(&config);
+    if let Err(err) = jetmq_broker::telemetry::init_tracing(&config) {
+        eprintln!("jetmq-broker: {err}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -211,7 +215,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let drain = CancellationToken::new();
         let shutdown = CancellationToken::new();
         tokio::spawn(wait_for_signal(drain.clone(), shutdown.clone()));
@@ -225,7 +229,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    drop(runtime);
+    jetmq_broker::telemetry::shutdown_tracing();
+    code
 }
 
 /// The first SIGTERM / SIGINT drains the node; a second one stops it at once.

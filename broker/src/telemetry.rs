@@ -1,23 +1,78 @@
-//! Logs and counters.
+//! Logs, traces and counters.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use jetmq_common::envelope::Envelope;
 use jetmq_common::histogram::Histogram;
+use jetmq_common::otel::{self, LogFormat, SpanKind, SpanTrait as _, Tracing};
+use opentelemetry::KeyValue;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogConfig;
+use crate::config::Config;
 
-pub fn init_logging(config: &LogConfig) {
+/// `log.json = true` and `telemetry.log_format = "json"` both mean JSON lines.
+pub fn init_logging(config: &Config) {
     let filter =
-        EnvFilter::try_from_env("JETMQ_LOG").unwrap_or_else(|_| EnvFilter::new(&config.level));
+        EnvFilter::try_from_env("JETMQ_LOG").unwrap_or_else(|_| EnvFilter::new(&config.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
-    if config.json {
+    if config.log.json || config.telemetry.log_format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// Sets up OTLP export if `telemetry.otlp_endpoint` is set; call before the Tokio runtime
+/// starts (see [`Tracing::init`]). The tracer is a process global, so the publish path pays
+/// one atomic load when tracing is off.
+pub fn init_tracing(config: &Config) -> Result<(), otel::OtelError> {
+    if let Some(t) = Tracing::init(&config.telemetry, "jetmq-broker", &config.node_id)? {
+        otel::install(t);
+    }
+    Ok(())
+}
+
+/// Flushes queued spans; call after the runtime has stopped.
+pub fn shutdown_tracing() {
+    otel::shutdown_global();
+}
+
+/// A sampled PUBLISH on its way into JetStream: the span (ended by [`PublishTrace::end`])
+/// and the NATS headers that carry its `traceparent` to the ingestor.
+pub struct PublishTrace {
+    span: otel::Span,
+    pub headers: async_nats::HeaderMap,
+}
+
+impl PublishTrace {
+    /// `None` when tracing is off or this trace is not sampled.
+    pub fn start(topic: &str, subject: &str, envelope: &Envelope) -> Option<PublishTrace> {
+        let tracing = otel::global()?;
+        let span = tracing.root(
+            "mqtt publish",
+            SpanKind::Producer,
+            vec![
+                KeyValue::new("messaging.system", "jetmq"),
+                KeyValue::new("messaging.destination.name", subject.to_owned()),
+                KeyValue::new("mqtt.topic", topic.to_owned()),
+                KeyValue::new("mqtt.qos", i64::from(envelope.qos)),
+                KeyValue::new("mqtt.client_id", envelope.client_id.clone()),
+            ],
+        );
+        let traceparent = otel::traceparent(&span)?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(otel::TRACEPARENT, traceparent.as_str());
+        Some(PublishTrace { span, headers })
+    }
+
+    pub fn end(mut self, error: Option<&dyn std::fmt::Display>) {
+        if let Some(e) = error {
+            self.span.set_status(otel::Status::error(e.to_string()));
+        }
+        self.span.end();
     }
 }
 

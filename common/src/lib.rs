@@ -4,6 +4,7 @@
 pub mod envelope;
 pub mod histogram;
 pub mod natsconn;
+pub mod otel;
 pub mod shares;
 pub mod streams;
 pub mod subject;

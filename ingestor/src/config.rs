@@ -17,7 +17,7 @@ use crate::routing::{validate_filter, validate_kafka_topic};
 
 /// Sections that environment variables may set; anything else under `JETMQ_` is left alone
 /// (other jetmq programs and the test tools use that prefix too).
-const SECTIONS: [&str; 5] = ["nats", "kafka", "ingest", "routing", "metrics"];
+const SECTIONS: [&str; 6] = ["nats", "kafka", "ingest", "routing", "metrics", "telemetry"];
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -44,6 +44,8 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub routing: RoutingConfig,
     pub metrics: MetricsConfig,
+    /// OpenTelemetry traces and the log format (shared with the broker).
+    pub telemetry: jetmq_common::otel::TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -353,6 +355,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.telemetry
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         let n = &self.nats;
         if n.urls.is_empty() {
             return Err(invalid(

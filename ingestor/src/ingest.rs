@@ -20,9 +20,11 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use jetmq_common::envelope::Envelope;
+use jetmq_common::otel;
 use jetmq_common::shares::share_for_ingestor;
 use jetmq_common::streams::{ensure_message_stream, MessageStreamSettings};
 use jetmq_common::subject::{parse_stream_subject, share_filter};
+use opentelemetry::KeyValue;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::watch;
@@ -62,6 +64,42 @@ struct Pending {
     acker: Acker,
     seq: u64,
     last_progress: Instant,
+    /// The produce span (tracing on and sampled), ended when the outcome is settled.
+    span: Option<otel::Span>,
+}
+
+/// With tracing on: a child span of the broker's (from the NATS `traceparent`) around the
+/// Kafka produce, whose own `traceparent` goes on the record. With tracing off: the broker's
+/// `traceparent` is passed on as it is, so downstream consumers can still join the trace.
+fn trace_produce(
+    nats_traceparent: Option<&[u8]>,
+    record: &mut Record,
+    seq: u64,
+) -> Option<otel::Span> {
+    let Some(tracing) = otel::global() else {
+        if let Some(tp) = nats_traceparent {
+            record
+                .headers
+                .push((otel::TRACEPARENT.to_owned(), Bytes::copy_from_slice(tp)));
+        }
+        return None;
+    };
+    let span = tracing.child_of(
+        nats_traceparent,
+        "kafka produce",
+        otel::SpanKind::Producer,
+        vec![
+            KeyValue::new("messaging.system", "kafka"),
+            KeyValue::new("messaging.destination.name", record.topic.clone()),
+            KeyValue::new("messaging.operation.type", "send"),
+            KeyValue::new("jetmq.seq", i64::try_from(seq).unwrap_or(i64::MAX)),
+        ],
+    );
+    let traceparent = otel::traceparent(&span)?;
+    record
+        .headers
+        .push((otel::TRACEPARENT.to_owned(), Bytes::from(traceparent)));
+    Some(span)
 }
 
 /// State shared with the in-flight futures.
@@ -583,10 +621,11 @@ impl Pipeline<'_> {
             Stats::inc(&self.stats.redelivered);
         }
         let (message, acker) = message.split();
-        let pending = Pending {
+        let mut pending = Pending {
             acker,
             seq,
             last_progress: Instant::now(),
+            span: None,
         };
         match prepare(
             self.config,
@@ -595,7 +634,15 @@ impl Pipeline<'_> {
             message.payload,
             seq,
         ) {
-            Ok(record) => self.submit(pending, record)?,
+            Ok(mut record) => {
+                let traceparent = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(otel::TRACEPARENT))
+                    .map(|v| v.as_str().as_bytes());
+                pending.span = trace_produce(traceparent, &mut record, seq);
+                self.submit(pending, record)?
+            }
             Err(poison) => {
                 let (record, reason) = *poison;
                 warn!(seq, %reason, "message cannot be read, dead-lettering it");
@@ -636,13 +683,26 @@ impl Pipeline<'_> {
 
     /// Acts on the outcome of the oldest in-flight message.
     async fn settle(&mut self, outcome: Outcome) -> anyhow::Result<()> {
-        let Some(pending) = self.pending.pop_front() else {
+        let Some(mut pending) = self.pending.pop_front() else {
             bail!("internal error: outcome without a pending message");
         };
         self.stats
             .in_flight
             .store(self.pending.len() as i64, Ordering::Relaxed);
         let seq = pending.seq;
+        if let Some(mut span) = pending.span.take() {
+            use otel::SpanTrait as _;
+            match &outcome {
+                Outcome::Produced => {}
+                Outcome::DeadLettered(reason) => {
+                    span.set_attribute(KeyValue::new("jetmq.dead_letter", reason.clone()));
+                }
+                Outcome::Terminated(reason) | Outcome::Fatal(reason) => {
+                    span.set_status(otel::Status::error(reason.clone()));
+                }
+            }
+            span.end();
+        }
         let (kind, ok) = match outcome {
             Outcome::Produced => {
                 Stats::inc(&self.stats.produced);

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use jetmq_common::otel;
 use jetmq_ingestor::config::{Config, Overrides};
 use jetmq_ingestor::{ingest, mapping};
 use tokio::sync::watch;
@@ -180,7 +181,20 @@ fn main() -> ExitCode {
         eprintln!("jetmq-ingestor: --mqtt-id must be at least 1 (ingestor N consumes share N-1)");
         return ExitCode::from(2);
     }
-    init_logging(cli.log_json);
+    init_logging(cli.log_json || config.telemetry.log_format == otel::LogFormat::Json);
+    // Before the runtime: the OTLP exporter's blocking HTTP client owns a runtime of its own.
+    match otel::Tracing::init(
+        &config.telemetry,
+        "jetmq-ingestor",
+        &format!("ingestor-{mqtt_id}"),
+    ) {
+        Ok(Some(t)) => otel::install(t),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("jetmq-ingestor: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -196,6 +210,8 @@ fn main() -> ExitCode {
         });
         ingest::run(config, mqtt_id, rx).await
     });
+    drop(runtime);
+    otel::shutdown_global();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

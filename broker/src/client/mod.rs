@@ -27,6 +27,7 @@ use jetmq_codec::{Disconnect, Packet, ProtocolVersion, ReasonCode};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::connection::{FrameReader, FrameWriter, ReadError, Transport};
 use crate::routing::mailbox::{mailbox, MailboxReceiver, MailboxSender};
@@ -124,15 +125,26 @@ pub async fn serve<S: Transport>(node: Arc<Node>, stream: S, peer: SocketAddr) {
     let (read_half, write_half) = tokio::io::split(stream);
     let reader = FrameReader::new(read_half, node.config.limits.max_packet_size as usize);
     let writer = FrameWriter::new(write_half);
+    // Every log line about this connection carries the node and (once known) the client id.
+    let span = tracing::info_span!(
+        "client",
+        node = %node.config.node_id,
+        %peer,
+        client_id = tracing::field::Empty
+    );
     // The handshake's state (CONNECT packet, session claim) is large and short-lived: boxed,
     // so that it is freed once the session runs. A suspended future is as big as its
     // largest state, and an idle connection should pay only for waiting.
-    if let Some((mut client, mut control_rx)) =
-        Box::pin(handshake(node.clone(), reader, writer, peer)).await
-    {
-        let exit = client.run_loop(&mut control_rx).await;
-        Box::pin(client.finish(exit)).await;
+    async {
+        if let Some((mut client, mut control_rx)) =
+            Box::pin(handshake(node.clone(), reader, writer, peer)).await
+        {
+            let exit = client.run_loop(&mut control_rx).await;
+            Box::pin(client.finish(exit)).await;
+        }
     }
+    .instrument(span)
+    .await;
     node.metrics.connections.dec();
 }
 
@@ -202,6 +214,7 @@ async fn handshake<S: Transport>(
         }
     };
     let client_id: Arc<str> = Arc::from(admission.client_id.as_str());
+    tracing::Span::current().record("client_id", &*client_id);
     let (control_tx, control_rx) = mpsc::channel(4);
     if let Some(previous) = node
         .clients
