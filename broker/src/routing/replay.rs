@@ -39,6 +39,9 @@ pub async fn replay_range(
     from_jetstream(stream, filters, after, upto, limit, wanted).await
 }
 
+/// Empty answers in a row after which a JetStream replay gives up (and is retried later).
+const MAX_EMPTY_FETCHES: u32 = 10;
+
 async fn from_jetstream(
     stream: &Stream,
     filters: &[String],
@@ -67,7 +70,7 @@ async fn from_jetstream(
     };
     // NATS refuses overlapping filter subjects on one consumer; then read everything and
     // let the MQTT match below do the filtering.
-    let consumer = match stream.create_consumer(config(subjects)).await {
+    let mut consumer = match stream.create_consumer(config(subjects)).await {
         Ok(consumer) => consumer,
         Err(_) => stream
             .create_consumer(config(vec![format!("{prefix}.>")]))
@@ -75,6 +78,7 @@ async fn from_jetstream(
             .map_err(|e| ReplayError::Consumer(e.to_string()))?,
     };
     let mut out = Vec::new();
+    let mut empty_fetches = 0u32;
     let reached = 'fetching: loop {
         let mut batch = consumer
             .fetch()
@@ -108,7 +112,25 @@ async fn from_jetstream(
             }
         }
         if !got_any {
-            break upto;
+            // An empty fetch is not proof that nothing is left: a loaded server can answer
+            // before the new consumer has found its first message. Only the consumer's own
+            // count says the range is done; otherwise ask again, and in the end fail so the
+            // session retries, rather than skip messages.
+            let pending = consumer
+                .info()
+                .await
+                .map(|info| info.num_pending)
+                .map_err(|e| ReplayError::Fetch(e.to_string()))?;
+            if pending == 0 {
+                break upto;
+            }
+            empty_fetches += 1;
+            if empty_fetches >= MAX_EMPTY_FETCHES {
+                return Err(ReplayError::Fetch(format!(
+                    "{pending} messages pending but {empty_fetches} fetches came back empty"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20 * u64::from(empty_fetches))).await;
         }
     };
     let name = consumer.cached_info().name.clone();
