@@ -1,5 +1,9 @@
 //! CONNECT: validation, the session claim, CONNACK.
 
+use std::time::Duration;
+
+use tokio::time::Instant;
+
 use jetmq_codec::{
     ConnAck, ConnAckProperties, Connect, LastWill, Packet, ProtocolVersion, ReasonCode,
 };
@@ -158,11 +162,27 @@ pub(super) async fn claim_session(
     let store = &node.cluster.sessions;
     let mut attempt = 0;
     let mut handed_over_by = None;
+    let mut outage = StoreOutage::new(CLAIM_OUTAGE_BUDGET);
+    let this_connection = Owner {
+        node: node.config.node_id.clone(),
+        connection,
+    };
     loop {
         attempt += 1;
-        let (existing, revision) = store.load(&admission.client_id).await?;
+        let (existing, revision) = match store.load(&admission.client_id).await {
+            Ok(loaded) => loaded,
+            Err(err @ StoreError::Unavailable(_)) => {
+                outage.wait_or_give_up(err, &admission.client_id).await?;
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
         let now = now_ms();
-        let previous_owner = existing.as_ref().and_then(|r| r.owner.clone());
+        // A save that timed out may still have landed: the record is then ours already.
+        let previous_owner = existing
+            .as_ref()
+            .and_then(|r| r.owner.clone())
+            .filter(|owner| *owner != this_connection);
         if handed_over_by.is_none() {
             if let Some(owner) = &previous_owner {
                 node.hand_over(&owner.node, &admission.client_id, owner.connection)
@@ -178,10 +198,7 @@ pub(super) async fn claim_session(
                 false,
             ),
         };
-        record.owner = Some(Owner {
-            node: node.config.node_id.clone(),
-            connection,
-        });
+        record.owner = Some(this_connection.clone());
         record.disconnected_at_ms = None;
         record.expiry_secs = admission.expiry_secs;
         record.will = connect.will.as_ref().map(stored_will);
@@ -211,8 +228,46 @@ pub(super) async fn claim_session(
                 });
             }
             Err(StoreError::Conflict) if attempt < 8 => continue,
+            Err(err @ StoreError::Unavailable(_)) => {
+                outage.wait_or_give_up(err, &admission.client_id).await?
+            }
             Err(err) => return Err(err),
         }
+    }
+}
+
+/// How long a CONNECT waits out a session store that does not answer (a JetStream leader
+/// election after a NATS node died takes a few seconds) before it is refused with 0x88.
+const CLAIM_OUTAGE_BUDGET: Duration = Duration::from_secs(6);
+
+/// Bounded, growing pauses while the session store is unavailable.
+struct StoreOutage {
+    deadline: Instant,
+    pause: Duration,
+}
+
+impl StoreOutage {
+    fn new(budget: Duration) -> StoreOutage {
+        StoreOutage {
+            deadline: Instant::now() + budget,
+            pause: Duration::from_millis(50),
+        }
+    }
+
+    /// Sleeps before the next try, or gives `err` back once the budget is spent.
+    async fn wait_or_give_up(
+        &mut self,
+        err: StoreError,
+        client_id: &str,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        if now + self.pause > self.deadline {
+            return Err(err);
+        }
+        tracing::debug!(client_id, error = %err, pause_ms = self.pause.as_millis() as u64, "session store unavailable; retrying the claim");
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(1));
+        Ok(())
     }
 }
 
