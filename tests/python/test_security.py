@@ -416,8 +416,12 @@ tls = "{HOST}:{port}"
 cert_file = {toml_str(cert_path)}
 key_file = {toml_str(key_path)}
 
-{limits_toml(max_write_buffer=65536)}
+{limits_toml(max_write_buffer=65536, max_inflight=400, max_queued_messages=1000)}
 """
+    # 200 x 50 KB all in flight at once (max_inflight 400) is 10 MB, more than a loopback
+    # socket's send buffer ever grows to (tcp_wmem max, 4 MB here): the broker's own write
+    # buffer must fill. With the default window of 32 (1.6 MB) the kernel alone could absorb
+    # it and the broker would just wait for PUBACKs, which is not what this test is about.
     b = start_broker(tmp_path, nats.url, toml, "sec-stuck")
     try:
         t = uid("stuck")
