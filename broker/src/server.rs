@@ -11,7 +11,7 @@ use futures::StreamExt;
 use jetmq_codec::ReasonCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -27,17 +27,13 @@ use crate::telemetry::Metrics;
 use crate::transport::{self, Edge, Kind};
 
 /// Sent to a connection by whoever needs it gone.
-#[derive(Debug, Clone, Copy)]
-pub enum Control {
-    /// Another connection took the session over.
-    TakenOver,
-    /// The node is draining or shutting down.
-    Shutdown,
-}
+pub use crate::routing::mailbox::Control;
+use crate::routing::mailbox::MailboxSender;
 
 pub struct LocalClient {
     pub connection: u64,
-    pub control: mpsc::Sender<Control>,
+    /// The connection's mailbox, through which it takes orders ([`Control`]).
+    pub control: MailboxSender,
 }
 
 /// Everything a connection needs from its node.
@@ -97,7 +93,7 @@ impl Node {
         let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(local) = clients.get(client_id) {
             if local.connection == connection {
-                let _ = local.control.try_send(Control::TakenOver);
+                local.control.order(Control::TakenOver);
             }
         }
     }
@@ -521,7 +517,7 @@ async fn drain_clients(node: &Node) -> anyhow::Result<()> {
 }
 
 /// Registered connections not yet asked to leave.
-fn local_clients(node: &Node, signalled: &HashSet<u64>) -> Vec<(u64, mpsc::Sender<Control>)> {
+fn local_clients(node: &Node, signalled: &HashSet<u64>) -> Vec<(u64, MailboxSender)> {
     node.clients
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -532,16 +528,13 @@ fn local_clients(node: &Node, signalled: &HashSet<u64>) -> Vec<(u64, mpsc::Sende
 }
 
 fn signal(
-    clients: impl Iterator<Item = (u64, mpsc::Sender<Control>)>,
+    clients: impl Iterator<Item = (u64, MailboxSender)>,
     signalled: &mut HashSet<u64>,
 ) -> usize {
     let mut sent = 0;
     for (connection, control) in clients {
-        match control.try_send(Control::Shutdown) {
-            Ok(()) => sent += 1,
-            // A full control queue means another command is pending; the sweep retries.
-            Err(mpsc::error::TrySendError::Full(_)) => continue,
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        if control.order(Control::Shutdown) {
+            sent += 1;
         }
         signalled.insert(connection);
     }

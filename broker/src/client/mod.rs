@@ -25,7 +25,6 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use jetmq_codec::{Disconnect, Packet, ProtocolVersion, ReasonCode};
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
@@ -136,10 +135,8 @@ pub async fn serve<S: Transport>(node: Arc<Node>, stream: S, peer: SocketAddr) {
     // so that it is freed once the session runs. A suspended future is as big as its
     // largest state, and an idle connection should pay only for waiting.
     async {
-        if let Some((mut client, mut control_rx)) =
-            Box::pin(handshake(node.clone(), reader, writer, peer)).await
-        {
-            let exit = client.run_loop(&mut control_rx).await;
+        if let Some(mut client) = Box::pin(handshake(node.clone(), reader, writer, peer)).await {
+            let exit = client.run_loop().await;
             Box::pin(client.finish(exit)).await;
         }
     }
@@ -148,8 +145,8 @@ pub async fn serve<S: Transport>(node: Arc<Node>, stream: S, peer: SocketAddr) {
     node.metrics.connections.dec();
 }
 
-/// A connection past CONNACK: its state and the channel for orders from the node.
-type Established<S> = (Client<ReadHalf<S>, WriteHalf<S>>, mpsc::Receiver<Control>);
+/// A connection past CONNACK.
+type Established<S> = Client<ReadHalf<S>, WriteHalf<S>>;
 
 async fn handshake<S: Transport>(
     node: Arc<Node>,
@@ -215,7 +212,7 @@ async fn handshake<S: Transport>(
     };
     let client_id: Arc<str> = Arc::from(admission.client_id.as_str());
     tracing::Span::current().record("client_id", &*client_id);
-    let (control_tx, control_rx) = mpsc::channel(4);
+    let (tx, rx) = mailbox(ROUTER_QUEUE);
     if let Some(previous) = node
         .clients
         .lock()
@@ -224,11 +221,11 @@ async fn handshake<S: Transport>(
             admission.client_id.clone(),
             LocalClient {
                 connection,
-                control: control_tx,
+                control: tx.clone(),
             },
         )
     {
-        let _ = previous.control.try_send(Control::TakenOver);
+        previous.control.order(Control::TakenOver);
     }
     if writer
         .queue(&connect::connack(
@@ -243,7 +240,6 @@ async fn handshake<S: Transport>(
     }
     tracing::debug!(%peer, client_id = %client_id, session_present = claim.session_present, "connected");
 
-    let (tx, rx) = mailbox(ROUTER_QUEUE);
     let lagged = Arc::new(AtomicU64::new(NOT_LAGGED));
     let subscriptions = subscriptions::entries(&claim.record.subscriptions);
     let live_from = node.router.attach(
@@ -309,11 +305,11 @@ async fn handshake<S: Transport>(
     };
     client.resend_released();
     client.join_shared();
-    Some((client, control_rx))
+    Some(client)
 }
 
 impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
-    async fn run_loop(&mut self, control: &mut mpsc::Receiver<Control>) -> Exit {
+    async fn run_loop(&mut self) -> Exit {
         let mut persist_tick = tokio::time::interval(PERSIST_INTERVAL);
         persist_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stall_limit = self.node.config.limits.max_write_buffer;
@@ -433,8 +429,8 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     return Exit::Abnormal;
                 }
                 _ = sleep_until(self.closing) => {}
-                command = control.recv() => {
-                    match command.unwrap_or(Control::Shutdown) {
+                command = self.deliveries.control() => {
+                    match command {
                         Control::TakenOver => {
                             self.send_disconnect(control_reason(Control::TakenOver));
                             tracing::info!(client_id = %self.client_id, "session taken over by a newer connection");

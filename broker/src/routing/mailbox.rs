@@ -6,9 +6,12 @@
 //! connection, which was a fifth of an idle connection's memory. Here the queue is a
 //! `VecDeque` that allocates on the first message and gives its memory back once it has been
 //! drained after a burst.
+//!
+//! The same shared state carries the node's orders to the connection ([`Control`]): a
+//! separate channel for those cost another ~600 bytes per connection for two possible values.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc::error::TrySendError;
@@ -19,11 +22,25 @@ use super::Delivery;
 /// Capacity above which a drained queue releases its buffer.
 const KEEP_CAPACITY: usize = 16;
 
+/// Orders from the node to one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// The node is draining or shutting down.
+    Shutdown = 1,
+    /// Another connection took the session over. Outranks `Shutdown` when both are pending.
+    TakenOver = 2,
+}
+
+const NO_CONTROL: u8 = 0;
+
 struct Shared {
     queue: Mutex<VecDeque<Delivery>>,
     capacity: usize,
     notify: Notify,
     receiver_gone: AtomicBool,
+    /// The strongest pending [`Control`], or `NO_CONTROL`.
+    control: AtomicU8,
+    control_notify: Notify,
 }
 
 impl Shared {
@@ -51,6 +68,8 @@ pub fn mailbox(capacity: usize) -> (MailboxSender, MailboxReceiver) {
         capacity: capacity.max(1),
         notify: Notify::new(),
         receiver_gone: AtomicBool::new(false),
+        control: AtomicU8::new(NO_CONTROL),
+        control_notify: Notify::new(),
     });
     (
         MailboxSender {
@@ -77,11 +96,25 @@ impl MailboxSender {
         self.shared.notify.notify_one();
         Ok(())
     }
+
+    /// Gives the connection an order; false when it is gone already. Orders do not queue:
+    /// the strongest one not yet taken is what the connection sees.
+    pub fn order(&self, control: Control) -> bool {
+        if self.shared.receiver_gone.load(Ordering::Acquire) {
+            return false;
+        }
+        self.shared
+            .control
+            .fetch_max(control as u8, Ordering::AcqRel);
+        // notify_one keeps a permit if the connection is not waiting right now.
+        self.shared.control_notify.notify_one();
+        true
+    }
 }
 
 impl MailboxReceiver {
     /// The next delivery. Cancellation safe: a delivery is taken out only when returned.
-    pub async fn recv(&mut self) -> Delivery {
+    pub async fn recv(&self) -> Delivery {
         loop {
             let notified = self.shared.notify.notified();
             if let Some(delivery) = self.try_recv() {
@@ -102,6 +135,17 @@ impl MailboxReceiver {
 
     pub fn is_empty(&self) -> bool {
         self.shared.lock().is_empty()
+    }
+
+    /// The next order from the node. Cancellation safe: an order is taken only when returned.
+    pub async fn control(&self) -> Control {
+        loop {
+            match self.shared.control.swap(NO_CONTROL, Ordering::AcqRel) {
+                x if x == Control::TakenOver as u8 => return Control::TakenOver,
+                x if x == Control::Shutdown as u8 => return Control::Shutdown,
+                _ => self.shared.control_notify.notified().await,
+            }
+        }
     }
 }
 
@@ -159,7 +203,7 @@ mod tests {
 
     #[tokio::test]
     async fn recv_wakes_on_send_and_survives_cancellation() {
-        let (tx, mut rx) = mailbox(4);
+        let (tx, rx) = mailbox(4);
         // A recv dropped while waiting must not lose the next delivery.
         let timed_out = tokio::time::timeout(Duration::from_millis(20), rx.recv()).await;
         assert!(timed_out.is_err());
@@ -173,5 +217,32 @@ mod tests {
             .expect("woken by the send");
         assert_eq!(got.msg.seq, 7);
         drop(sender.await);
+    }
+
+    #[tokio::test]
+    async fn orders_arrive_once_and_taken_over_outranks_shutdown() {
+        let (tx, rx) = mailbox(4);
+        // Waiting and cancelled: the order given afterwards is still seen.
+        let timed_out = tokio::time::timeout(Duration::from_millis(20), rx.control()).await;
+        assert!(timed_out.is_err());
+        assert!(tx.order(Control::Shutdown));
+        assert!(tx.order(Control::TakenOver));
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.control()).await;
+        assert_eq!(got.expect("pending order"), Control::TakenOver);
+        // Taken once: nothing is pending any more.
+        let again = tokio::time::timeout(Duration::from_millis(20), rx.control()).await;
+        assert!(again.is_err());
+        let waiter = {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                tx.order(Control::Shutdown)
+            })
+        };
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.control()).await;
+        assert_eq!(got.expect("woken by the order"), Control::Shutdown);
+        assert!(waiter.await.expect("joined"));
+        drop(rx);
+        assert!(!tx.order(Control::Shutdown), "the connection is gone");
     }
 }

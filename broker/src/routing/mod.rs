@@ -680,7 +680,7 @@ pub(crate) mod tests {
             ReplayRing::new(100, usize::MAX),
             Arc::new(Metrics::default()),
         );
-        let (tx, mut rx) = mailbox::mailbox(1);
+        let (tx, rx) = mailbox::mailbox(1);
         let lagged = Arc::new(AtomicU64::new(NOT_LAGGED));
         let sub = SubEntry {
             qos: QoS::AtLeastOnce,
