@@ -840,8 +840,16 @@ def _run_cluster(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, on_signal)
 
     hosts = list(NODE_HOSTS)
-    nats = NatsCluster(workdir, n=3, hosts=hosts)
+    kafka = None
+    if not args.no_kafka:
+        import kafka_harness as kh  # the Kafka leg: tansu and the ingestors
+
+        kafka = kh
+        mapping = kh.mapping_block(args.ingestors)
+    nats = NatsCluster(workdir, n=3, hosts=hosts, mapping=mapping if kafka else None)
     brokers: list[BrokerNode] = []
+    tansu = None
+    ingestors = []
     try:
         print(f"[cluster] starting 3 NATS nodes (JetStream) in {workdir}", flush=True)
         nats.start()
@@ -852,18 +860,38 @@ def _run_cluster(args: argparse.Namespace) -> int:
                 b.config_path = Path(args.config).resolve()
             brokers.append(b)
             b.start()
+        if kafka:
+            print(f"[cluster] starting tansu (Kafka API) on 127.0.0.1:{args.kafka_port} and "
+                  f"{args.ingestors} ingestors", flush=True)
+            tansu = kafka.Tansu(workdir, port=args.kafka_port)
+            tansu.start(timeout=60)
+            for topic in ("mqtt", "mqtt-dead-letter"):
+                tansu.create_topic(topic, 3)
+            for mqtt_id in range(1, args.ingestors + 1):
+                toml = kafka.ingestor_toml([n.url for n in nats.nodes], tansu.bootstrap)
+                ing = kafka.Ingestor(workdir, mqtt_id, toml)
+                ingestors.append(ing)
+                ing.start(timeout=60)
         print("\n[cluster] ready", flush=True)
         for n in nats.nodes:
             print(f"  NATS   {n.server_name}: {n.url}  monitor {n.monitor_url}  pid {n.pid}")
         for b in brokers:
             print(f"  jetmq  {b.node_id}: mqtt://{b.host}:{b.port}  http://{b.host}:{b.http_port}  pid {b.pid}  log {b.log_path}")
+        if tansu:
+            print(f"  kafka  tansu: {tansu.bootstrap} (topics mqtt, mqtt-dead-letter)  pid {tansu.pid}")
+        for ing in ingestors:
+            print(f"  ingest --mqtt-id {ing.mqtt_id}: metrics http://127.0.0.1:{ing.metrics_port}/metrics  "
+                  f"pid {ing.pid}  log {ing.log_path}")
         h1, h2 = brokers[0], brokers[1]
         print("\n  try:")
         print(f"    mosquitto_sub -V mqttv5 -h {h1.host} -p {h1.port} -t 'demo/#' -q 1 -v")
         print(f"    mosquitto_pub -V mqttv5 -h {h2.host} -p {h2.port} -t demo/hello -q 1 -m 'hi from node 2'")
+        if tansu:
+            print("    # the same message in Kafka (key = MQTT topic), through the ingestors:")
+            print(f"    {sys.executable} {Path(__file__).resolve()} kafka-read --bootstrap {tansu.bootstrap}")
         print("\n  Ctrl-C (or SIGTERM) stops everything.", flush=True)
         while not stop.is_set():
-            for p in brokers + nats.nodes:
+            for p in brokers + nats.nodes + ingestors + ([tansu] if tansu else []):
                 if p.crashed():
                     print(f"[cluster] {p.name} exited with {p.proc.returncode}; log tail:\n{p.log_tail(30)}", flush=True)
                     p._expect_exit = True  # report once
@@ -872,6 +900,10 @@ def _run_cluster(args: argparse.Namespace) -> int:
         print(f"[cluster] failed: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
+        for ing in ingestors:
+            ing.terminate(timeout=20)
+        if tansu:
+            tansu.kill9()  # see Tansu.stop: SIGTERM leaves it half-alive
         for b in reversed(brokers):
             b.terminate()
         nats.stop()
@@ -887,12 +919,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--http-port", type=int, default=int(os.environ.get("JETMQ_CLUSTER_HTTP_PORT", "8080")))
     c.add_argument("--config", default=os.environ.get("JETMQ_CLUSTER_CONFIG"))
     c.add_argument("--workdir", default=os.environ.get("JETMQ_CLUSTER_WORKDIR"))
+    c.add_argument("--kafka-port", type=int, default=int(os.environ.get("JETMQ_CLUSTER_KAFKA_PORT", "9092")))
+    c.add_argument("--ingestors", type=int, default=int(os.environ.get("JETMQ_CLUSTER_INGESTORS", "2")))
+    c.add_argument("--no-kafka", action="store_true", default=os.environ.get("JETMQ_CLUSTER_NO_KAFKA") == "1",
+                   help="only NATS and the brokers (no tansu, no ingestors)")
+    k = sub.add_parser("kafka-read", help="print the records of a Kafka topic (key, value) and exit")
+    k.add_argument("--bootstrap", default="127.0.0.1:9092")
+    k.add_argument("--topic", default="mqtt")
+    k.add_argument("--wait", type=float, default=3.0, help="seconds to wait for records")
     p = sub.add_parser("proxy", help="TCP forwarder (used by the tests)")
     p.add_argument("--listen", required=True)
     p.add_argument("--upstream", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "cluster":
         return _run_cluster(args)
+    if args.cmd == "kafka-read":
+        import kafka_harness as kh
+
+        reader = kh.Reader(args.bootstrap, [args.topic])
+        try:
+            reader.read_until(lambda rs: False, args.wait, linger=0)
+        finally:
+            reader.close()
+        for r in sorted(reader.records, key=lambda r: (r.partition, r.offset)):
+            key = r.key.decode(errors="replace") if r.key is not None else "-"
+            print(f"{r.topic}/{r.partition}@{r.offset}  key={key}  value={r.value[:200]!r}")
+        print(f"[kafka-read] {len(reader.records)} records", file=sys.stderr)
+        return 0
     if args.cmd == "proxy":
         return _run_proxy(args.listen, args.upstream)
     return 2
