@@ -701,7 +701,8 @@ def dnsmasq_bin() -> str:
 
 
 class Dnsmasq(ManagedProcess):
-    """dnsmasq in the foreground on 127.0.0.1:<port>, answering only from a hosts file.
+    """dnsmasq in the foreground on 127.0.0.1:<port> (or ``host``:``port``), answering only
+    from a hosts file.
 
     ``records`` maps a name to its addresses; ``set_records()`` rewrites the file and sends
     SIGHUP, which makes dnsmasq re-read it (TTL 0: resolvers see the change at once). Names
@@ -711,9 +712,10 @@ class Dnsmasq(ManagedProcess):
     kind = "dns"
 
     def __init__(self, workdir: Path, records: dict[str, Sequence[str]], domain: str = "jetmq.test",
-                 port: int | None = None):
+                 port: int | None = None, host: str = "127.0.0.1"):
+        _check_loopback(host)
         super().__init__("dnsmasq", Path(workdir) / "dnsmasq")
-        self.host = "127.0.0.1"
+        self.host = host
         self.port = port or free_port(self.host)
         self.domain = domain
         self.hosts_path = self.workdir / "hosts"
