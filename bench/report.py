@@ -599,7 +599,7 @@ def kafka_md(d):
     """A section for latest.md: every number of the MQTT-to-Kafka run."""
     out = ["", "## MQTT to Kafka", ""]
     if get(d, "error"):
-        out += [f"Failed: {get(d, 'error')}", ""]
+        out += [f"Failed: {str(get(d, 'error')).splitlines()[0]}", ""]
     out += [f"{get(d, 'count')} records of {get(d, 'size')} B over 100 topics into tansu (sqlite), steady-state "
             f"rate between 10 % and 90 % confirmed; latency at {fmt(get(d, 'latency_rate'), '{:.0f}')} msg/s for "
             f"{fmt(get(d, 'latency_secs'), '{:.0f}')} s; load average {loadavg(get(d, 'loadavg_before'))} before, "
@@ -730,7 +730,7 @@ def main():
           "| scenario | " + " | ".join(TARGET_NAMES.get(t, t) for t in targets) + " |",
           "|---|" + "---|" * len(targets)]
     for s in scenarios:
-        md.append(f"| {SCENARIO_TITLES.get(s, s)} | " + " | ".join(status[s][t].replace("|", "/") for t in targets) + " |")
+        md.append(f"| {SCENARIO_TITLES.get(s, s)} | " + " | ".join(" ".join(status[s][t].replace("|", "/").split()) for t in targets) + " |")
     md += ["", "## Targets from the issue", "", "| target | jetmq | got | want | met |", "|---|---|---|---|---|"]
     for c in checks:
         got = "-" if c["got"] is None else (f"{c['got']:.2f}" if isinstance(c["got"], float) else str(c["got"]))
