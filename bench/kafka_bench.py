@@ -7,6 +7,10 @@ jetmq-ingestors), so no run reads or writes another's data:
              straight into a fresh tansu by a Rust rdkafka producer with exactly the ingestor's
              settings (idempotent, acks=all, linger 5 ms, window 2048;
              ingestor/examples/kafka_direct.rs).
+* direct-K:  the baseline for K ingestors (K > 1): K kafka_direct processes side by side, each
+             producing COUNT / K records over its own share of the keys, into one fresh tansu
+             (all K ingestors share one tansu too, and its sqlite store takes one writer at a
+             time). Rate over the merged confirmations of all K, measured like the others.
 * drain-K:   COUNT MQTT messages (QoS 1, SIZE bytes, 100 topics) published through
              jetmq-broker while no ingestor runs, so they wait in JetStream; then K ingestors
              start. Their /metrics are polled every 20 ms.
@@ -64,21 +68,54 @@ def steady_rate(samples: list[tuple[float, float]], count: int) -> tuple[float, 
     return (hi - lo) / secs, secs
 
 
-def direct(workdir: Path, args) -> dict:
-    tansu = kh.Tansu(workdir / "direct").start()
+def direct(workdir: Path, args, producers: int = 1) -> dict:
+    """COUNT records produced straight into a fresh tansu by `producers` kafka_direct processes
+    running side by side (COUNT split evenly, each over its own share of the keys). The rate is
+    the steady-state rate of all their confirmations merged on one (wall-clock) time line."""
+    wd = workdir / ("direct" if producers == 1 else f"direct-{producers}")
+    wd.mkdir(parents=True, exist_ok=True)
+    tansu = kh.Tansu(wd).start()
+    procs: list[tuple[subprocess.Popen, Path, Path]] = []
     try:
         tansu.create_topic("direct", 3)
-        out = subprocess.run(
-            [args.direct_bin, "--bootstrap", tansu.bootstrap, "--topic", "direct", "--count", str(args.count),
-             "--size", str(args.size), "--keys", str(TOPICS)],
-            capture_output=True, text=True, timeout=args.timeout)
-        if out.returncode != 0:
-            raise RuntimeError(f"kafka_direct failed: {out.stderr}")
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        samples = [(0.0, 0.0)] + [(t, float(i + 1)) for i, t in enumerate(result.pop("confirmed_at"))]
+        counts = [args.count // producers + (1 if i < args.count % producers else 0) for i in range(producers)]
+        # Output to files, not pipes: no producer can block on a full pipe while another is read.
+        for i, n in enumerate(counts, start=1):
+            out_path, err_path = wd / f"kafka_direct-{i}.json", wd / f"kafka_direct-{i}.log"
+            with open(out_path, "w") as out, open(err_path, "w") as err:
+                procs.append((subprocess.Popen(
+                    [args.direct_bin, "--bootstrap", tansu.bootstrap, "--topic", "direct", "--count", str(n),
+                     "--size", str(args.size), "--keys", str(TOPICS), "--producers", str(producers),
+                     "--producer", str(i)],
+                    stdout=out, stderr=err), out_path, err_path))
+        deadline = time.monotonic() + args.timeout
+        outputs = []
+        for p, out_path, err_path in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"kafka_direct (pid {p.pid}) did not finish within {args.timeout:.0f} s")
+            if p.returncode != 0:
+                raise RuntimeError(f"kafka_direct failed ({p.returncode}): {err_path.read_text()[-2000:].strip()}")
+            outputs.append(json.loads(out_path.read_text().strip().splitlines()[-1]))
+        # One time line: each confirmation at its producer's wall-clock start + its offset.
+        t0 = min(o["started_unix"] for o in outputs)
+        times = sorted(o["started_unix"] - t0 + t for o in outputs for t in o.pop("confirmed_at"))
+        samples = [(0.0, 0.0)] + [(t, float(i + 1)) for i, t in enumerate(times)]
+        result: dict = {"producers": producers, "records": args.count, "size": args.size,
+                        "failed": sum(o["failed"] for o in outputs)}
         result["rate"], result["seconds_10_to_90"] = steady_rate(samples, args.count)
+        result["seconds"] = max(o["started_unix"] - t0 + o["seconds"] for o in outputs)
+        result["start_spread_seconds"] = max(o["started_unix"] for o in outputs) - t0
+        result["per_producer"] = [{k: o[k] for k in ("producer", "records", "keys", "seconds", "rate")}
+                                  for o in outputs]
+        result["in_kafka"] = kh.stored_count(tansu.bootstrap, "direct")
         return result
     finally:
+        for p, _, _ in procs:
+            if p.poll() is None:
+                p.kill()  # by PID (Popen), never by name
+                p.wait()
         tansu.kill9()
 
 
@@ -300,19 +337,45 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--direct-bin", required=True)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--workdir", type=Path, help="where the processes keep their data and logs "
+                    "(default: a new temporary directory)")
     args = ap.parse_args()
     if args.count < 5 * 2048:
         ap.error("--count must be at least 10240 (5 times the 2048-record window) for a steady-state rate")
     # SIGTERM unwinds like Ctrl-C, so every process started here is stopped (by PID).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    workdir = Path(tempfile.mkdtemp(prefix="jetmq-kafka-bench-"))
-    result = {"count": args.count, "size": args.size, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        workdir = args.workdir
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="jetmq-kafka-bench-"))
+    result = {"ok": False, "count": args.count, "size": args.size,
+              "latency_rate": args.latency_rate, "latency_secs": args.latency_secs,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
+              "loadavg_before": os.getloadavg()}
     print(f"[kafka-bench] work dir {workdir}", flush=True)
-    result["direct"] = direct(workdir, args)
-    print(f"[kafka-bench] direct: {result['direct']['rate']:.0f} records/s", flush=True)
+    try:
+        run(workdir, args, result)
+        result["ok"] = True
+    except BaseException as e:  # noqa: BLE001 - the partial result is still written
+        result["error"] = f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else f"stopped (exit {e.code})"
+        raise
+    finally:
+        result["loadavg_after"] = os.getloadavg()
+        text = json.dumps(result, indent=2)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(text + "\n")
+        print(text, flush=True)
+    return 0
 
-    for k in [int(x) for x in args.ingestors.split(",")]:
+
+def run(workdir: Path, args, result: dict) -> None:
+    ks = [int(x) for x in args.ingestors.split(",")]
+    result["direct"] = direct(workdir, args)
+    print(f"[kafka-bench] direct, 1 producer: {result['direct']['rate']:.0f} records/s", flush=True)
+
+    for k in ks:
         # Latency on a fresh store (tansu's per-request cost grows with its store), then the
         # drain on another fresh one.
         env = Env(workdir / f"latency-{k}", k)
@@ -328,22 +391,28 @@ def main() -> int:
                   flush=True)
         finally:
             env.close()
+        # The baseline with as many producers as ingestors, right before their drain.
+        if k == 1:
+            base = result["direct"]
+        else:
+            base = result[f"direct-{k}"] = direct(workdir, args, producers=k)
+            print(f"[kafka-bench] direct, {k} producers side by side: {base['rate']:.0f} records/s in total "
+                  f"({', '.join('%.0f' % p['rate'] for p in base['per_producer'])} each, whole runs)", flush=True)
         env = Env(workdir / f"drain-{k}", k)
         try:
             d = drain(env, args)
+            # Against one direct producer (as before) and against as many direct producers as
+            # ingestors, measured the same way into the same kind of fresh tansu.
             d["vs_direct"] = d["rate"] / result["direct"]["rate"]
+            d["direct_same_k_rate"] = base["rate"]
+            d["vs_direct_same_k"] = d["rate"] / base["rate"]
+            d["rate_per_ingestor"] = d["rate"] / k
             result[f"drain-{k}"] = d
-            print(f"[kafka-bench] {k} ingestor(s): {d['rate']:.0f} records/s = {d['vs_direct']:.2f}x direct, "
+            print(f"[kafka-bench] {k} ingestor(s): {d['rate']:.0f} records/s = {d['vs_direct']:.2f}x 1 direct producer, "
+                  f"{d['vs_direct_same_k']:.2f}x {k} direct producer(s); "
                   f"{d['in_kafka']}/{d['records']} in Kafka, {d['duplicates']} duplicates", flush=True)
         finally:
             env.close()
-    result["loadavg_after"] = os.getloadavg()
-    text = json.dumps(result, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
-    return 0
 
 
 if __name__ == "__main__":

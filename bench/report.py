@@ -154,7 +154,29 @@ METRICS = [
     ("failover", "QoS 1 duplicates", lambda d, t: get(d, "result", "receive", "duplicates_qos1"), "lower", "{:,.0f}"),
     ("failover", "latency p99 ms", lambda d, t: get(d, "result", "receive", "latency_ms", "p99"), "lower", "{:,.1f}"),
     ("failover", "latency max ms", lambda d, t: get(d, "result", "receive", "latency_ms", "max"), "lower", "{:,.1f}"),
+    # MQTT to Kafka (bench/kafka_bench.py): steady-state records/s into one tansu through K
+    # ingestors and from K direct rdkafka producers (K = 1, 2), in the same run.
+    ("kafka", "1 ingestor records/s", lambda d, t: get(d, "drain-1", "rate"), "higher", "{:,.0f}"),
+    ("kafka", "1 direct producer records/s", lambda d, t: get(d, "direct", "rate"), "higher", "{:,.0f}"),
+    ("kafka", "1 ingestor ÷ 1 direct producer", lambda d, t: get(d, "drain-1", "vs_direct_same_k"), "higher", "{:.2f}x"),
+    ("kafka", "2 ingestors records/s (sum)", lambda d, t: get(d, "drain-2", "rate"), "higher", "{:,.0f}"),
+    ("kafka", "2 direct producers records/s (sum)", lambda d, t: get(d, "direct-2", "rate"), "higher", "{:,.0f}"),
+    ("kafka", "2 ingestors ÷ 2 direct producers", lambda d, t: get(d, "drain-2", "vs_direct_same_k"), "higher", "{:.2f}x"),
+    ("kafka", "2 ingestors ÷ 1 direct producer", lambda d, t: get(d, "drain-2", "vs_direct"), "higher", "{:.2f}x"),
+    ("kafka", "e2e latency p50 ms, 1 ingestor", lambda d, t: get(d, "latency-1", "p50_ms"), "lower", "{:,.1f}"),
+    ("kafka", "e2e latency p99 ms, 1 ingestor", lambda d, t: get(d, "latency-1", "p99_ms"), "lower", "{:,.1f}"),
+    ("kafka", "e2e latency p99 ms, 2 ingestors", lambda d, t: get(d, "latency-2", "p99_ms"), "lower", "{:,.1f}"),
+    ("kafka", "direct produce latency p99 ms", lambda d, t: get(d, "direct-latency-1", "p99_ms"), "lower", "{:,.1f}"),
+    ("kafka", "duplicates in Kafka", lambda d, t: kafka_duplicates(d), "lower", "{:,.0f}"),
 ]
+# Scenarios that are not a jetmq-bench run: no CPU/RSS/log rows.
+NO_COMMON_METRICS = ("kafka",)
+
+
+def kafka_duplicates(d):
+    """Records in Kafka beyond the ones published, over every ingestor run."""
+    dups = [get(d, k, "duplicates") for k in d if k.startswith("drain-")]
+    return sum_or_none(dups)
 def log_lines(d, t):
     logs = get(d, "_logs")
     if logs is None:
@@ -199,7 +221,10 @@ def _status_of(d):
     if d is None:
         return "missing"
     if get(d, "not_run"):
-        return "not applicable" if "not applicable" in str(get(d, "error")) else "not run"
+        err = str(get(d, "error") or "")
+        if "not applicable" in err:
+            return "not applicable"
+        return err if err.startswith("not run") else "not run"
     if get(d, "error"):
         return "FAILED: " + str(get(d, "error"))
     if not get(d, "ok", default=False):
@@ -214,10 +239,15 @@ def _status_of(d):
 def build_rows(runs, scenarios, targets):
     rows = []
     for s in scenarios:
-        if s == "kafka":
-            rows.append({"scenario": s, "metric": "not run", "values": {}, "better": "", "fmt": "{}"})
+        results = [runs.get(s, {}).get(t) for t in targets]
+        if all(d is None or get(d, "not_run") for d in results):
+            # Run nowhere: one row that says why, per target.
+            rows.append({"scenario": s, "metric": "not run", "better": "", "fmt": "{}",
+                         "values": {t: status_of(runs.get(s, {}).get(t)) for t in targets}})
             continue
-        metrics = [(m[1], m[2], m[3], m[4]) for m in METRICS if m[0] == s] + COMMON_METRICS
+        metrics = [(m[1], m[2], m[3], m[4]) for m in METRICS if m[0] == s]
+        if s not in NO_COMMON_METRICS:
+            metrics += COMMON_METRICS
         for label, fn, better, spec in metrics:
             values = {}
             for t in targets:
@@ -245,7 +275,7 @@ def render_table(rows, targets, markdown):
     for r in rows:
         cells = [SCENARIO_TITLES.get(r["scenario"], r["scenario"]), r["metric"] + (" ↑" if r["better"] == "higher" else " ↓" if r["better"] == "lower" else "")]
         if r["metric"] == "not run":
-            cells += ["not run"] * len(targets) + [""] * len(rcols)
+            cells += [str(r["values"].get(t) or "not run") for t in targets] + [""] * len(rcols)
         else:
             cells += [fmt(r["values"].get(t), r["fmt"]) for t in targets]
             for j, p in rcols:
@@ -314,6 +344,24 @@ def check_targets(rows, targets, quick):
         add("reconnect storm < 5 s", j, st, 5,
             None if st is None else (st < 5 and (sp or 0) >= 1.0),
             "until every client has CONNACK with session present")
+    for j in JETMQS:
+        if j not in targets or "kafka" not in {r["scenario"] for r in rows}:
+            continue
+        one = value(rows, "kafka", "1 ingestor ÷ 1 direct producer", j)
+        two = value(rows, "kafka", "2 ingestors ÷ 2 direct producers", j)
+        p99 = value(rows, "kafka", "e2e latency p99 ms, 1 ingestor", j)
+        if j == "jetmq1" or one is not None:
+            one = None if one is None else round(one, 3)
+            two = None if two is None else round(two, 3)
+            add("MQTT to Kafka, 1 ingestor >= 0.8x 1 direct producer", j, one, 0.8,
+                None if one is None else one >= 0.8,
+                "steady-state records/s into the same tansu, same run")
+            add("MQTT to Kafka, 2 ingestors >= 0.8x 2 direct producers", j, two, 0.8,
+                None if two is None else two >= 0.8,
+                "sum of both ingestors vs. sum of two producers side by side, one tansu")
+            add("MQTT to Kafka: end-to-end p99 reported", j, None if p99 is None else round(p99, 1), "a number",
+                None if p99 is None else True,
+                "MQTT PUBLISH to Kafka consumer at 200 msg/s, ms")
     if "jetmq3" in targets:
         lost = value(rows, "failover", "lost (acked, not delivered)", "jetmq3")
         dup2 = value(rows, "failover", "QoS 2 duplicates", "jetmq3")
@@ -543,6 +591,43 @@ def failover_md(d, plot):
     return out
 
 
+def loadavg(v):
+    return " / ".join(f"{x:.1f}" for x in v) if isinstance(v, list) else "-"
+
+
+def kafka_md(d):
+    """A section for latest.md: every number of the MQTT-to-Kafka run."""
+    out = ["", "## MQTT to Kafka", ""]
+    if get(d, "error"):
+        out += [f"Failed: {str(get(d, 'error')).splitlines()[0]}", ""]
+    out += [f"{get(d, 'count')} records of {get(d, 'size')} B over 100 topics into tansu (sqlite), steady-state "
+            f"rate between 10 % and 90 % confirmed; latency at {fmt(get(d, 'latency_rate'), '{:.0f}')} msg/s for "
+            f"{fmt(get(d, 'latency_secs'), '{:.0f}')} s; load average {loadavg(get(d, 'loadavg_before'))} before, "
+            f"{loadavg(get(d, 'loadavg_after'))} after.", "",
+            "| run | records/s | ÷ 1 direct producer | ÷ as many direct producers | in Kafka | detail |",
+            "|---|---|---|---|---|---|"]
+    for key in sorted(k for k in d if k == "direct" or k.startswith("direct-") and not k.startswith("direct-latency")):
+        r = d[key]
+        per = ", ".join(fmt(x.get("rate"), "{:,.0f}") for x in r.get("per_producer") or [])
+        out.append(f"| {r.get('producers', 1)} direct producer(s) | {fmt(r.get('rate'), '{:,.0f}')} | | | "
+                   f"{fmt(r.get('in_kafka'), '{:,}')} | whole-run rate per producer: {per or '-'} |")
+    for key in sorted(k for k in d if k.startswith("drain-")):
+        r = d[key]
+        per = ", ".join(f"{i}: {fmt(n, '{:,.0f}')}" for i, n in (r.get("per_ingestor") or {}).items())
+        out.append(f"| {r.get('ingestors')} ingestor(s) | {fmt(r.get('rate'), '{:,.0f}')} | "
+                   f"{fmt(r.get('vs_direct'), '{:.2f}x')} | {fmt(r.get('vs_direct_same_k'), '{:.2f}x')} | "
+                   f"{fmt(r.get('in_kafka'), '{:,}')} ({fmt(r.get('duplicates'), '{:,}')} duplicates) | "
+                   f"records per ingestor {per}; MQTT publish {fmt(r.get('mqtt_publish_rate'), '{:,.0f}')} msg/s |")
+    out += ["", "| latency | p50 ms | p99 ms | max ms | received |", "|---|---|---|---|---|"]
+    for key in sorted(k for k in d if k.startswith("latency-") or k.startswith("direct-latency-")):
+        r = d[key]
+        what = (f"direct produce, tansu of {key.rsplit('-', 1)[1]} ingestor(s)" if key.startswith("direct")
+                else f"MQTT through {r.get('ingestors')} ingestor(s)")
+        out.append(f"| {what} | {fmt(r.get('p50_ms'), '{:,.1f}')} | {fmt(r.get('p99_ms'), '{:,.1f}')} | "
+                   f"{fmt(r.get('max_ms'), '{:,.1f}')} | {r.get('received')}/{r.get('published')} |")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--raw", required=True)
@@ -645,7 +730,7 @@ def main():
           "| scenario | " + " | ".join(TARGET_NAMES.get(t, t) for t in targets) + " |",
           "|---|" + "---|" * len(targets)]
     for s in scenarios:
-        md.append(f"| {SCENARIO_TITLES.get(s, s)} | " + " | ".join(status[s][t].replace("|", "/") for t in targets) + " |")
+        md.append(f"| {SCENARIO_TITLES.get(s, s)} | " + " | ".join(" ".join(status[s][t].replace("|", "/").split()) for t in targets) + " |")
     md += ["", "## Targets from the issue", "", "| target | jetmq | got | want | met |", "|---|---|---|---|---|"]
     for c in checks:
         got = "-" if c["got"] is None else (f"{c['got']:.2f}" if isinstance(c["got"], float) else str(c["got"]))
@@ -655,6 +740,10 @@ def main():
         md += ["", f"![latency percentiles]({plot})"]
     if fo and not get(fo, "not_run"):
         md += failover_md(fo, fo_plot)
+    for t in targets:
+        kd = runs.get("kafka", {}).get(t)
+        if kd and not get(kd, "not_run") and (get(kd, "direct") or get(kd, "error")):
+            md += kafka_md(kd)
     (out / "latest.md").write_text("\n".join(md) + "\n")
 
     print()
