@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -68,6 +69,15 @@ def steady_rate(samples: list[tuple[float, float]], count: int) -> tuple[float, 
     return (hi - lo) / secs, secs
 
 
+def cpu_secs(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return 0.0
+
+
 def direct(workdir: Path, args, producers: int = 1) -> dict:
     """COUNT records produced straight into a fresh tansu by `producers` kafka_direct processes
     running side by side (COUNT split evenly, each over its own share of the keys). The rate is
@@ -79,6 +89,7 @@ def direct(workdir: Path, args, producers: int = 1) -> dict:
     try:
         tansu.create_topic("direct", 3)
         counts = [args.count // producers + (1 if i < args.count % producers else 0) for i in range(producers)]
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         # Output to files, not pipes: no producer can block on a full pipe while another is read.
         for i, n in enumerate(counts, start=1):
             out_path, err_path = wd / f"kafka_direct-{i}.json", wd / f"kafka_direct-{i}.log"
@@ -89,6 +100,7 @@ def direct(workdir: Path, args, producers: int = 1) -> dict:
                      "--producer", str(i)],
                     stdout=out, stderr=err), out_path, err_path))
         deadline = time.monotonic() + args.timeout
+        tansu_cpu0 = cpu_secs(tansu.pid)
         outputs = []
         for p, out_path, err_path in procs:
             try:
@@ -109,6 +121,15 @@ def direct(workdir: Path, args, producers: int = 1) -> dict:
         result["start_spread_seconds"] = max(o["started_unix"] for o in outputs) - t0
         result["per_producer"] = [{k: o[k] for k in ("producer", "records", "keys", "seconds", "rate")}
                                   for o in outputs]
+        # Where the CPU went (2 cores shared by everything): tansu's share, measured from the
+        # producers' start to the last one's exit (tansu may still be committing a little).
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result["cpu_secs"] = {
+            "tansu": round(cpu_secs(tansu.pid) - tansu_cpu0, 2),
+            # The producers were reaped by wait(): their CPU is in this process's children usage.
+            "producers": round(children.ru_utime + children.ru_stime
+                               - children0.ru_utime - children0.ru_stime, 2),
+        }
         result["in_kafka"] = kh.stored_count(tansu.bootstrap, "direct")
         return result
     finally:
@@ -248,6 +269,8 @@ def publish(env: Env, count: int, size: int, rate: float | None = None, clients:
 
 def drain(env: Env, args) -> dict:
     pub_secs = publish(env, args.count, args.size)
+    others = {"nats": env.nats.pid, "broker": env.broker.pid, "tansu": env.tansu.pid}
+    cpu0 = {name: cpu_secs(pid) for name, pid in others.items()}
     env.start_ingestors()
     samples = []  # (time, records confirmed by Kafka), polled every 20 ms
     deadline = time.monotonic() + args.timeout
@@ -258,6 +281,10 @@ def drain(env: Env, args) -> dict:
         time.sleep(0.02)
     if samples[-1][1] < args.count:
         raise RuntimeError(f"ingestors did not finish: {[i.metrics() for i in env.ingestors]}")
+    # CPU seconds spent from the ingestors' start to the last confirmation, per process.
+    cpu = {name: round(cpu_secs(pid) - cpu0[name], 2) for name, pid in others.items()}
+    for ing in env.ingestors:
+        cpu[f"ingestor-{ing.mqtt_id}"] = round(cpu_secs(ing.pid), 2)
     rate, secs = steady_rate(samples, args.count)
     stored = kh.stored_count(env.tansu.bootstrap, "mqtt")
     return {
@@ -269,6 +296,8 @@ def drain(env: Env, args) -> dict:
         "seconds_10_to_90": secs,
         "rate": rate,
         "per_ingestor": {i.mqtt_id: i.metric("produced_total") for i in env.ingestors},
+        "seconds": samples[-1][0] - samples[0][0],
+        "cpu_secs": cpu,
     }
 
 
