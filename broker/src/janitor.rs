@@ -8,6 +8,7 @@
 //! compare-and-set, so a client reconnecting at the same moment always wins.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,11 +66,15 @@ pub async fn run(node: Arc<Node>, nodes_kv: kv::Store, shutdown: CancellationTok
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         if let Ok(value) = serde_json::to_vec(&beat) {
-            if let Err(err) = nodes_kv
+            match nodes_kv
                 .put(heartbeat_key(&beat.node_id), value.into())
                 .await
             {
-                tracing::warn!(error = %err, "heartbeat write failed");
+                Ok(_) => node.store_write_failures.store(0, Ordering::Release),
+                Err(err) => {
+                    node.store_write_failures.fetch_add(1, Ordering::AcqRel);
+                    tracing::warn!(error = %err, "heartbeat write failed");
+                }
             }
         }
         lease = renew_lease(&nodes_kv, &node.config.node_id, lease).await;

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +54,9 @@ pub struct Node {
     pub ready: AtomicBool,
     /// The message stream answered its last probe (see [`probe_jetstream`]).
     pub jetstream_ok: AtomicBool,
+    /// Heartbeat writes that failed in a row (see [`crate::janitor`]): a write needs the
+    /// bucket's quorum, which a stream-info probe alone does not prove.
+    pub store_write_failures: AtomicU32,
     /// Cancelled when a graceful drain is requested (signal, `jetmq-broker drain`).
     pub drain: CancellationToken,
     /// Cancelled for the hard stop: background tasks end, connections close at once.
@@ -211,6 +214,7 @@ pub async fn run(
         first_connection_id,
         ready: AtomicBool::new(false),
         jetstream_ok: AtomicBool::new(true),
+        store_write_failures: AtomicU32::new(0),
         drain: drain.clone(),
         shutdown: shutdown.clone(),
         connections: TaskTracker::new(),
@@ -571,9 +575,12 @@ async fn serve_drain_requests(node: Arc<Node>, mut requests: async_nats::Subscri
 const JETSTREAM_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Keeps `jetstream_ok` current: the message stream must answer (it has a leader and the
-/// NATS node we talk to reaches it), else publishes cannot be acknowledged and DNS health
-/// checks should send clients elsewhere. Two failed probes in a row flip it, one success
-/// flips it back, so one slow answer does not take a node out.
+/// NATS node we talk to reaches it) and the node's heartbeat writes must land, else
+/// publishes cannot be acknowledged and DNS health checks should send clients elsewhere.
+/// A NATS node cut off from the majority may still answer stream info from its own state
+/// while every write fails, so the info request alone is not enough. Two failed probes (or
+/// heartbeats) in a row flip it, one success flips it back, so one slow answer does not take
+/// a node out.
 async fn probe_jetstream(node: Arc<Node>) {
     let mut failures = 0u32;
     loop {
@@ -588,7 +595,7 @@ async fn probe_jetstream(node: Arc<Node>) {
         let ok = matches!(
             tokio::time::timeout(JETSTREAM_PROBE_INTERVAL, probe).await,
             Ok(Ok(_))
-        );
+        ) && node.store_write_failures.load(Ordering::Acquire) < 2;
         failures = if ok { 0 } else { failures + 1 };
         let healthy = failures < 2;
         if node.jetstream_ok.swap(healthy, Ordering::AcqRel) != healthy {
