@@ -160,7 +160,8 @@ pub(super) async fn claim_session(
     connection: u64,
 ) -> Result<Claim, StoreError> {
     let store = &node.cluster.sessions;
-    let mut attempt = 0;
+    // Compare-and-set conflicts so far; waiting out a store outage does not count.
+    let mut conflicts = 0;
     let mut handed_over_by = None;
     let mut outage = StoreOutage::new(CLAIM_OUTAGE_BUDGET);
     let this_connection = Owner {
@@ -168,7 +169,6 @@ pub(super) async fn claim_session(
         connection,
     };
     loop {
-        attempt += 1;
         let (existing, revision) = match store.load(&admission.client_id).await {
             Ok(loaded) => loaded,
             Err(err @ StoreError::Unavailable(_)) => {
@@ -227,7 +227,7 @@ pub(super) async fn claim_session(
                     session_present,
                 });
             }
-            Err(StoreError::Conflict) if attempt < 8 => continue,
+            Err(StoreError::Conflict) if conflicts < 7 => conflicts += 1,
             Err(err @ StoreError::Unavailable(_)) => {
                 outage.wait_or_give_up(err, &admission.client_id).await?
             }
