@@ -842,13 +842,11 @@ def _run_cluster(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, on_signal)
 
     hosts = list(NODE_HOSTS)
-    kafka = None
+    kafka = None  # the Kafka leg (tansu and the ingestors) comes from kafka_harness
     if not args.no_kafka:
-        import kafka_harness as kh  # the Kafka leg: tansu and the ingestors
-
-        kafka = kh
-        mapping = kh.mapping_block(args.ingestors)
-    nats = NatsCluster(workdir, n=3, hosts=hosts, mapping=mapping if kafka else None)
+        import kafka_harness as kafka
+    nats = NatsCluster(workdir, n=3, hosts=hosts,
+                       mapping=kafka.mapping_block(args.ingestors) if kafka else None)
     brokers: list[BrokerNode] = []
     tansu = None
     ingestors = []
