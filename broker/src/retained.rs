@@ -9,7 +9,8 @@ use jetmq_common::envelope::Envelope;
 use jetmq_common::subject;
 use tokio_util::sync::CancellationToken;
 
-use crate::routing::{MessageRef, StoredMessage};
+use crate::routing::stall::{self, StallWatch};
+use crate::routing::{stream_last_sequence, MessageRef, StoredMessage};
 use crate::topic;
 
 #[derive(Default)]
@@ -62,10 +63,20 @@ pub async fn run_retained_reader(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut loaded = Some(loaded);
+    let mut watch = StallWatch::default();
     // Survives NATS trouble like the message reader: re-reading the last message per topic
     // is idempotent for the cache.
     loop {
-        match read_retained(&cache, &mut stream, &client, &mut loaded, &shutdown).await {
+        match read_retained(
+            &cache,
+            &mut stream,
+            &client,
+            &mut loaded,
+            &mut watch,
+            &shutdown,
+        )
+        .await
+        {
             Ok(()) => return Ok(()),
             Err(err) => {
                 tracing::warn!(error = %err, "retained reader restarting");
@@ -83,6 +94,7 @@ async fn read_retained(
     stream: &mut async_nats::jetstream::stream::Stream,
     client: &async_nats::Client,
     loaded: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    watch: &mut StallWatch,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     use async_nats::jetstream::consumer::{push, DeliverPolicy};
@@ -101,9 +113,21 @@ async fn read_retained(
         })
         .await?;
     let mut messages = consumer.messages().await?;
+    let mut checks = stall::check_interval();
+    // Deletes are stored messages too (empty payload), so the stream's last message is
+    // always one this reader gets.
+    let mut position = 0;
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = checks.tick() => {
+                if let Some(last) = stream_last_sequence(stream).await {
+                    if watch.is_stuck(position, last) {
+                        anyhow::bail!("reader stuck at {position} while the stream is at {last}");
+                    }
+                }
+                continue;
+            }
             next = messages.next() => next,
         };
         let Some(message) = next else {
@@ -116,7 +140,11 @@ async fn read_retained(
                 continue;
             }
         };
-        let pending = message.info().map(|i| i.pending).unwrap_or(0);
+        let (pending, seq) = message
+            .info()
+            .map(|i| (i.pending, i.stream_sequence))
+            .unwrap_or((0, position));
+        position = position.max(seq);
         match decode_retained(message.subject.as_str(), message.payload.clone()) {
             Ok(msg) => cache.apply(Arc::new(msg)),
             Err(err) => {

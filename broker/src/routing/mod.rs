@@ -10,6 +10,7 @@ pub mod index;
 pub mod mailbox;
 mod replay;
 pub mod shared;
+pub mod stall;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -406,8 +407,9 @@ pub async fn run_stream_reader(
 ) -> anyhow::Result<()> {
     // The reader must outlive any NATS trouble (a server dying, a leader election): it is
     // recreated from the router's position, so nothing is skipped or delivered twice.
+    let mut watch = stall::StallWatch::default();
     loop {
-        match read_stream(&router, &stream, &client, &shutdown).await {
+        match read_stream(&router, &stream, &client, &mut watch, &shutdown).await {
             Ok(()) => return Ok(()),
             Err(err) => {
                 tracing::warn!(error = %err, position = router.position(), "message stream reader restarting");
@@ -428,6 +430,7 @@ async fn read_stream(
     router: &Router,
     stream: &async_nats::jetstream::stream::Stream,
     client: &async_nats::Client,
+    watch: &mut stall::StallWatch,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     use async_nats::jetstream::consumer::{push, DeliverPolicy};
@@ -442,10 +445,22 @@ async fn read_stream(
         })
         .await?;
     let mut messages = consumer.messages().await?;
+    let mut checks = stall::check_interval();
     let mut errors = 0;
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = checks.tick() => {
+                // Every message of the stream matches the reader's filter, so its last
+                // sequence is where the router must get to.
+                let last = stream_last_sequence(stream).await;
+                if let Some(last) = last {
+                    if watch.is_stuck(router.position(), last) {
+                        anyhow::bail!("reader stuck at {} while the stream is at {last}", router.position());
+                    }
+                }
+                continue;
+            }
             next = messages.next() => next,
         };
         let Some(message) = next else {
@@ -480,6 +495,19 @@ async fn read_stream(
                 router.position.store(seq, Ordering::Release);
             }
         }
+    }
+}
+
+/// The stream's last sequence (0 when it holds no message at all: nothing to read), or None
+/// when the server does not answer in time (then the stall check waits for the next tick: a
+/// slow answer is no evidence against the reader).
+pub(crate) async fn stream_last_sequence(
+    stream: &async_nats::jetstream::stream::Stream,
+) -> Option<u64> {
+    match tokio::time::timeout(stall::CHECK_EVERY, stream.get_info()).await {
+        Ok(Ok(info)) if info.state.messages == 0 => Some(0),
+        Ok(Ok(info)) => Some(info.state.last_sequence),
+        _ => None,
     }
 }
 
