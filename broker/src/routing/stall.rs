@@ -13,6 +13,11 @@ use std::time::Duration;
 /// How often a reader compares its position with the stream's.
 pub const CHECK_EVERY: Duration = Duration::from_secs(2);
 
+/// How long a reader waits for its consumer when it (re)opens one. The JetStream API's own
+/// timeout is 10 s; during an election a request can hang that long for nothing, and a retry
+/// after the election answers in milliseconds.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// Checks in a row without progress while behind before the first rebuild (4-6 s).
 const BASE_PATIENCE: u32 = 2;
 
