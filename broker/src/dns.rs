@@ -161,6 +161,13 @@ impl Resolver {
     }
 }
 
+/// A number that differs between processes (std's per-process hash keys), without a
+/// random-number dependency.
+fn per_process_random() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one("jetmq")
+}
+
 /// One entry of `nats.urls`, split into its parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatsUrl {
@@ -256,8 +263,12 @@ impl NatsUrl {
 pub struct NatsAddresses {
     resolver: Resolver,
     urls: Vec<NatsUrl>,
-    /// The latest expansion (sorted URL strings), shared with the reconnect callback.
+    /// The latest expansion (see [`NatsAddresses::resolve`]), shared with the reconnect
+    /// callback.
     latest: Mutex<Vec<String>>,
+    /// Where this process starts in a name's sorted addresses: brokers that all know the
+    /// cluster by one name spread over its nodes instead of all picking the lowest address.
+    spread: usize,
     /// Rotates the callback's choice among equally good servers.
     turn: AtomicUsize,
     /// Set when the NATS connection uses TLS: certificates name hosts, not addresses.
@@ -279,6 +290,7 @@ impl NatsAddresses {
             latest: Mutex::new(Vec::new()),
             turn: AtomicUsize::new(0),
             keep_names: false,
+            spread: per_process_random() as usize,
         })
     }
 
@@ -290,31 +302,44 @@ impl NatsAddresses {
 
     /// Resolves every URL: one URL per address of each host name. A name that does not
     /// resolve stays as it is (async-nats then tries the system resolver on each attempt).
+    ///
+    /// The order is the configured one (the first URL is tried first: a broker lists its own
+    /// host's NATS node first); a name's addresses are sorted and then rotated by a
+    /// per-process offset, so that the order is stable across lookups (changes are real
+    /// changes) while brokers knowing the cluster by one name spread over its addresses.
     pub async fn resolve(&self) -> Vec<String> {
-        let mut out = BTreeSet::new();
+        let mut out: Vec<String> = Vec::new();
+        let mut add = |url: String| {
+            if !out.contains(&url) {
+                out.push(url);
+            }
+        };
         for url in &self.urls {
             if url.keeps_name() || self.keep_names {
-                out.insert(url.as_given());
+                add(url.as_given());
                 continue;
             }
             match self.resolver.lookup(&url.host).await {
-                Ok(ips) => {
-                    out.extend(ips.into_iter().map(|ip| url.with_ip(ip)));
+                Ok(mut ips) => {
+                    let len = ips.len();
+                    ips.rotate_left(self.spread % len);
+                    for ip in ips {
+                        add(url.with_ip(ip));
+                    }
                     // With the system configuration the client's own resolver sees the same
                     // records, so the name itself stays in the pool: async-nats resolves it
                     // afresh on every attempt, which covers addresses that appear while the
                     // client is disconnected (its pool cannot be changed then).
                     if self.resolver.system {
-                        out.insert(url.as_given());
+                        add(url.as_given());
                     }
                 }
                 Err(err) => {
                     tracing::warn!(url = %url.as_given(), error = %err, "cannot resolve NATS host; using it as given");
-                    out.insert(url.as_given());
+                    add(url.as_given());
                 }
             }
         }
-        let out: Vec<String> = out.into_iter().collect();
         *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = out.clone();
         out
     }
@@ -506,7 +531,7 @@ mod tests {
             &[[127, 0, 0, 11], [127, 0, 0, 12], [127, 0, 0, 13]],
         )
         .await;
-        let addresses = NatsAddresses::new(
+        let mut addresses = NatsAddresses::new(
             dns.resolver(),
             &[
                 "nats://nats.jetmq.test:4999,127.0.0.1:4222".to_owned(),
@@ -514,6 +539,7 @@ mod tests {
             ],
         )
         .expect("urls");
+        addresses.spread = 0;
         assert_eq!(
             addresses.resolve().await,
             vec![
@@ -534,6 +560,65 @@ mod tests {
                 "nats://127.0.0.1:4222",
                 "tls://nats.jetmq.test:4998",
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_configured_order_is_kept_and_a_name_starts_where_this_process_does() {
+        let mut dns = TestDns::start().await;
+        dns.set_a(
+            "nats.jetmq.test.",
+            &[[127, 0, 0, 13], [127, 0, 0, 11], [127, 0, 0, 12]],
+        )
+        .await;
+        let mut addresses = NatsAddresses::new(
+            dns.resolver(),
+            &[
+                "nats://127.0.0.13:4222,nats://127.0.0.11:4222,nats://nats.jetmq.test:4222"
+                    .to_owned(),
+            ],
+        )
+        .expect("urls");
+        addresses.spread = 4;
+        assert_eq!(
+            addresses.resolve().await,
+            vec![
+                "nats://127.0.0.13:4222",
+                "nats://127.0.0.11:4222",
+                "nats://127.0.0.12:4222",
+            ],
+            "own node first as configured, then the name's addresses from offset 4 % 3 = 1 \
+             (.12, .13, .11), without repeating what is already there"
+        );
+        // The first choice of a fresh client (no failures yet) is the first of that order.
+        let pool: Vec<async_nats::Server> = addresses
+            .latest()
+            .iter()
+            .map(|url| async_nats::Server {
+                addr: url.parse().expect("addr"),
+                failed_attempts: 0,
+                did_connect: false,
+                is_discovered: false,
+                last_error: None,
+            })
+            .collect();
+        let fresh = addresses.latest();
+        assert_eq!(
+            addresses.choose(&pool, &fresh).expect("choice").host(),
+            "127.0.0.13"
+        );
+        let mut starts = std::collections::HashSet::new();
+        for spread in 0..3 {
+            let mut a =
+                NatsAddresses::new(dns.resolver(), &["nats://nats.jetmq.test:4222".to_owned()])
+                    .expect("urls");
+            a.spread = spread;
+            starts.insert(a.resolve().await[0].clone());
+        }
+        assert_eq!(
+            starts.len(),
+            3,
+            "each offset starts at another node: {starts:?}"
         );
     }
 

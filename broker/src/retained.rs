@@ -104,20 +104,16 @@ async fn read_retained(
             let _ = tx.send(());
         }
     }
-    let open = async {
-        let consumer = stream
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: client.new_inbox(),
-                filter_subject: format!("{}.>", subject::RETAINED_PREFIX),
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await?;
-        anyhow::Ok(consumer.messages().await?)
-    };
-    let mut messages = tokio::time::timeout(stall::OPEN_TIMEOUT, open)
-        .await
-        .map_err(|_| anyhow::anyhow!("no consumer within {:?}", stall::OPEN_TIMEOUT))??;
+    let mut messages = stall::open_ordered(
+        stream,
+        push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: format!("{}.>", subject::RETAINED_PREFIX),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        },
+    )
+    .await?;
     let mut checks = stall::check_interval();
     // Deletes are stored messages too (empty payload), so the stream's last message is
     // always one this reader gets.

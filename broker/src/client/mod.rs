@@ -432,6 +432,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 command = self.deliveries.control() => {
                     match command {
                         Control::TakenOver => {
+                            if let Err(exit) = Box::pin(self.handle_arrived_packets()).await {
+                                return exit;
+                            }
                             self.send_disconnect(control_reason(Control::TakenOver));
                             tracing::info!(client_id = %self.client_id, "session taken over by a newer connection");
                             return Exit::TakenOver;
@@ -450,6 +453,28 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 }
             }
         }
+    }
+
+    /// Handles the packets that have already arrived. A client that says goodbye and
+    /// connects again at once (DISCONNECT, perhaps with Session Expiry 0, then CONNECT on a
+    /// new socket) must have its DISCONNECT honoured even when the new connection's takeover
+    /// order is noticed first. Bounded: a flooding client cannot hold up the takeover.
+    async fn handle_arrived_packets(&mut self) -> Result<(), Exit> {
+        for _ in 0..16 {
+            loop {
+                match self.reader.try_next() {
+                    Ok(Some(packet)) => Box::pin(self.handle_packet(packet)).await?,
+                    Ok(None) => break,
+                    Err(err) => return Err(self.read_failed(ReadError::Decode(err))),
+                }
+            }
+            match self.reader.fill().now_or_never() {
+                Some(Ok(())) => continue,
+                // Closed or failed: the takeover goes on as ordered.
+                Some(Err(_)) | None => return Ok(()),
+            }
+        }
+        Ok(())
     }
 
     fn read_failed(&mut self, err: ReadError) -> Exit {

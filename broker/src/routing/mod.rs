@@ -434,22 +434,18 @@ async fn read_stream(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     use async_nats::jetstream::consumer::{push, DeliverPolicy};
-    let open = async {
-        let consumer = stream
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: client.new_inbox(),
-                filter_subject: format!("{}.>", jetmq_common::subject::SHARE_PREFIX),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: router.position() + 1,
-                },
-                ..Default::default()
-            })
-            .await?;
-        anyhow::Ok(consumer.messages().await?)
-    };
-    let mut messages = tokio::time::timeout(stall::OPEN_TIMEOUT, open)
-        .await
-        .map_err(|_| anyhow::anyhow!("no consumer within {:?}", stall::OPEN_TIMEOUT))??;
+    let mut messages = stall::open_ordered(
+        stream,
+        push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: format!("{}.>", jetmq_common::subject::SHARE_PREFIX),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: router.position() + 1,
+            },
+            ..Default::default()
+        },
+    )
+    .await?;
     let mut checks = stall::check_interval();
     let mut errors = 0;
     loop {

@@ -10,6 +10,9 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::push;
+use async_nats::jetstream::stream::Stream;
+
 /// How often a reader compares its position with the stream's.
 pub const CHECK_EVERY: Duration = Duration::from_secs(2);
 
@@ -64,6 +67,20 @@ impl StallWatch {
         self.patience = (self.patience * 2).min(MAX_PATIENCE);
         true
     }
+}
+
+/// Creates an ordered push consumer and its message stream within [`OPEN_TIMEOUT`].
+pub async fn open_ordered(
+    stream: &Stream,
+    config: push::OrderedConfig,
+) -> anyhow::Result<push::Ordered> {
+    let open = async {
+        let consumer = stream.create_consumer(config).await?;
+        anyhow::Ok(consumer.messages().await?)
+    };
+    tokio::time::timeout(OPEN_TIMEOUT, open)
+        .await
+        .map_err(|_| anyhow::anyhow!("no consumer within {OPEN_TIMEOUT:?}"))?
 }
 
 /// A ticker for [`StallWatch`] checks that does not burst after a long pause.
