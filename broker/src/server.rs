@@ -63,7 +63,14 @@ pub struct Node {
     pub shutdown: CancellationToken,
     /// Every accepted connection's task, so a drain can wait until each session is written.
     connections: TaskTracker,
+    /// Session writes that only move an idle session's cursor forward, in flight at once
+    /// (see `client::persist`): every connection's cursor follows the same stream, so
+    /// without a bound they all come due in the same second.
+    pub idle_cursor_writes: Arc<Semaphore>,
 }
+
+/// At most this many idle-cursor session writes in flight per node (`Node::idle_cursor_writes`).
+const IDLE_CURSOR_WRITES: usize = 64;
 
 impl Node {
     pub fn next_id(&self) -> u64 {
@@ -218,6 +225,7 @@ pub async fn run(
         drain: drain.clone(),
         shutdown: shutdown.clone(),
         connections: TaskTracker::new(),
+        idle_cursor_writes: Arc::new(Semaphore::new(IDLE_CURSOR_WRITES)),
         cluster,
     });
 

@@ -134,11 +134,19 @@ pub async fn serve<S: Transport>(node: Arc<Node>, stream: S, peer: SocketAddr) {
     // The handshake's state (CONNECT packet, session claim) is large and short-lived: boxed,
     // so that it is freed once the session runs. A suspended future is as big as its
     // largest state, and an idle connection should pay only for waiting.
+    // `let else`, not `if let`: an `if let` keeps its scrutinee (the `Option<Client>`) alive
+    // to the end of its block, i.e. across every await below, and the future then holds
+    // the client twice (1.3 KB more per connection).
     async {
-        if let Some(mut client) = Box::pin(handshake(node.clone(), reader, writer, peer)).await {
-            let exit = client.run_loop().await;
-            Box::pin(client.finish(exit)).await;
-        }
+        let Some(mut client) = Box::pin(handshake(node.clone(), reader, writer, peer)).await else {
+            return;
+        };
+        let exit = client.run_loop().await;
+        // By reference: the client stays where it is. Moved into the (boxed) future, it was
+        // a second copy of the whole connection state per closing connection, and when
+        // thousands close at once (a load balancer restart, a network cut) they all hold one
+        // while their session writes wait for JetStream.
+        Box::pin(client.finish(exit)).await;
     }
     .instrument(span)
     .await;
@@ -584,7 +592,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     }
 
     /// Cleans up after the loop: the will, the session record, the router and registry.
-    async fn finish(mut self, exit: Exit) {
+    async fn finish(&mut self, exit: Exit) {
         self.node.router.detach(
             self.session_key,
             self.subscriptions.iter().map(|(f, _)| f.clone()),
@@ -594,23 +602,24 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.writer.shutdown().await;
         tracing::debug!(client_id = %self.client_id, ?exit, "connection ended");
         match exit {
+            // Each boxed: this future is then only as large as the step it is in.
             Exit::TakenOver => {
                 if self.record.will.as_ref().is_some_and(|w| w.delay_secs == 0) {
-                    self.publish_own_will().await;
+                    Box::pin(self.publish_own_will()).await;
                 }
-                self.hand_over_session().await;
+                Box::pin(self.hand_over_session()).await;
             }
             Exit::Disconnect { publish_will } => {
                 if publish_will {
-                    self.publish_own_will().await;
+                    Box::pin(self.publish_own_will()).await;
                 }
                 self.record.will = None;
-                self.end_session(0).await;
+                Box::pin(self.end_session(0)).await;
             }
-            Exit::Abnormal => self.end_session(0).await,
+            Exit::Abnormal => Box::pin(self.end_session(0)).await,
             Exit::Shutdown => {
                 let min_will_delay = self.node.config.drain.will_delay_secs;
-                self.end_session(min_will_delay).await
+                Box::pin(self.end_session(min_will_delay)).await
             }
         }
         // Only now, with the session written: a new owner waiting in a hand-over watches

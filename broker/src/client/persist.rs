@@ -58,6 +58,24 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         if !needed {
             return;
         }
+        // A write for the cursor alone can wait: the position every idle session follows is
+        // the node's, so thousands of them cross the slack in the same tick, and each write
+        // in flight holds a copy of its record and a KV request (10,000 connections: tens
+        // of MB at once, more the slower JetStream answers). Such writes take a permit from a
+        // node-wide pool; without one this tick is skipped and the next one tries again.
+        // Anything that must become durable (a SUBACK, a release, a delivery) never waits.
+        let cursor_only = self.waiting_for_persist.is_empty()
+            && !self.record_dirty
+            && !self.delivery.released_changed
+            && !self.delivery.delivered_since_persist;
+        let permit = if cursor_only {
+            match self.node.idle_cursor_writes.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
         self.record.cursor = cursor;
         self.record.released = self.delivery.released_sorted();
         self.record_dirty = false;
@@ -67,7 +85,11 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         let store = self.node.cluster.sessions.clone();
         let record = self.record.clone();
         let revision = self.revision;
-        self.persist = Some(Box::pin(async move { store.save(&record, revision).await }));
+        self.persist = Some(Box::pin(async move {
+            let result = store.save(&record, revision).await;
+            drop(permit);
+            result
+        }));
     }
 
     pub(super) async fn persist_finished(

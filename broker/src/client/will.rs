@@ -149,8 +149,12 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         let now = now_ms();
         if self.record.expiry_secs == 0 {
             // The session ends with the connection, and a pending will goes out with it.
-            self.publish_own_will().await;
-            match store.delete(&self.client_id, self.revision).await {
+            // (Boxed, here and below: only the step in progress takes memory. At a mass
+            // disconnect every closing connection waits here at once.)
+            if self.record.will.is_some() {
+                Box::pin(self.publish_own_will()).await;
+            }
+            match Box::pin(store.delete(&self.client_id, self.revision)).await {
                 Ok(()) | Err(StoreError::Conflict) => {}
                 Err(err) => {
                     tracing::warn!(client_id = %self.client_id, error = %err, "cannot delete ended session")
@@ -165,7 +169,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             .as_ref()
             .map(|w| w.delay_secs.max(min_will_delay))
         {
-            Some(0) => self.publish_own_will().await,
+            Some(0) => Box::pin(self.publish_own_will()).await,
             Some(delay) => {
                 let delay_ms = u64::from(delay.min(self.record.expiry_secs)) * 1000;
                 due = Some(now + delay_ms);
@@ -177,7 +181,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.record.disconnected_at_ms = Some(now);
         self.record.cursor = self.delivery.durable_cursor();
         self.record.released = self.delivery.released_sorted();
-        match store.save(&self.record, self.revision).await {
+        match Box::pin(store.save(&self.record, self.revision)).await {
             Ok(_) => {
                 if let Some(due) = due {
                     tokio::spawn(will_timer(
