@@ -143,7 +143,7 @@ def direct(workdir: Path, args, producers: int = 1) -> dict:
 # The ingestor's producer settings (ingestor/src/kafka.rs client_config with the defaults).
 INGESTOR_PRODUCER = {
     "enable.idempotence": True, "acks": "all", "linger.ms": 5, "batch.size": 1000000,
-    "batch.num.messages": 10000, "max.in.flight.requests.per.connection": 5,
+    "batch.num.messages": 10000, "max.in.flight.requests.per.connection": 1,
     "message.timeout.ms": 0, "compression.type": "none", "queue.buffering.max.messages": 100000,
 }
 

@@ -105,6 +105,11 @@ pub struct KafkaConfig {
     /// `enable.idempotence` (with `acks=all`): no duplicates or reordering from retries.
     pub idempotence: bool,
     /// `max.in.flight.requests.per.connection`; at most 5 with idempotence to keep order.
+    /// Default 1: librdkafka's idempotent producer sends only one request per partition at a
+    /// time anyway, and while a partition waits for its answer with records queued behind it,
+    /// a higher value leaves the broker thread polling without a timeout (a busy loop that
+    /// cost a core per ingestor in the benchmark). With 1, a request waiting its turn stops
+    /// that loop and the records behind it go out in the next, larger batch.
     pub max_in_flight_requests: u32,
     /// `message.timeout.ms`: 0 retries forever (the default: a Kafka outage only stalls
     /// the flow). A record that times out is handed back to JetStream (nak) and retried.
@@ -123,7 +128,7 @@ impl Default for KafkaConfig {
             batch_size: 1_000_000,
             batch_num_messages: 10_000,
             idempotence: true,
-            max_in_flight_requests: 5,
+            max_in_flight_requests: 1,
             message_timeout_ms: 0,
             client: BTreeMap::new(),
         }

@@ -270,7 +270,7 @@ mod tests {
         assert_eq!(cfg.get("enable.idempotence"), Some("true"));
         assert_eq!(cfg.get("acks"), Some("all"));
         assert_eq!(cfg.get("message.timeout.ms"), Some("0"));
-        assert_eq!(cfg.get("max.in.flight.requests.per.connection"), Some("5"));
+        assert_eq!(cfg.get("max.in.flight.requests.per.connection"), Some("1"));
         assert_eq!(cfg.get("security.protocol"), Some("SASL_SSL"));
         assert_eq!(cfg.get("linger.ms"), Some("99"), "passthrough wins");
         assert_eq!(cfg.get("bootstrap.servers"), Some("127.0.0.1:9092"));
