@@ -218,6 +218,28 @@ def test_kill9_broker_node_loses_nothing(fresh_cluster):
         cl.close_all()
 
 
+def test_session_with_expiry_0_ends_when_its_node_dies(fresh_cluster):
+    """A v5 session with Session Expiry Interval 0 ends with its network connection, also
+    when that connection ends because the node died: reconnecting with Clean Start 0 to a
+    surviving node finds no session, while a persistent session next to it is resumed."""
+    _nats, procs, targets = fresh_cluster
+    a, b, c = targets
+    cl = Tracker(a)
+    try:
+        short = cl(a, client_id=uid("exp0"), version=V5, clean=False, session_expiry=0).connect()
+        kept = cl(a, client_id=uid("exp600"), version=V5, clean=False, session_expiry=600).connect()
+        assert short.subscribe(uid("exp0-topic"), qos=1) == [1]
+        assert kept.subscribe(uid("exp600-topic"), qos=1) == [1]
+        procs[0].kill9()
+        for client in (short, kept):
+            client.wait_disconnect(30)
+            reconnect(client, [b, c])
+        assert kept.session_present, "the persistent session must survive its node"
+        assert not short.session_present, "a session with expiry 0 ended with its connection"
+    finally:
+        cl.close_all()
+
+
 def test_wills_of_killed_node_published_by_survivor(fresh_cluster):
     _nats, procs, targets = fresh_cluster
     a, b, c = targets

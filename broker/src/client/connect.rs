@@ -191,8 +191,19 @@ pub(super) async fn claim_session(
                 continue;
             }
         }
+        // A session with expiry 0 ends with its network connection. One whose connection did
+        // not write its final state (its node died, or did not answer the hand-over) has
+        // ended all the same: nobody may resume it.
+        let ended_with_lost_connection =
+            |record: &SessionRecord| record.expiry_secs == 0 && previous_owner.is_some();
         let (mut record, session_present) = match existing {
-            Some(record) if !connect.clean_start && !record.is_expired(now) => (record, true),
+            Some(record)
+                if !connect.clean_start
+                    && !record.is_expired(now)
+                    && !ended_with_lost_connection(&record) =>
+            {
+                (record, true)
+            }
             _ => (
                 SessionRecord::new(&admission.client_id, node.router.position()),
                 false,
