@@ -122,11 +122,14 @@ impl Node {
     /// write, which matters when a client roams to another node within milliseconds.
     /// A dead node or one that does not answer in time changes nothing: the caller claims
     /// the session as it is stored and kicks afterwards.
-    pub async fn hand_over(&self, node: &str, client_id: &str, connection: u64) {
+    ///
+    /// Returns false when the owner's node did not answer at all (dead, or cut off): then
+    /// nobody there will end that connection's session or publish its will.
+    pub async fn hand_over(&self, node: &str, client_id: &str, connection: u64) -> bool {
         if node == self.config.node_id {
             self.kick_local(client_id, connection);
             self.wait_until_gone(client_id, connection).await;
-            return;
+            return true;
         }
         let payload = format!("{connection}\n{client_id}");
         let request = self
@@ -134,16 +137,18 @@ impl Node {
             .client
             .request(cluster::kick_subject(node), payload.into());
         match tokio::time::timeout(HANDOVER_WAIT, request).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => true,
             Ok(Err(err)) => {
-                tracing::debug!(client_id, node, error = %err, "previous owner did not hand the session over")
+                tracing::debug!(client_id, node, error = %err, "previous owner did not hand the session over");
+                false
             }
             Err(_) => {
                 tracing::info!(
                     client_id,
                     node,
                     "previous owner did not hand the session over in time"
-                )
+                );
+                false
             }
         }
     }

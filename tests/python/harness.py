@@ -18,6 +18,7 @@ see ``main()`` and scripts/cluster.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import shutil
@@ -103,12 +104,26 @@ def mosquitto_bin() -> str:
 # --------------------------------------------------------------------------- ports / waiting
 
 
+# Ports handed out lately, per host. The kernel may return a port that was just released
+# again, so two ports picked one after the other for one server (say NATS's client and route
+# ports) could be the same, and the server then fails to bind the second ("address already in
+# use", seen once in a cluster fixture).
+_HANDED_OUT: dict[str, collections.deque] = {}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (bind port 0, read it back)."""
+    """A TCP port that is free on ``host`` right now (bind port 0, read it back) and was not
+    handed out for that host recently."""
     _check_loopback(host)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    recent = _HANDED_OUT.setdefault(host, collections.deque(maxlen=2048))
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in recent:
+            recent.append(port)
+            return port
+    raise HarnessError(f"no fresh free port on {host}")
 
 
 def common_free_port(hosts: Sequence[str], tries: int = 50) -> int:
@@ -122,6 +137,8 @@ def common_free_port(hosts: Sequence[str], tries: int = 50) -> int:
                     s.bind((h, port))
         except OSError:
             continue
+        for h in hosts[1:]:
+            _HANDED_OUT.setdefault(h, collections.deque(maxlen=2048)).append(port)
         return port
     raise HarnessError(f"no port free on all of {list(hosts)}")
 

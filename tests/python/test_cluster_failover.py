@@ -240,6 +240,32 @@ def test_session_with_expiry_0_ends_when_its_node_dies(fresh_cluster):
         cl.close_all()
 
 
+def test_will_of_a_client_that_reconnects_before_the_janitor_acts(fresh_cluster):
+    """The client's node dies and the client reconnects to a survivor at once, long before the
+    janitor notices the dead node: its will (no delay) is still published, exactly once, by
+    the node that takes the session over. The janitor alone needs about 20 s."""
+    _nats, procs, targets = fresh_cluster
+    a, b, c = targets
+    topic = uid("rewill")
+    cl = Tracker(a)
+    try:
+        watcher = cl.connect(c, version=V5)
+        assert watcher.subscribe(topic, qos=1) == [1]
+        device = cl(a, client_id=uid("rewill-dev"), version=V5, clean=False, session_expiry=600,
+                    will={"topic": topic, "payload": b"device lost", "qos": 1}).connect()
+        procs[0].kill9()
+        device.wait_disconnect(30)
+        reconnect(device, [b, c])
+        assert device.session_present
+        m = watcher.get(10)
+        assert m.payload == b"device lost"
+        # Not a second time, by the janitor either (it settles the dead node's sessions after
+        # about 20 s; JETMQ_TEST_WILL_DUP_WAIT widens this window, 3 s by default).
+        watcher.expect_none(float(os.environ.get("JETMQ_TEST_WILL_DUP_WAIT", "3")))
+    finally:
+        cl.close_all()
+
+
 def test_wills_of_killed_node_published_by_survivor(fresh_cluster):
     _nats, procs, targets = fresh_cluster
     a, b, c = targets

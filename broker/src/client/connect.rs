@@ -163,6 +163,8 @@ pub(super) async fn claim_session(
     // Compare-and-set conflicts so far; waiting out a store outage does not count.
     let mut conflicts = 0;
     let mut handed_over_by = None;
+    // The previous owner's node did not answer the hand-over: its connection is gone with it.
+    let mut owner_unreachable = false;
     let mut outage = StoreOutage::new(CLAIM_OUTAGE_BUDGET);
     let this_connection = Owner {
         node: node.config.node_id.clone(),
@@ -185,7 +187,8 @@ pub(super) async fn claim_session(
             .filter(|owner| *owner != this_connection);
         if handed_over_by.is_none() {
             if let Some(owner) = &previous_owner {
-                node.hand_over(&owner.node, &admission.client_id, owner.connection)
+                owner_unreachable = !node
+                    .hand_over(&owner.node, &admission.client_id, owner.connection)
                     .await;
                 handed_over_by = Some(owner.clone());
                 continue;
@@ -196,6 +199,15 @@ pub(super) async fn claim_session(
         // ended all the same: nobody may resume it.
         let ended_with_lost_connection =
             |record: &SessionRecord| record.expiry_secs == 0 && previous_owner.is_some();
+        // The lost connection's will: its connection ended when its node died, before this
+        // CONNECT, so a will without delay is due; a delayed one only if the session is not
+        // resumed (a resume within the delay cancels it). Published once the claim landed,
+        // so that a janitor settling the same record concurrently loses the race cleanly. A
+        // node that answered the hand-over publishes its connection's will itself.
+        let orphaned_will = existing
+            .as_ref()
+            .filter(|_| previous_owner.is_some() && owner_unreachable)
+            .and_then(|r| Some((r.will.clone()?, r.username.clone())));
         let (mut record, session_present) = match existing {
             Some(record)
                 if !connect.clean_start
@@ -225,6 +237,19 @@ pub(super) async fn claim_session(
                 );
                 if previous_owner.is_some() || handed_over_by.is_some() {
                     node.metrics.takeovers.inc();
+                }
+                if let Some((will, username)) =
+                    orphaned_will.filter(|(w, _)| w.delay_secs == 0 || !session_present)
+                {
+                    tracing::info!(client_id = %admission.client_id, "publishing the will of the connection lost with its node");
+                    // Under the lost connection's username: the ACL judges its will.
+                    super::will::publish_will(
+                        node,
+                        &admission.client_id,
+                        username.as_deref(),
+                        &will,
+                    )
+                    .await;
                 }
                 // Still owned after the hand-over: the old connection did not answer in time
                 // (or its node is gone); make sure it goes.
