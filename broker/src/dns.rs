@@ -563,6 +563,17 @@ mod tests {
         );
     }
 
+    /// A server of the client's pool, as async-nats hands it to the reconnect callback.
+    fn pool_entry(url: &str, failed_attempts: usize) -> async_nats::Server {
+        async_nats::Server {
+            addr: url.parse().expect("addr"),
+            failed_attempts,
+            did_connect: false,
+            is_discovered: false,
+            last_error: None,
+        }
+    }
+
     #[tokio::test]
     async fn the_configured_order_is_kept_and_a_name_starts_where_this_process_does() {
         let mut dns = TestDns::start().await;
@@ -591,18 +602,8 @@ mod tests {
              (.12, .13, .11), without repeating what is already there"
         );
         // The first choice of a fresh client (no failures yet) is the first of that order.
-        let pool: Vec<async_nats::Server> = addresses
-            .latest()
-            .iter()
-            .map(|url| async_nats::Server {
-                addr: url.parse().expect("addr"),
-                failed_attempts: 0,
-                did_connect: false,
-                is_discovered: false,
-                last_error: None,
-            })
-            .collect();
         let fresh = addresses.latest();
+        let pool: Vec<async_nats::Server> = fresh.iter().map(|url| pool_entry(url, 0)).collect();
         assert_eq!(
             addresses.choose(&pool, &fresh).expect("choice").host(),
             "127.0.0.13"
@@ -662,18 +663,11 @@ mod tests {
             NatsAddresses::new(dns.resolver(), &["nats://nats.jetmq.test:4222".to_owned()])
                 .expect("urls");
         let fresh = addresses.resolve().await;
-        let server = |url: &str, failed: usize| async_nats::Server {
-            addr: url.parse().expect("addr"),
-            failed_attempts: failed,
-            did_connect: false,
-            is_discovered: false,
-            last_error: None,
-        };
         // .11 failed twice, .12 once, .13 (announced by the cluster, not in DNS) never.
         let pool = vec![
-            server("nats://127.0.0.11:4222", 2),
-            server("nats://127.0.0.12:4222", 1),
-            server("nats://127.0.0.13:4222", 1),
+            pool_entry("nats://127.0.0.11:4222", 2),
+            pool_entry("nats://127.0.0.12:4222", 1),
+            pool_entry("nats://127.0.0.13:4222", 1),
         ];
         for _ in 0..4 {
             let chosen = addresses.choose(&pool, &fresh).expect("a choice");
@@ -683,8 +677,8 @@ mod tests {
         dns.set_a("nats.jetmq.test.", &[[127, 0, 0, 11]]).await;
         let fresh = addresses.resolve().await;
         let pool = vec![
-            server("nats://127.0.0.11:4222", 0),
-            server("nats://127.0.0.12:4222", 0),
+            pool_entry("nats://127.0.0.11:4222", 0),
+            pool_entry("nats://127.0.0.12:4222", 0),
         ];
         assert_eq!(
             addresses.choose(&pool, &fresh).expect("choice").host(),

@@ -10,7 +10,7 @@ use jetmq_common::subject;
 use tokio_util::sync::CancellationToken;
 
 use crate::routing::stall::{self, StallWatch};
-use crate::routing::{stream_last_sequence, MessageRef, StoredMessage};
+use crate::routing::{MessageRef, StoredMessage};
 use crate::topic;
 
 #[derive(Default)]
@@ -122,11 +122,7 @@ async fn read_retained(
         let next = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = checks.tick() => {
-                if let Some(last) = stream_last_sequence(stream).await {
-                    if watch.is_stuck(position, last) {
-                        anyhow::bail!("reader stuck at {position} while the stream is at {last}");
-                    }
-                }
+                watch.check(stream, position).await?;
                 continue;
             }
             next = messages.next() => next,

@@ -454,12 +454,7 @@ async fn read_stream(
             _ = checks.tick() => {
                 // Every message of the stream matches the reader's filter, so its last
                 // sequence is where the router must get to.
-                let last = stream_last_sequence(stream).await;
-                if let Some(last) = last {
-                    if watch.is_stuck(router.position(), last) {
-                        anyhow::bail!("reader stuck at {} while the stream is at {last}", router.position());
-                    }
-                }
+                watch.check(stream, router.position()).await?;
                 continue;
             }
             next = messages.next() => next,
@@ -496,19 +491,6 @@ async fn read_stream(
                 router.position.store(seq, Ordering::Release);
             }
         }
-    }
-}
-
-/// The stream's last sequence (0 when it holds no message at all: nothing to read), or None
-/// when the server does not answer in time (then the stall check waits for the next tick: a
-/// slow answer is no evidence against the reader).
-pub(crate) async fn stream_last_sequence(
-    stream: &async_nats::jetstream::stream::Stream,
-) -> Option<u64> {
-    match tokio::time::timeout(stall::CHECK_EVERY, stream.get_info()).await {
-        Ok(Ok(info)) if info.state.messages == 0 => Some(0),
-        Ok(Ok(info)) => Some(info.state.last_sequence),
-        _ => None,
     }
 }
 

@@ -83,6 +83,30 @@ pub async fn open_ordered(
         .map_err(|_| anyhow::anyhow!("no consumer within {OPEN_TIMEOUT:?}"))?
 }
 
+impl StallWatch {
+    /// One check against the server: an error (to rebuild the reader) when the reader at
+    /// `position` is stuck. A server that does not answer in time is no evidence against the
+    /// reader: the next tick tries again.
+    pub async fn check(&mut self, stream: &Stream, position: u64) -> anyhow::Result<()> {
+        if let Some(last) = stream_last_sequence(stream).await {
+            if self.is_stuck(position, last) {
+                anyhow::bail!("reader stuck at {position} while the stream is at {last}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The stream's last sequence (0 when it holds no message at all: nothing to read), or None
+/// when the server does not answer within a check period.
+async fn stream_last_sequence(stream: &Stream) -> Option<u64> {
+    match tokio::time::timeout(CHECK_EVERY, stream.get_info()).await {
+        Ok(Ok(info)) if info.state.messages == 0 => Some(0),
+        Ok(Ok(info)) => Some(info.state.last_sequence),
+        _ => None,
+    }
+}
+
 /// A ticker for [`StallWatch`] checks that does not burst after a long pause.
 pub fn check_interval() -> tokio::time::Interval {
     let mut interval =
