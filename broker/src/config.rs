@@ -66,6 +66,8 @@ pub struct NatsConfig {
     pub replay_buffer_messages: usize,
     /// Upper bound on that buffer's memory, bytes.
     pub replay_buffer_bytes: usize,
+    /// Publish QoS 1 messages in fast-ingest batches (nats-server 2.14+).
+    pub batch_publish: bool,
     /// TLS and authentication towards NATS (keys shared with the ingestor).
     #[serde(flatten)]
     pub security: NatsSecurity,
@@ -177,6 +179,7 @@ impl Default for NatsConfig {
             message_max_bytes: -1,
             replay_buffer_messages: 32_768,
             replay_buffer_bytes: 8 * 1024 * 1024,
+            batch_publish: true,
             security: NatsSecurity::default(),
         }
     }

@@ -19,6 +19,7 @@ use crate::authn::Authenticator;
 use crate::client;
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
+use crate::ingress::batch::BatchPublisher;
 use crate::ingress::Ingress;
 use crate::retained::{self, RetainedCache};
 use crate::routing::shared::SharedGroups;
@@ -206,10 +207,23 @@ pub async fn run(
         )
     })
     .await?;
+    let batches = if !config.nats.batch_publish {
+        None
+    } else if !cluster.messages.cached_info().config.allow_batch_publish {
+        tracing::warn!("the message stream does not allow batch publishing (nats-server older than 2.14?); QoS 1 is published one message at a time");
+        None
+    } else {
+        let publisher =
+            BatchPublisher::start(cluster.client.clone(), shutdown.clone(), metrics.clone())
+                .await
+                .context("cannot subscribe to the batch publishing inbox")?;
+        Some(publisher)
+    };
     let ingress = Ingress {
         client: cluster.client.clone(),
-        js: cluster.js.clone(),
+        js: Arc::new(cluster.js.clone()),
         retained: retained.clone(),
+        batches,
     };
     let node = Arc::new(Node {
         config,

@@ -181,6 +181,11 @@ pub struct Metrics {
     pub takeovers: Counter,
     pub session_replays: Counter,
     pub wills_published: Counter,
+    /// QoS 1 batches given up (lost, refused, unanswered) and published again
+    /// (see [`crate::ingress::batch`]).
+    pub publish_batch_failures: Counter,
+    /// QoS 1 batches confirmed by JetStream: QoS 1 messages / batches = average batch size.
+    pub publish_batches: Counter,
     /// 1 while the node drains (see [`crate::server`]).
     pub draining: Gauge,
     pub drain_disconnects: Counter,
@@ -264,6 +269,18 @@ impl Metrics {
             "counter",
             "Will messages published.",
             self.wills_published.get().to_string(),
+        );
+        line(
+            "jetmq_publish_batches_total",
+            "counter",
+            "QoS 1 publish batches confirmed by JetStream.",
+            self.publish_batches.get().to_string(),
+        );
+        line(
+            "jetmq_publish_batch_failures_total",
+            "counter",
+            "QoS 1 publish batches given up and published again (gap, refusal, timeout, no stream leader).",
+            self.publish_batch_failures.get().to_string(),
         );
         line(
             "jetmq_draining",

@@ -51,11 +51,15 @@ impl Default for MessageStreamSettings {
     }
 }
 
+/// Creates the message stream, or opens it. It allows fast-ingest batch publishing (ADR-50,
+/// nats-server 2.14+), which the broker uses for QoS 1; a stream created before that is
+/// updated to allow it. A server that does not know the setting still gets a stream:
+/// check `allow_batch_publish` in the returned stream's config before batching.
 pub async fn ensure_message_stream(
     js: &jetstream::Context,
     settings: &MessageStreamSettings,
 ) -> Result<stream::Stream, StreamSetupError> {
-    js.get_or_create_stream(stream::Config {
+    let config = stream::Config {
         name: MESSAGE_STREAM.to_owned(),
         subjects: vec![format!("{SHARE_PREFIX}.>")],
         storage: stream::StorageType::File,
@@ -64,14 +68,41 @@ pub async fn ensure_message_stream(
         max_bytes: settings.max_bytes,
         duplicate_window: settings.duplicate_window,
         discard: stream::DiscardPolicy::Old,
+        allow_batch_publish: true,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| StreamSetupError {
+    };
+    let setup_error = |e: Box<dyn std::error::Error + Send + Sync>| StreamSetupError {
         what: "stream",
         name: MESSAGE_STREAM,
-        source: Box::new(e),
-    })
+        source: e,
+    };
+    let stream = match js.get_or_create_stream(config.clone()).await {
+        Ok(stream) => stream,
+        // A server older than 2.14 may refuse the unknown setting: create it without.
+        Err(first) => js
+            .get_or_create_stream(stream::Config {
+                allow_batch_publish: false,
+                ..config.clone()
+            })
+            .await
+            .map_err(|_| setup_error(Box::new(first)))?,
+    };
+    if stream.cached_info().config.allow_batch_publish {
+        return Ok(stream);
+    }
+    // Created by an older jetmq: allow batches, keeping whatever else its operator set.
+    let mut upgraded = stream.cached_info().config.clone();
+    upgraded.allow_batch_publish = true;
+    match js.update_stream(upgraded).await {
+        Ok(_) => js
+            .get_stream(MESSAGE_STREAM)
+            .await
+            .map_err(|e| setup_error(Box::new(e))),
+        Err(err) => {
+            tracing::warn!(error = %err, "message stream does not allow batch publishing; QoS 1 is published one message at a time");
+            Ok(stream)
+        }
+    }
 }
 
 pub async fn ensure_retained_stream(

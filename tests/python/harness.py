@@ -451,6 +451,46 @@ class NatsServer(ManagedProcess):
         except (OSError, HarnessError, ValueError):
             return None
 
+    def request(self, subject: str, payload: bytes = b"", timeout: float = 5.0) -> bytes:
+        """One NATS request over the text protocol (e.g. a JetStream API call): the reply's payload."""
+        return nats_request(self.host, self.port, subject, payload, timeout)
+
+    def stream_config(self, name: str) -> dict:
+        """A stream's configuration, as /jsz reports it ({} if the stream does not exist)."""
+        jsz = http_json(f"{self.monitor_url}/jsz?streams=true&config=true")
+        for account in jsz.get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                if stream.get("name") == name:
+                    return stream.get("config") or {}
+        return {}
+
+
+def nats_request(host: str, port: int, subject: str, payload: bytes = b"", timeout: float = 5.0) -> bytes:
+    """Sends ``payload`` to ``subject`` with a reply inbox and returns the first reply's payload."""
+    inbox = f"_INBOX.harness{os.getpid()}{time.monotonic_ns()}"
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        f = s.makefile("rb")
+        if not f.readline().startswith(b"INFO "):
+            raise HarnessError(f"{host}:{port} does not speak NATS")
+        s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true}\r\n')
+        s.sendall(f"SUB {inbox} 1\r\nPUB {subject} {inbox} {len(payload)}\r\n".encode() + payload + b"\r\n")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = f.readline()
+            if not line:
+                break
+            if line.startswith(b"PING"):
+                s.sendall(b"PONG\r\n")
+            elif line.startswith(b"MSG "):
+                size = int(line.split()[-1])
+                return f.read(size + 2)[:size]
+            elif line.startswith(b"HMSG "):
+                header_size, total = (int(x) for x in line.split()[-2:])
+                return f.read(total + 2)[header_size:total]
+            elif line.startswith(b"-ERR"):
+                raise HarnessError(f"NATS {host}:{port}: {line.decode().strip()}")
+        raise HarnessError(f"no reply to {subject} from {host}:{port} within {timeout} s")
+
 
 class NatsCluster:
     """``n`` routed nats-server nodes with JetStream, cluster name ``jetmq``."""

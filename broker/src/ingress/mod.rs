@@ -1,4 +1,11 @@
 //! Where a message enters JetStream: every PUBLISH and every will goes through here.
+//!
+//! QoS 0 is a plain NATS publish (no acknowledgement). QoS 1 goes through the node's
+//! [`batch::BatchPublisher`] when the stream allows batches; QoS 2 (which needs JetStream's
+//! de-duplication by `Nats-Msg-Id`), retained copies and wills are published one by one and
+//! each acknowledged.
+
+pub mod batch;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -41,6 +48,8 @@ async fn send_on(
 pub enum PublishError {
     #[error("message could not be stored: {0}")]
     Store(String),
+    #[error("message could not be stored: {0}")]
+    Batch(#[from] batch::BatchError),
     #[error("message envelope: {0}")]
     Envelope(#[from] jetmq_common::envelope::EnvelopeError),
 }
@@ -49,8 +58,12 @@ pub enum PublishError {
 #[derive(Clone)]
 pub struct Ingress {
     pub client: async_nats::Client,
-    pub js: jetstream::Context,
+    /// Shared: a Context clone copies a whole client (several Arcs and a channel sender),
+    /// which showed up per message in profiles.
+    pub js: Arc<jetstream::Context>,
     pub retained: Arc<RetainedCache>,
+    /// QoS 1 in batches; `None` when configured off or the stream does not allow them.
+    pub batches: Option<batch::BatchPublisher>,
 }
 
 impl Ingress {
@@ -97,46 +110,53 @@ impl Ingress {
             sent?;
             Box::pin(async { Ok(()) })
         } else {
-            let msg_id = msg_id.map(str::to_owned);
-            let first = self
-                .send(&subject, body.clone(), msg_id.as_deref(), headers)
-                .await?;
-            let js = self.js.clone();
-            let headers = headers.cloned();
-            let stored = async move {
-                let mut ack = first;
-                let mut attempt = 0u32;
-                loop {
-                    match ack.await {
-                        Ok(_) => return Ok(()),
-                        // "No responders": no stream leader right now (a NATS node just
-                        // died, or the stream is being created). Nothing was stored, so
-                        // sending again cannot duplicate.
-                        Err(err)
-                            if err.kind()
-                                == jetstream::context::PublishErrorKind::StreamNotFound
-                                && attempt < NO_RESPONDERS_RETRIES =>
-                        {
-                            attempt += 1;
-                            tokio::time::sleep(std::time::Duration::from_millis(
-                                50 * u64::from(attempt),
-                            ))
-                            .await;
-                            ack = send_on(
-                                &js,
-                                &subject,
-                                body.clone(),
-                                msg_id.as_deref(),
-                                headers.as_ref(),
-                            )
-                            .await?;
+            let batches = self
+                .batches
+                .as_ref()
+                .filter(|b| envelope.qos == 1 && msg_id.is_none() && b.is_available());
+            let stored: AckFuture = match batches {
+                Some(batches) => {
+                    let subject = async_nats::Subject::from(subject);
+                    let confirmed = batches
+                        .submit(subject.clone(), body.clone(), headers.cloned())
+                        .await;
+                    let js = self.js.clone();
+                    let headers = headers.cloned();
+                    Box::pin(async move {
+                        match confirmed.await {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(batch::BatchError::Unsupported)) => {
+                                // The stream stopped allowing batches: this one goes alone.
+                                let subject = subject.to_string();
+                                let first =
+                                    send_on(&js, &subject, body.clone(), None, headers.as_ref())
+                                        .await?;
+                                stored_alone(first, js, subject, body, None, headers).await
+                            }
+                            Ok(Err(err)) => Err(err.into()),
+                            Err(_) => {
+                                Err(PublishError::Store("batch publisher stopped".to_owned()))
+                            }
                         }
-                        Err(err) => return Err(PublishError::Store(err.to_string())),
-                    }
+                    })
+                }
+                None => {
+                    let msg_id = msg_id.map(str::to_owned);
+                    let first = self
+                        .send(&subject, body.clone(), msg_id.as_deref(), headers)
+                        .await?;
+                    Box::pin(stored_alone(
+                        first,
+                        self.js.clone(),
+                        subject,
+                        body,
+                        msg_id,
+                        headers.cloned(),
+                    ))
                 }
             };
             match trace {
-                None => Box::pin(stored),
+                None => stored,
                 Some(t) => Box::pin(async move {
                     let result = stored.await;
                     t.end(result.as_ref().err().map(|e| e as _));
@@ -167,5 +187,40 @@ impl Ingress {
                 .map(|_| ())
                 .map_err(|e| PublishError::Store(e.to_string()))
         }))
+    }
+}
+
+/// Waits for one message's publish acknowledgement, sending it again while JetStream has
+/// no stream leader ("no responders": nothing was stored, so this cannot duplicate).
+async fn stored_alone(
+    first: jetstream::context::PublishAckFuture,
+    js: Arc<jetstream::Context>,
+    subject: String,
+    body: Bytes,
+    msg_id: Option<String>,
+    headers: Option<async_nats::HeaderMap>,
+) -> Result<(), PublishError> {
+    let mut ack = first;
+    let mut attempt = 0u32;
+    loop {
+        match ack.await {
+            Ok(_) => return Ok(()),
+            Err(err)
+                if err.kind() == jetstream::context::PublishErrorKind::StreamNotFound
+                    && attempt < NO_RESPONDERS_RETRIES =>
+            {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(attempt))).await;
+                ack = send_on(
+                    &js,
+                    &subject,
+                    body.clone(),
+                    msg_id.as_deref(),
+                    headers.as_ref(),
+                )
+                .await?;
+            }
+            Err(err) => return Err(PublishError::Store(err.to_string())),
+        }
     }
 }
