@@ -474,12 +474,9 @@ async fn read_stream(
             }
         };
         errors = 0;
-        let seq = match message.info() {
-            Ok(info) => info.stream_sequence,
-            Err(err) => {
-                tracing::warn!(error = %err, "message without JetStream metadata");
-                continue;
-            }
+        let Some(seq) = message.reply.as_deref().and_then(stream_sequence) else {
+            tracing::warn!(reply = ?message.reply, "message without JetStream metadata");
+            continue;
         };
         if seq <= router.position() {
             continue;
@@ -492,6 +489,21 @@ async fn read_stream(
             }
         }
     }
+}
+
+/// The stream sequence in a JetStream delivery's reply subject: `$JS.ACK.<stream>.<consumer>.
+/// <delivered>.<stream seq>...` (7 tokens after the prefix), or with domain and account hash
+/// first (9 or more). Only this one number is parsed: `Message::info` also converts the
+/// timestamp, which showed up in profiles of the reader.
+pub fn stream_sequence(reply: &str) -> Option<u64> {
+    let rest = reply.strip_prefix("$JS.ACK.")?;
+    let count = rest.split('.').count();
+    let index = match count {
+        7 => 3,
+        n if n >= 9 => 5,
+        _ => return None,
+    };
+    rest.split('.').nth(index)?.parse().ok()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -520,6 +532,21 @@ pub fn decode_stream_message(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn stream_sequence_from_both_reply_subject_forms() {
+        assert_eq!(
+            stream_sequence("$JS.ACK.JETMQ_MSGS.abc.1.4242.17.1764500000000000000.0"),
+            Some(4242)
+        );
+        assert_eq!(
+            stream_sequence("$JS.ACK._.ACCHASH.JETMQ_MSGS.abc.1.99.17.1764500000000000000.3.tok"),
+            Some(99)
+        );
+        assert_eq!(stream_sequence("$JS.ACK.S.c.1.x.1.1.0"), None);
+        assert_eq!(stream_sequence("$JS.ACK.S.c.1"), None);
+        assert_eq!(stream_sequence("_INBOX.x.y"), None);
+    }
 
     /// A QoS 1 delivery of a message with sequence `seq`.
     pub(crate) fn delivery(seq: u64) -> Delivery {
