@@ -67,7 +67,8 @@ pub struct Outgoing {
     pub body: Bytes,
     pub headers: Option<HeaderMap>,
     pub done: Completion,
-    pub give_up_at: Instant,
+    /// Set by [`Book::enqueue`].
+    pub give_up_at: Option<Instant>,
 }
 
 impl Outgoing {
@@ -119,7 +120,8 @@ impl BatchPublisher {
             body,
             headers,
             done,
-            give_up_at: Instant::now() + GIVE_UP_AFTER,
+            // Set when the batch task takes it: one clock read per handful of messages.
+            give_up_at: None,
         };
         if let Err(mpsc::error::SendError(message)) = self.tx.send(message).await {
             message.complete(Err(BatchError::Unsupported));
@@ -137,7 +139,8 @@ async fn run(
 ) {
     let mut received = Vec::with_capacity(64);
     loop {
-        while let Some(wire) = book.next_send(Instant::now(), rx.is_empty()) {
+        let now = Instant::now();
+        while let Some(wire) = book.next_send(now, rx.is_empty()) {
             let sent = match wire.headers {
                 None => {
                     client
@@ -156,7 +159,7 @@ async fn run(
                 }
             };
             if let Err(err) = sent {
-                book.send_failed(wire.batch, wire.seq, &err.to_string(), Instant::now());
+                book.send_failed(wire.batch, wire.seq, &err.to_string(), now);
             }
         }
         let deadline = book.next_deadline();
@@ -171,7 +174,7 @@ async fn run(
                 if count == 0 {
                     break;
                 }
-                book.enqueue(received.drain(..));
+                book.enqueue(received.drain(..), Instant::now());
             }
             _ = sleep_until(deadline) => book.on_timeout(Instant::now()),
         }
@@ -324,14 +327,18 @@ impl Book {
         self.queue.len() < MAX_QUEUED
     }
 
-    fn enqueue(&mut self, messages: impl Iterator<Item = Outgoing>) {
+    fn enqueue(&mut self, messages: impl Iterator<Item = Outgoing>, now: Instant) {
         if !self.available.load(Ordering::Relaxed) {
             for message in messages {
                 message.complete(Err(BatchError::Unsupported));
             }
             return;
         }
-        self.queue.extend(messages);
+        let give_up_at = Some(now + GIVE_UP_AFTER);
+        self.queue.extend(messages.map(|mut m| {
+            m.give_up_at = m.give_up_at.or(give_up_at);
+            m
+        }));
     }
 
     fn open_batch(&self) -> Option<&Batch> {
@@ -346,7 +353,7 @@ impl Book {
         }
         self.resume_at = None;
         while let Some(message) = self.queue.pop_front() {
-            if message.give_up_at <= now {
+            if message.give_up_at.is_some_and(|at| at <= now) {
                 message.complete(Err(BatchError::Failed(
                     "not stored in time (JetStream unavailable)".into(),
                 )));
@@ -561,7 +568,7 @@ impl Book {
 
     fn requeue(&mut self, batch: Batch, now: Instant) {
         for (_, message) in batch.unacked.into_iter().rev() {
-            if message.give_up_at <= now {
+            if message.give_up_at.is_some_and(|at| at <= now) {
                 message.complete(Err(BatchError::Failed(
                     "not stored in time (JetStream unavailable)".into(),
                 )));
@@ -642,7 +649,7 @@ mod tests {
                 body: Bytes::from_static(b"x"),
                 headers: None,
                 done,
-                give_up_at: now + GIVE_UP_AFTER,
+                give_up_at: Some(now + GIVE_UP_AFTER),
             },
             rx,
         )
@@ -676,7 +683,7 @@ mod tests {
         let mut book = book();
         let (m1, mut r1) = message(now);
         let (m2, mut r2) = message(now);
-        book.enqueue([m1, m2].into_iter());
+        book.enqueue([m1, m2].into_iter(), now);
         let wires = drain(&mut book, now, true);
         let replies: Vec<&str> = wires.iter().map(|w| w.reply.as_str()).collect();
         assert_eq!(
@@ -716,7 +723,7 @@ mod tests {
         let mut receivers = Vec::new();
         for _ in 0..5 {
             let (m, r) = message(now);
-            book.enqueue(std::iter::once(m));
+            book.enqueue(std::iter::once(m), now);
             receivers.push(r);
         }
         // More input is waiting: no commit.
@@ -733,7 +740,7 @@ mod tests {
         assert_eq!(done, [true, true, true, false, false]);
         // The server lowered the flow: later reply subjects say so.
         let (m, _r) = message(now);
-        book.enqueue(std::iter::once(m));
+        book.enqueue(std::iter::once(m), now);
         let next = drain(&mut book, now, false);
         assert_eq!(next[0].reply, "_INBOX.node.node1.3.fail.6.1.$FI");
     }
@@ -743,11 +750,11 @@ mod tests {
         let now = Instant::now();
         let mut book = book();
         let (m1, _r1) = message(now);
-        book.enqueue(std::iter::once(m1));
+        book.enqueue(std::iter::once(m1), now);
         let first = drain(&mut book, now, true);
         assert_eq!(first.len(), 2, "message and commit");
         let (m2, mut r2) = message(now);
-        book.enqueue(std::iter::once(m2));
+        book.enqueue(std::iter::once(m2), now);
         let second = drain(&mut book, now, true);
         assert_eq!(
             second.len(),
@@ -780,7 +787,7 @@ mod tests {
         let mut receivers = Vec::new();
         for _ in 0..(REQUESTED_FLOW * WINDOWS_PER_BATCH + 1) {
             let (m, r) = message(now);
-            book.enqueue(std::iter::once(m));
+            book.enqueue(std::iter::once(m), now);
             receivers.push(r);
         }
         let wires = drain(&mut book, now, false);
@@ -802,7 +809,7 @@ mod tests {
         let mut receivers = Vec::new();
         for _ in 0..4 {
             let (m, r) = message(now);
-            book.enqueue(std::iter::once(m));
+            book.enqueue(std::iter::once(m), now);
             receivers.push(r);
         }
         let wires = drain(&mut book, now, false);
@@ -839,7 +846,7 @@ mod tests {
         let now = Instant::now();
         let mut book = book();
         let (m, mut r) = message(now);
-        book.enqueue(std::iter::once(m));
+        book.enqueue(std::iter::once(m), now);
         let wires = drain(&mut book, now, true);
         let index = book.batch_of(&wires[0].reply).expect("batch");
         book.fail(index, Failure::BackOff, now);
@@ -862,7 +869,7 @@ mod tests {
         let mut book = book();
         let (m1, mut r1) = message(now);
         let (m2, mut r2) = message(now);
-        book.enqueue([m1, m2].into_iter());
+        book.enqueue([m1, m2].into_iter(), now);
         let wires = drain(&mut book, now, false);
         answer(
             &mut book,
@@ -887,7 +894,7 @@ mod tests {
         assert_eq!(state(&mut r1), Some(Err(BatchError::Unsupported)));
         assert!(!book.available.load(Ordering::Relaxed));
         let (m3, mut r3) = message(now);
-        book.enqueue(std::iter::once(m3));
+        book.enqueue(std::iter::once(m3), now);
         assert_eq!(state(&mut r3), Some(Err(BatchError::Unsupported)));
     }
 }

@@ -13,6 +13,7 @@ pub mod shared;
 pub mod stall;
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -115,7 +116,9 @@ pub struct ReplayRing {
     /// Sequences in the ring by topic hash: a session subscribed to exact topics (the usual
     /// device pattern) finds its messages without looking at everyone else's. In a storm of
     /// 10,000 resuming sessions the scan over the whole ring per session was 40% of the CPU.
-    by_topic: HashMap<u64, VecDeque<u64>>,
+    by_topic: HashMap<u64, VecDeque<u64>, BuildHasherDefault<AlreadyHashed>>,
+    /// Keyed per process, so nobody can choose topics that pile into one `by_topic` slot.
+    topic_hasher: std::collections::hash_map::RandomState,
     bytes: usize,
     max_messages: usize,
     max_bytes: usize,
@@ -124,11 +127,25 @@ pub struct ReplayRing {
 /// What a ring entry costs besides the message: its slot in `by_topic`.
 const RING_INDEX_OVERHEAD: usize = 48;
 
-fn topic_hash(topic: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    topic.hash(&mut hasher);
-    hasher.finish()
+/// `by_topic` keys are hashes already: hashing them again cost as much as the first time.
+#[derive(Default)]
+struct AlreadyHashed(u64);
+
+impl std::hash::Hasher for AlreadyHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; fold anything else in so it still works.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 impl ReplayRing {
@@ -143,7 +160,7 @@ impl ReplayRing {
     fn push(&mut self, msg: MessageRef) {
         self.bytes += msg.approximate_size() + RING_INDEX_OVERHEAD;
         self.by_topic
-            .entry(topic_hash(&msg.topic))
+            .entry(self.topic_hasher.hash_one(&msg.topic))
             .or_default()
             .push_back(msg.seq);
         self.messages.push_back(msg);
@@ -152,7 +169,7 @@ impl ReplayRing {
                 break;
             };
             self.bytes -= old.approximate_size() + RING_INDEX_OVERHEAD;
-            let hash = topic_hash(&old.topic);
+            let hash = self.topic_hasher.hash_one(&old.topic);
             if let Some(seqs) = self.by_topic.get_mut(&hash) {
                 seqs.pop_front();
                 if seqs.is_empty() {
@@ -212,7 +229,7 @@ impl ReplayRing {
         if exact {
             let mut seqs: Vec<u64> = filters
                 .iter()
-                .filter_map(|f| self.by_topic.get(&topic_hash(f)))
+                .filter_map(|f| self.by_topic.get(&self.topic_hasher.hash_one(f)))
                 .flat_map(|seqs| seqs.iter().copied().filter(|&s| s > after && s <= upto))
                 .collect();
             seqs.sort_unstable();
@@ -614,7 +631,9 @@ pub(crate) mod tests {
         }
         // 1 and 2 were evicted, and with them their index entries.
         assert!(ring.matching(&["d/1".into()], 0, 6, 10).is_none());
-        assert!(!ring.by_topic.contains_key(&topic_hash("d/2")));
+        assert!(!ring
+            .by_topic
+            .contains_key(&ring.topic_hasher.hash_one("d/2")));
         let seqs = |found: Option<(Vec<MessageRef>, u64)>| {
             let (msgs, reached) = found.expect("held");
             (msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), reached)
