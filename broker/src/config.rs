@@ -68,6 +68,9 @@ pub struct NatsConfig {
     pub replay_buffer_bytes: usize,
     /// Publish QoS 1 messages in fast-ingest batches (nats-server 2.14+).
     pub batch_publish: bool,
+    /// QoS 1 messages published one by one and waiting for their acks before the node
+    /// switches to batches (0: always batch).
+    pub batch_publish_after: usize,
     /// TLS and authentication towards NATS (keys shared with the ingestor).
     #[serde(flatten)]
     pub security: NatsSecurity,
@@ -180,6 +183,7 @@ impl Default for NatsConfig {
             replay_buffer_messages: 32_768,
             replay_buffer_bytes: 8 * 1024 * 1024,
             batch_publish: true,
+            batch_publish_after: 32,
             security: NatsSecurity::default(),
         }
     }

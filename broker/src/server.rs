@@ -213,10 +213,14 @@ pub async fn run(
         tracing::warn!("the message stream does not allow batch publishing (nats-server older than 2.14?); QoS 1 is published one message at a time");
         None
     } else {
-        let publisher =
-            BatchPublisher::start(cluster.client.clone(), shutdown.clone(), metrics.clone())
-                .await
-                .context("cannot subscribe to the batch publishing inbox")?;
+        let publisher = BatchPublisher::start(
+            cluster.client.clone(),
+            shutdown.clone(),
+            metrics.clone(),
+            config.nats.batch_publish_after,
+        )
+        .await
+        .context("cannot subscribe to the batch publishing inbox")?;
         Some(publisher)
     };
     let ingress = Ingress {

@@ -186,6 +186,8 @@ pub struct Metrics {
     pub publish_batch_failures: Counter,
     /// QoS 1 batches confirmed by JetStream: QoS 1 messages / batches = average batch size.
     pub publish_batches: Counter,
+    /// QoS 1 messages confirmed as part of a batch (the rest went one by one).
+    pub publish_batched_messages: Counter,
     /// 1 while the node drains (see [`crate::server`]).
     pub draining: Gauge,
     pub drain_disconnects: Counter,
@@ -275,6 +277,12 @@ impl Metrics {
             "counter",
             "QoS 1 publish batches confirmed by JetStream.",
             self.publish_batches.get().to_string(),
+        );
+        line(
+            "jetmq_publish_batched_messages_total",
+            "counter",
+            "QoS 1 messages confirmed as part of a batch; the others were published one by one.",
+            self.publish_batched_messages.get().to_string(),
         );
         line(
             "jetmq_publish_batch_failures_total",

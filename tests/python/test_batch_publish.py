@@ -21,24 +21,31 @@ def metric(b: harness.BrokerNode, name: str) -> float:
     return scrape(f"http://{b.host}:{b.http_port}/metrics").value(name)
 
 
-def publish_and_receive(b: harness.BrokerNode, n: int, version: int = V5) -> None:
-    """n QoS 1 messages, 20 in flight: every PUBACK is success and every message arrives in order."""
+def publish_and_receive(b: harness.BrokerNode, n: int, version: int = V5, publishers: int = 4) -> None:
+    """n QoS 1 messages from `publishers` clients with 20 in flight each (more than the 32
+    the broker publishes one by one before it batches): every PUBACK is success and every
+    message arrives, in order per publisher."""
     topic = uid("batch")
     sub = Client(b.address, version=version)
-    pub = Client(b.address, version=version, max_inflight=20)
+    pubs = [Client(b.address, version=version, max_inflight=20) for _ in range(publishers)]
     try:
         sub.connect()
-        assert sub.subscribe(topic, qos=1) == [1]
-        pub.connect()
-        infos = [pub.publish(topic, f"m{i}".encode(), qos=1, wait=False) for i in range(n)]
+        assert sub.subscribe(f"{topic}/#", qos=1) == [1]
+        for pub in pubs:
+            pub.connect()
+        infos = [pubs[i % publishers].publish(f"{topic}/{i % publishers}", f"m{i}".encode(), qos=1, wait=False)
+                 for i in range(n)]
         for info in infos:
             info.wait_for_publish(20)
             assert info.is_published()
         got = sub.expect(n, timeout=30)
-        assert [m.payload for m in got] == [f"m{i}".encode() for i in range(n)]
+        for p in range(publishers):
+            mine = [m.payload for m in got if m.topic == f"{topic}/{p}"]
+            assert mine == [f"m{i}".encode() for i in range(p, n, publishers)]
     finally:
         sub.close_quietly()
-        pub.close_quietly()
+        for pub in pubs:
+            pub.close_quietly()
 
 
 @pytest.fixture
@@ -49,16 +56,27 @@ def fresh_nats(tmp_path):
     n.terminate()
 
 
+# Batches from the first message, whatever the load.
+ALWAYS_BATCH = {"JETMQ_NATS__BATCH_PUBLISH_AFTER": "0"}
+
+
 def test_qos1_goes_in_batches_and_every_message_arrives(fresh_nats, broker_factory):
-    b = broker_factory(nats_urls=[fresh_nats.url])
+    b = broker_factory(nats_urls=[fresh_nats.url], extra_env=ALWAYS_BATCH)
     assert fresh_nats.stream_config(MESSAGE_STREAM).get("allow_batched") is True
     publish_and_receive(b, 300)
     publish_and_receive(b, 50, version=V311)
     batches = metric(b, "jetmq_publish_batches_total")
-    # At least one batch; fewer batches than messages means they really were batched (one
-    # client with 20 in flight gives the publisher several messages at once).
+    # Fewer batches than messages: they really were batched.
     assert 1 <= batches < 350, f"{batches} batches for 350 QoS 1 messages"
     assert metric(b, "jetmq_publish_batch_failures_total") == 0
+
+
+def test_light_load_publishes_one_by_one(fresh_nats, broker_factory):
+    # One publisher with 20 in flight stays under the default of 32 messages waiting one by
+    # one: no batch needed.
+    b = broker_factory(nats_urls=[fresh_nats.url])
+    publish_and_receive(b, 100, publishers=1)
+    assert metric(b, "jetmq_publish_batches_total") == 0
 
 
 def test_batch_publish_off_publishes_one_by_one(fresh_nats, broker_factory):
@@ -80,7 +98,7 @@ def test_message_stream_of_an_older_jetmq_is_upgraded(fresh_nats, broker_factory
     reply = json.loads(fresh_nats.request(f"$JS.API.STREAM.CREATE.{MESSAGE_STREAM}", json.dumps(config).encode()))
     assert "error" not in reply, reply
     assert not fresh_nats.stream_config(MESSAGE_STREAM).get("allow_batched")
-    b = broker_factory(nats_urls=[fresh_nats.url])
+    b = broker_factory(nats_urls=[fresh_nats.url], extra_env=ALWAYS_BATCH)
     stream = fresh_nats.stream_config(MESSAGE_STREAM)
     assert stream.get("allow_batched") is True
     assert stream.get("max_age") == 3600 * 10**9, "the operator's settings stay"
@@ -89,7 +107,7 @@ def test_message_stream_of_an_older_jetmq_is_upgraded(fresh_nats, broker_factory
 
 
 def test_stream_that_stops_allowing_batches_falls_back_without_losing_messages(fresh_nats, broker_factory):
-    b = broker_factory(nats_urls=[fresh_nats.url])
+    b = broker_factory(nats_urls=[fresh_nats.url], extra_env=ALWAYS_BATCH)
     publish_and_receive(b, 50)
     before = metric(b, "jetmq_publish_batches_total")
     assert before >= 1
