@@ -807,12 +807,7 @@ mod tests {
         let now = Instant::now();
         let mut book = book_with_singles();
         book.max_singles = 2;
-        let mut receivers = Vec::new();
-        for _ in 0..4 {
-            let (m, r) = message(now);
-            book.enqueue(std::iter::once(m), now);
-            receivers.push(r);
-        }
+        let mut receivers = enqueue(&mut book, 4, now);
         let wires = drain(&mut book, now, true);
         let replies: Vec<&str> = wires.iter().map(|w| w.reply.as_str()).collect();
         assert_eq!(
@@ -900,6 +895,21 @@ mod tests {
         )
     }
 
+    /// `count` messages into the book, one at a time; their receivers.
+    fn enqueue(
+        book: &mut Book,
+        count: u64,
+        now: Instant,
+    ) -> Vec<oneshot::Receiver<Result<(), BatchError>>> {
+        (0..count)
+            .map(|_| {
+                let (m, r) = message(now);
+                book.enqueue(std::iter::once(m), now);
+                r
+            })
+            .collect()
+    }
+
     fn answer(book: &mut Book, wire: &Wire, json: &str, now: Instant) {
         let index = book.batch_of(&wire.reply).expect("batch of reply");
         book.on_answer(index, serde_json::from_str(json).expect("json"), now);
@@ -965,12 +975,7 @@ mod tests {
     fn a_busy_node_keeps_the_batch_open_and_flow_acks_confirm() {
         let now = Instant::now();
         let mut book = book();
-        let mut receivers = Vec::new();
-        for _ in 0..5 {
-            let (m, r) = message(now);
-            book.enqueue(std::iter::once(m), now);
-            receivers.push(r);
-        }
+        let mut receivers = enqueue(&mut book, 5, now);
         // More input is waiting: no commit.
         let wires = drain(&mut book, now, false);
         assert_eq!(wires.len(), 5);
@@ -1029,12 +1034,7 @@ mod tests {
     fn a_full_batch_is_committed_and_a_new_one_opened() {
         let now = Instant::now();
         let mut book = book();
-        let mut receivers = Vec::new();
-        for _ in 0..(REQUESTED_FLOW * WINDOWS_PER_BATCH + 1) {
-            let (m, r) = message(now);
-            book.enqueue(std::iter::once(m), now);
-            receivers.push(r);
-        }
+        let _receivers = enqueue(&mut book, REQUESTED_FLOW * WINDOWS_PER_BATCH + 1, now);
         let wires = drain(&mut book, now, false);
         let commits: Vec<&Wire> = wires
             .iter()
@@ -1051,12 +1051,7 @@ mod tests {
     fn a_gap_sends_the_unconfirmed_messages_again_in_order() {
         let now = Instant::now();
         let mut book = book();
-        let mut receivers = Vec::new();
-        for _ in 0..4 {
-            let (m, r) = message(now);
-            book.enqueue(std::iter::once(m), now);
-            receivers.push(r);
-        }
+        let mut receivers = enqueue(&mut book, 4, now);
         let wires = drain(&mut book, now, false);
         answer(
             &mut book,
