@@ -291,6 +291,17 @@ def fresh_cluster(tmp_path_factory):
 
     Yields (nats_cluster, broker_nodes, targets).
     """
+    yield from _fresh_cluster(tmp_path_factory)
+
+
+@pytest.fixture
+def fresh_cluster_batching(tmp_path_factory):
+    """fresh_cluster whose brokers publish every QoS 1 message in batches, whatever the load
+    (nats.batch_publish_after = 0), so that failures hit the batch path."""
+    yield from _fresh_cluster(tmp_path_factory, extra_env={"JETMQ_NATS__BATCH_PUBLISH_AFTER": "0"})
+
+
+def _fresh_cluster(tmp_path_factory, extra_env=None):
     d = tmp_path_factory.mktemp("fresh")
     if EMULATE_CLUSTER:
         mosq = harness.Mosquitto(d, extra=mosquitto_conf())
@@ -308,7 +319,7 @@ def fresh_cluster(tmp_path_factory):
     cluster.start()
     nodes = []
     try:
-        nodes = harness.start_broker_cluster(d, cluster, config=broker_config())
+        nodes = harness.start_broker_cluster(d, cluster, config=broker_config(), extra_env=extra_env)
         yield cluster, nodes, _targets(nodes)
     finally:
         for b in nodes:

@@ -12,6 +12,7 @@ import harness
 import pytest
 
 from mqtt_client import V5, V311, Client, Tracker, uid
+from prom import scrape
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -327,10 +328,13 @@ def test_kill9_node_then_restart_rejoins(fresh_cluster):
 
 
 @pytest.mark.needs_nats
-def test_kill9_nats_node_keeps_acknowledged_messages(fresh_cluster):
+@pytest.mark.parametrize("batching", [False, True], ids=["default", "always-batch"])
+def test_kill9_nats_node_keeps_acknowledged_messages(request, batching):
     """The NATS node leading the message stream dies mid-stream: publishing goes on (the streams
-    are replicated) and every message whose PUBACK the publisher got is delivered."""
-    nats, procs, targets = fresh_cluster
+    are replicated) and every message whose PUBACK the publisher got is delivered. Run twice:
+    with the default (one by one under this light load) and with every QoS 1 message in a batch,
+    whose batches the leader's death breaks (they are published again)."""
+    nats, procs, targets = request.getfixturevalue("fresh_cluster_batching" if batching else "fresh_cluster")
     a, b, c = targets
     n = max(200, N_MESSAGES // 2)
     topic = uid("nkill")
@@ -380,6 +384,10 @@ def test_kill9_nats_node_keeps_acknowledged_messages(fresh_cluster):
         lost = sorted(acked - set(coll.counts))
         assert not lost, (f"{len(lost)} acknowledged messages never delivered, e.g. {lost[:20]}; "
                           f"streams: {stream_report(nats)}")
+        if batching and nats is not None:
+            publisher_node = procs[2]
+            page = scrape(f"http://{publisher_node.host}:{publisher_node.http_port}/metrics")
+            assert page.value("jetmq_publish_batches_total") >= 1, "the publisher's node never batched"
     finally:
         cl.close_all()
 
