@@ -1,5 +1,7 @@
 """jetmq-specific behaviour of a single node: health endpoints, configuration, state in JetStream."""
 
+import json
+import time
 
 import pytest
 
@@ -80,6 +82,37 @@ def test_restart_keeps_retained_and_sessions(broker_factory):
         assert m.payload == b"survives" and m.retain
     finally:
         cl.close_all()
+
+
+def session_revision(nats, client_id: str) -> int:
+    """The KV revision (stream sequence) of a client's session record, 0 if there is none."""
+    reply = json.loads(nats.request("$JS.API.STREAM.MSG.GET.KV_JETMQ_SESSIONS",
+                                    json.dumps({"last_by_subj": f"$KV.JETMQ_SESSIONS.p.{client_id}"}).encode()))
+    return (reply.get("message") or {}).get("seq", 0)
+
+
+def test_only_resumable_sessions_write_their_position(broker, nats, clients):
+    """A session that outlives its connection writes where it got to as messages arrive (so a
+    resume after a crash replays little); one with expiry 0 never is resumed, so receiving
+    messages costs it no session writes."""
+    topic = uid("cursor")
+    kept = clients(client_id=uid("cursor-kept"), version=V5, clean=False, session_expiry=600).connect()
+    short = clients(client_id=uid("cursor-short"), version=V5, clean=True).connect()
+    legacy = clients(client_id=uid("cursor-311"), version=V311, clean=True).connect()
+    for c in (kept, short, legacy):
+        assert c.subscribe(topic, qos=1) == [1]
+    before = {c.client_id: session_revision(nats, c.client_id) for c in (kept, short, legacy)}
+    assert all(before.values()), f"every connected client has a session record: {before}"
+    pub = clients.connect(version=V5)
+    for i in range(6):
+        pub.publish(topic, str(i).encode(), qos=1)
+        time.sleep(0.5)
+    for c in (kept, short, legacy):
+        assert [m.payload for m in c.drain(1.5)] == [str(i).encode() for i in range(6)]
+    after = {c.client_id: session_revision(nats, c.client_id) for c in (kept, short, legacy)}
+    assert after[kept.client_id] > before[kept.client_id], "a persistent session writes its position"
+    assert after[short.client_id] == before[short.client_id], "a clean MQTT 5 session wrote its position"
+    assert after[legacy.client_id] == before[legacy.client_id], "a clean 3.1.1 session wrote its position"
 
 
 def test_kill9_single_node_keeps_acknowledged_state(broker_factory):

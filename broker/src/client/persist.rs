@@ -46,15 +46,21 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             return;
         }
         let cursor = self.delivery.durable_cursor();
+        // Only a session that outlives its connection is ever resumed from its stored
+        // position; one with expiry 0 ends with its connection (also when its node dies),
+        // so its position is written only when something waits for a write anyway.
+        let resumable = self.record.expiry_secs > 0;
         // A quiet session's cursor follows the stream too, but writing it every second for
         // every idle client would be a KV write per client per second for nothing. It is
         // written when it covers messages this session actually got, or once it is far
         // behind (so a replay after a crash stays short), and always at disconnect.
-        let moved = cursor != self.persisted_cursor
+        let moved = resumable
+            && cursor != self.persisted_cursor
             && (self.delivery.delivered_since_persist
                 || cursor - self.persisted_cursor.min(cursor) > IDLE_CURSOR_SLACK);
         let needed = !self.waiting_for_persist.is_empty()
-            || (periodic && (moved || self.record_dirty || self.delivery.released_changed));
+            || (periodic
+                && (moved || self.record_dirty || (resumable && self.delivery.released_changed)));
         if !needed {
             return;
         }
@@ -106,11 +112,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 }
                 Ok(())
             }
-            Err(StoreError::Conflict) => {
-                tracing::info!(client_id = %self.client_id, "session record changed elsewhere: taken over");
-                self.send_disconnect(jetmq_codec::ReasonCode::SESSION_TAKEN_OVER);
-                Err(Exit::TakenOver)
-            }
+            Err(StoreError::Conflict) => self.revision_conflict().await,
             Err(err) => {
                 self.persist_failures += 1;
                 tracing::warn!(client_id = %self.client_id, error = %err, failures = self.persist_failures, "session write failed");
@@ -127,6 +129,50 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 ))
                 .await;
                 Ok(())
+            }
+        }
+    }
+
+    /// The stored revision is not the one this connection last wrote. Normally another
+    /// connection claimed the session; but only a claim changes the owner, so a record
+    /// that still names this connection was written by this connection itself (a write
+    /// whose acknowledgement was lost and that landed anyway, or a stale read). Then the
+    /// connection keeps the session and writes its state again on the newer revision.
+    async fn revision_conflict(&mut self) -> Result<(), Exit> {
+        let stored = self.node.cluster.sessions.load(&self.client_id).await;
+        match stored {
+            Ok((Some(stored), revision))
+                if stored.owner.is_some()
+                    && stored.owner == self.record.owner
+                    && self.persist_failures < MAX_PERSIST_FAILURES =>
+            {
+                self.persist_failures += 1;
+                tracing::info!(client_id = %self.client_id, expected = self.revision, stored = revision, "session record moved on under this connection's own write; writing it again");
+                self.revision = revision;
+                let mut retry = std::mem::take(&mut self.riding_on_persist);
+                retry.append(&mut self.waiting_for_persist);
+                self.waiting_for_persist = retry;
+                self.record_dirty = true;
+                Ok(())
+            }
+            Ok((stored, revision)) => {
+                let owner = stored.and_then(|r| r.owner);
+                tracing::info!(
+                    client_id = %self.client_id,
+                    expected = self.revision,
+                    stored = revision,
+                    owner_node = owner.as_ref().map(|o| o.node.as_str()).unwrap_or("none"),
+                    owner_connection = owner.as_ref().map(|o| o.connection).unwrap_or(0),
+                    "session record changed elsewhere: taken over"
+                );
+                self.send_disconnect(jetmq_codec::ReasonCode::SESSION_TAKEN_OVER);
+                Err(Exit::TakenOver)
+            }
+            Err(err) => {
+                // Cannot tell: the safe side is to give the session up, as before.
+                tracing::info!(client_id = %self.client_id, error = %err, "session record changed elsewhere and cannot be read: giving it up");
+                self.send_disconnect(jetmq_codec::ReasonCode::SESSION_TAKEN_OVER);
+                Err(Exit::TakenOver)
             }
         }
     }

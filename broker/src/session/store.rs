@@ -15,6 +15,13 @@ pub enum StoreError {
     TooLarge(usize),
     #[error("corrupt session record: {0}")]
     Corrupt(String),
+    /// Error 10164: the stream leader refused the write without comparing revisions,
+    /// because another conditional write to the same key was still in flight. It decides
+    /// nothing: very often that write is this connection's own previous one, already
+    /// acknowledged, whose in-flight mark the leader clears a moment after the
+    /// acknowledgement. [`SessionStore`] waits and tries again; callers never see it.
+    #[error("another write to the session record is in flight")]
+    InFlight,
 }
 
 #[derive(Clone)]
@@ -67,38 +74,90 @@ impl SessionStore {
             return Err(StoreError::TooLarge(value.len()));
         }
         let key = session_key(&record.client_id);
-        let result = if revision == 0 {
-            self.kv
-                .create(&key, Bytes::from(value))
-                .await
-                .map_err(|e| match e.kind() {
-                    kv::CreateErrorKind::AlreadyExists => StoreError::Conflict,
-                    _ => StoreError::Unavailable(e.to_string()),
-                })
-        } else {
-            self.kv
-                .update(&key, Bytes::from(value), revision)
-                .await
-                .map_err(|e| match e.kind() {
-                    kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict,
-                    _ => classify_update(e.to_string()),
-                })
-        };
-        result
+        let value = Bytes::from(value);
+        let mut wait = InFlightWait::new();
+        loop {
+            let result = if revision == 0 {
+                self.kv
+                    .create(&key, value.clone())
+                    .await
+                    .map_err(|e| match e.kind() {
+                        kv::CreateErrorKind::AlreadyExists => StoreError::Conflict,
+                        _ => classify_update(e.to_string()),
+                    })
+            } else {
+                self.kv
+                    .update(&key, value.clone(), revision)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict,
+                        _ => classify_update(e.to_string()),
+                    })
+            };
+            match result {
+                Err(StoreError::InFlight) => wait.pause().await?,
+                other => return other,
+            }
+        }
     }
 
     /// Removes the record if it is still at `revision`.
     pub async fn delete(&self, client_id: &str, revision: u64) -> Result<(), StoreError> {
-        self.kv
-            .delete_expect_revision(session_key(client_id), Some(revision))
-            .await
-            .map_err(|e| classify_update(e.to_string()))
+        let key = session_key(client_id);
+        let mut wait = InFlightWait::new();
+        loop {
+            let result = self
+                .kv
+                .delete_expect_revision(&key, Some(revision))
+                .await
+                .map_err(|e| classify_update(e.to_string()));
+            match result {
+                Err(StoreError::InFlight) => wait.pause().await?,
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Waiting out error 10164 (see [`StoreError::InFlight`]).
+struct InFlightWait {
+    tries: u32,
+    pause: std::time::Duration,
+}
+
+impl InFlightWait {
+    /// The mark normally clears within a millisecond; a write still refused after this many
+    /// tries (about 0.4 s) is racing a competitor that keeps writing: it has lost.
+    const MAX_TRIES: u32 = 12;
+
+    fn new() -> InFlightWait {
+        InFlightWait {
+            tries: 0,
+            pause: std::time::Duration::from_millis(1),
+        }
+    }
+
+    async fn pause(&mut self) -> Result<(), StoreError> {
+        self.tries += 1;
+        if self.tries > Self::MAX_TRIES {
+            return Err(StoreError::Conflict);
+        }
+        tracing::debug!(
+            tries = self.tries,
+            "session write refused while another write to it was in flight; trying again"
+        );
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(std::time::Duration::from_millis(50));
+        Ok(())
     }
 }
 
 fn classify_update(message: String) -> StoreError {
-    // The server answers a failed expected-revision check with error code 10071.
-    if message.contains("10071") || message.contains("wrong last sequence") {
+    // 10164 is checked first: its text is also "wrong last sequence".
+    if message.contains("error code 10164") {
+        StoreError::InFlight
+    } else if message.contains("10071") || message.contains("wrong last sequence") {
+        // The server answers a failed expected-revision check with error code 10071.
         StoreError::Conflict
     } else {
         StoreError::Unavailable(message)
@@ -108,6 +167,18 @@ fn classify_update(message: String) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_flight_refusal_is_not_a_conflict() {
+        let in_flight = "other: wrong last sequence (code 400, error code 10164)".to_owned();
+        let mismatch = "wrong last sequence: 41 (code 400, error code 10071)".to_owned();
+        assert!(matches!(classify_update(in_flight), StoreError::InFlight));
+        assert!(matches!(classify_update(mismatch), StoreError::Conflict));
+        assert!(matches!(
+            classify_update("timed out".to_owned()),
+            StoreError::Unavailable(_)
+        ));
+    }
 
     #[test]
     fn keys_are_valid_kv_keys() {
