@@ -278,13 +278,17 @@ async fn settle(
     if let Some(node_id) = owner {
         tracing::info!(client_id, node = %node_id, "session orphaned by a dead node; taking care of it");
     }
+    // The will goes out only once the write landed: a client that reconnected meanwhile
+    // (whose node then publishes the will itself) or another janitor makes this write
+    // fail, so the will is published by exactly one of them.
+    match what {
+        Settled::Delete => store.delete(client_id, revision).await?,
+        _ => store.save(&record, revision).await.map(|_| ())?,
+    }
     if let Some(will) = will {
         publish_will(node, client_id, record.username.as_deref(), &will).await;
     }
-    match what {
-        Settled::Delete => store.delete(client_id, revision).await,
-        _ => store.save(&record, revision).await.map(|_| ()),
-    }
+    Ok(())
 }
 
 #[cfg(test)]

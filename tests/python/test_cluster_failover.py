@@ -267,6 +267,40 @@ def test_will_of_a_client_that_reconnects_before_the_janitor_acts(fresh_cluster)
         cl.close_all()
 
 
+def test_will_of_a_client_of_a_hung_node_published_once(fresh_cluster):
+    """The client's node hangs (SIGSTOP) instead of dying; the client gives up on it and
+    reconnects to a survivor, which gets no answer to its hand-over within 2 s and publishes
+    the will itself. When the hung node wakes up, its old connection ends too, abruptly:
+    it must see that the session went elsewhere and not publish the will a second time."""
+    import signal
+
+    _nats, procs, targets = fresh_cluster
+    a, b, c = targets
+    topic = uid("hungwill")
+    cid = uid("hungwill-dev")
+    cl = Tracker(a)
+    hung = procs[0]
+    try:
+        watcher = cl.connect(c, version=V5)
+        assert watcher.subscribe(topic, qos=1) == [1]
+        device = cl.raw(a, version=V5)
+        device.mqtt_connect(cid, clean=False, props={"SessionExpiryInterval": 600},
+                            will={"topic": topic, "payload": b"device lost", "qos": 1})
+        os.kill(hung.pid, signal.SIGSTOP)
+        try:
+            device.close()  # no DISCONNECT: the device gave up on a node that stopped answering
+            again = cl(b, client_id=cid, version=V5, clean=False, session_expiry=600).connect(timeout=15)
+            assert again.session_present
+            assert watcher.get(10).payload == b"device lost"
+        finally:
+            os.kill(hung.pid, signal.SIGCONT)
+        # The woken node ends its old connection now (closed socket, late hand-over request).
+        watcher.expect_none(float(os.environ.get("JETMQ_TEST_WILL_DUP_WAIT", "3")))
+        assert hung.alive(), "the node that hung must carry on"
+    finally:
+        cl.close_all()
+
+
 def test_wills_of_killed_node_published_by_survivor(fresh_cluster):
     _nats, procs, targets = fresh_cluster
     a, b, c = targets

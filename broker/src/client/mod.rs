@@ -611,10 +611,19 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         match exit {
             // Each boxed: this future is then only as large as the step it is in.
             Exit::TakenOver => {
-                if self.record.will.as_ref().is_some_and(|w| w.delay_secs == 0) {
-                    Box::pin(self.publish_own_will()).await;
+                // Written first: if the new owner claimed without waiting for this
+                // connection (its node did not answer in time), it published the will.
+                let will_now = self.record.will.take_if(|w| w.delay_secs == 0);
+                let superseded = Box::pin(self.hand_over_session()).await;
+                if let Some(will) = will_now.filter(|_| !superseded) {
+                    Box::pin(will::publish_will(
+                        &self.node,
+                        &self.client_id,
+                        self.username.as_deref(),
+                        &will,
+                    ))
+                    .await;
                 }
-                Box::pin(self.hand_over_session()).await;
             }
             Exit::Disconnect { publish_will } => {
                 if publish_will {

@@ -83,15 +83,19 @@ async fn will_timer(node: Arc<Node>, client_id: String, due_ms: u64) {
     let Some(will) = record.will.take() else {
         return;
     };
-    publish_will(&node, &client_id, record.username.as_deref(), &will).await;
     record.will_due_ms = None;
+    // Written before the will goes out, so that a resume or a janitor acting at the same
+    // moment makes this write fail and the will is published at most once.
     let result = if record.is_expired(now_ms()) {
         store.delete(&client_id, revision).await
     } else {
         store.save(&record, revision).await.map(|_| ())
     };
-    if let Err(err) = result {
-        tracing::debug!(client_id, error = %err, "session record changed after delayed will");
+    match result {
+        Ok(()) => publish_will(&node, &client_id, record.username.as_deref(), &will).await,
+        Err(err) => {
+            tracing::debug!(client_id, error = %err, "session record changed before the delayed will was due; not published")
+        }
     }
 }
 
@@ -105,11 +109,14 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     /// Another connection takes the session: write where this one got to, so the next
     /// owner neither repeats acknowledged messages nor forgets released QoS 2 ones. A
     /// conflict means the new owner claimed first (it stopped waiting): nothing to add.
-    pub(super) async fn hand_over_session(&mut self) {
+    /// Returns true in that case: the new owner did not hear from this connection, and has
+    /// published its will itself if one was due.
+    pub(super) async fn hand_over_session(&mut self) -> bool {
         if let Some(pending) = self.persist.take() {
             match pending.await {
                 Ok(revision) => self.revision = revision,
-                Err(_) => return,
+                Err(StoreError::Conflict) => return true,
+                Err(_) => return false,
             }
         }
         self.record.owner = None;
@@ -124,9 +131,11 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             .save(&self.record, self.revision)
             .await
         {
-            Ok(_) | Err(StoreError::Conflict) => {}
+            Ok(_) => false,
+            Err(StoreError::Conflict) => true,
             Err(err) => {
-                tracing::warn!(client_id = %self.client_id, error = %err, "session write failed at hand-over")
+                tracing::warn!(client_id = %self.client_id, error = %err, "session write failed at hand-over");
+                false
             }
         }
     }
@@ -135,6 +144,12 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     /// (no expiry) or leave it for a later connection, marked as disconnected.
     /// `min_will_delay` (seconds, drain only) postpones the will of a persistent session so
     /// a client that resumes it elsewhere in time cancels it.
+    ///
+    /// The record is written first and a will due now goes out after: a write that fails
+    /// its compare-and-set proves that another connection claimed the session meanwhile,
+    /// and that one (or the janitor) has already published the will if it was due, because
+    /// this node did not answer its hand-over (it hung, or stalled). Any other failure
+    /// leaves this node as the only one that can publish it, so it does.
     pub(super) async fn end_session(&mut self, min_will_delay: u32) {
         if let Some(pending) = self.persist.take() {
             match pending.await {
@@ -151,25 +166,27 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             // The session ends with the connection, and a pending will goes out with it.
             // (Boxed, here and below: only the step in progress takes memory. At a mass
             // disconnect every closing connection waits here at once.)
-            if self.record.will.is_some() {
-                Box::pin(self.publish_own_will()).await;
-            }
-            match Box::pin(store.delete(&self.client_id, self.revision)).await {
+            let result = Box::pin(store.delete(&self.client_id, self.revision)).await;
+            match &result {
                 Ok(()) | Err(StoreError::Conflict) => {}
                 Err(err) => {
                     tracing::warn!(client_id = %self.client_id, error = %err, "cannot delete ended session")
                 }
             }
+            if !matches!(result, Err(StoreError::Conflict)) {
+                Box::pin(self.publish_own_will()).await;
+            }
             return;
         }
         let mut due = None;
+        let mut will_now = None;
         match self
             .record
             .will
             .as_ref()
             .map(|w| w.delay_secs.max(min_will_delay))
         {
-            Some(0) => Box::pin(self.publish_own_will()).await,
+            Some(0) => will_now = self.record.will.take(),
             Some(delay) => {
                 let delay_ms = u64::from(delay.min(self.record.expiry_secs)) * 1000;
                 due = Some(now + delay_ms);
@@ -181,7 +198,8 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.record.disconnected_at_ms = Some(now);
         self.record.cursor = self.delivery.durable_cursor();
         self.record.released = self.delivery.released_sorted();
-        match Box::pin(store.save(&self.record, self.revision)).await {
+        let result = Box::pin(store.save(&self.record, self.revision)).await;
+        match &result {
             Ok(_) => {
                 if let Some(due) = due {
                     tokio::spawn(will_timer(
@@ -195,6 +213,15 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             Err(err) => {
                 tracing::warn!(client_id = %self.client_id, error = %err, "cannot save session at close")
             }
+        }
+        if let Some(will) = will_now.filter(|_| !matches!(result, Err(StoreError::Conflict))) {
+            Box::pin(publish_will(
+                &self.node,
+                &self.client_id,
+                self.username.as_deref(),
+                &will,
+            ))
+            .await;
         }
     }
 }
