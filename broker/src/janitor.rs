@@ -106,10 +106,21 @@ pub async fn run(node: Arc<Node>, nodes_kv: kv::Store, shutdown: CancellationTok
 
 async fn renew_lease(nodes_kv: &kv::Store, node_id: &str, lease: Option<u64>) -> Option<u64> {
     let value = bytes::Bytes::from(node_id.to_owned());
-    match lease {
-        Some(revision) => nodes_kv.update(LEASE_KEY, value, revision).await.ok(),
-        None => nodes_kv.create(LEASE_KEY, value).await.ok(),
+    let Some(revision) = lease else {
+        return nodes_kv.create(LEASE_KEY, value).await.ok();
+    };
+    // A refusal while the previous renewal is still marked in flight (10164) says nothing
+    // about who holds the lease (see `StoreError::InFlight`); it clears within milliseconds.
+    for pause_ms in [1, 4, 16, 64] {
+        match nodes_kv.update(LEASE_KEY, value.clone(), revision).await {
+            Ok(revision) => return Some(revision),
+            Err(err) if err.to_string().contains("error code 10164") => {
+                tokio::time::sleep(Duration::from_millis(pause_ms)).await
+            }
+            Err(_) => return None,
+        }
     }
+    None
 }
 
 /// Node id → first connection id of its live process. None if the bucket can't be read.
