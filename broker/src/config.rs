@@ -71,6 +71,9 @@ pub struct NatsConfig {
     /// QoS 1 messages published one by one and waiting for their acks before the node
     /// switches to batches (0: always batch).
     pub batch_publish_after: usize,
+    /// Node-wide bound on messages published one by one (QoS 2, QoS 1 outside batches,
+    /// retained copies, wills) that wait for their JetStream acks; more wait to be sent.
+    pub max_publishes_alone: usize,
     /// TLS and authentication towards NATS (keys shared with the ingestor).
     #[serde(flatten)]
     pub security: NatsSecurity,
@@ -184,6 +187,7 @@ impl Default for NatsConfig {
             replay_buffer_bytes: 8 * 1024 * 1024,
             batch_publish: true,
             batch_publish_after: 32,
+            max_publishes_alone: 4096,
             security: NatsSecurity::default(),
         }
     }
@@ -362,6 +366,11 @@ impl Config {
             self.nats.replicas.is_none_or(|r| (1..=5).contains(&r)),
             "nats.replicas",
             "must be between 1 and 5",
+        )?;
+        check(
+            (1..=1 << 24).contains(&self.nats.max_publishes_alone),
+            "nats.max_publishes_alone",
+            "must be between 1 and 16777216",
         )?;
         check(
             l.max_packet_size >= 64,

@@ -228,6 +228,8 @@ pub async fn run(
         js: Arc::new(cluster.js.clone()),
         retained: retained.clone(),
         batches,
+        alone: Arc::new(tokio::sync::Semaphore::new(config.nats.max_publishes_alone)),
+        metrics: metrics.clone(),
     };
     let node = Arc::new(Node {
         config,

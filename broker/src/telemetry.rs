@@ -188,6 +188,11 @@ pub struct Metrics {
     pub publish_batches: Counter,
     /// QoS 1 messages confirmed as part of a batch (the rest went one by one).
     pub publish_batched_messages: Counter,
+    /// Messages published one by one whose JetStream ack has not arrived yet
+    /// (bounded by `nats.max_publishes_alone`).
+    pub publishes_alone_in_flight: Gauge,
+    /// Messages that had to wait for a slot among those (see [`crate::ingress`]).
+    pub publishes_alone_waits: Counter,
     /// 1 while the node drains (see [`crate::server`]).
     pub draining: Gauge,
     pub drain_disconnects: Counter,
@@ -289,6 +294,18 @@ impl Metrics {
             "counter",
             "QoS 1 publish batches given up and published again (gap, refusal, timeout, no stream leader).",
             self.publish_batch_failures.get().to_string(),
+        );
+        line(
+            "jetmq_publishes_alone_in_flight",
+            "gauge",
+            "Messages published one by one (QoS 2, QoS 1 outside batches, retained copies, wills) waiting for their JetStream ack.",
+            self.publishes_alone_in_flight.get().to_string(),
+        );
+        line(
+            "jetmq_publishes_alone_waits_total",
+            "counter",
+            "Messages that waited for a free slot because nats.max_publishes_alone were waiting for acks.",
+            self.publishes_alone_waits.get().to_string(),
         );
         line(
             "jetmq_draining",

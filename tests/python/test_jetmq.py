@@ -1,6 +1,7 @@
 """jetmq-specific behaviour of a single node: health endpoints, configuration, state in JetStream."""
 
 import json
+import os
 import time
 
 import pytest
@@ -156,3 +157,47 @@ def test_two_nodes_one_nats(broker_factory):
         s.subscribe(t, qos=1)
         p.publish(t, b"x", qos=1)
         assert s.get(10).payload == b"x"
+
+
+def test_publishes_waiting_for_jetstream_are_bounded_node_wide(broker_factory, nats):
+    """Messages stored one by one each wait for JetStream's ack (here QoS 1 with batches
+    off; QoS 2, retained copies and wills take the same path). While JetStream does not
+    answer (its server is stopped), a node holds at most nats.max_publishes_alone of them
+    in flight whatever the number of clients; the others wait to be sent. Once the server is
+    back, every message is acknowledged and delivered."""
+    import signal
+
+    from prom import scrape
+
+    b = broker_factory(extra_env={"JETMQ_NATS__MAX_PUBLISHES_ALONE": "4", "JETMQ_NATS__BATCH_PUBLISH": "false"})
+    cl = Tracker(as_target(b))
+    topic = uid("alone")
+
+    def metric(name):
+        return scrape(f"http://{b.host}:{b.http_port}/metrics").value(name)
+
+    try:
+        sub = cl.connect(version=V5)
+        assert sub.subscribe(topic, qos=1) == [1]
+        pubs = [cl.raw(version=V5) for _ in range(3)]
+        for i, p in enumerate(pubs):
+            p.mqtt_connect(uid(f"alone-p{i}"))
+        os.kill(nats.pid, signal.SIGSTOP)
+        try:
+            sent = {i: [p.publish(topic, f"{i}-{k}".encode(), qos=1) for k in range(3)] for i, p in enumerate(pubs)}
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and metric("jetmq_publishes_alone_waits_total") < 1:
+                time.sleep(0.1)
+            assert metric("jetmq_publishes_alone_in_flight") == 4, "at most 4 waiting for JetStream"
+            assert metric("jetmq_publishes_alone_waits_total") >= 1, "the fifth of nine had to wait"
+        finally:
+            os.kill(nats.pid, signal.SIGCONT)
+        for i, p in enumerate(pubs):
+            for pid in sent[i]:
+                ack = p.expect(R.PUBACK, 15)
+                assert ack.packet_id == pid and ack.reason == 0, ack
+        got = sorted(m.payload.decode() for m in sub.drain(2.0))
+        assert got == sorted(f"{i}-{k}" for i in range(3) for k in range(3))
+        assert metric("jetmq_publishes_alone_in_flight") == 0
+    finally:
+        cl.close_all()

@@ -64,9 +64,52 @@ pub struct Ingress {
     pub retained: Arc<RetainedCache>,
     /// QoS 1 in batches; `None` when configured off or the stream does not allow them.
     pub batches: Option<batch::BatchPublisher>,
+    /// Slots for messages published one by one and waiting for their acks
+    /// (`nats.max_publishes_alone`).
+    pub alone: Arc<tokio::sync::Semaphore>,
+    pub metrics: Arc<crate::telemetry::Metrics>,
+}
+
+/// How long a message waits for a slot among those published one by one before its
+/// publish fails (as one that JetStream did not confirm in time would).
+const ALONE_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A message published one by one holds one of these until its ack arrived.
+struct AloneSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<crate::telemetry::Metrics>,
+}
+
+impl Drop for AloneSlot {
+    fn drop(&mut self) {
+        self.metrics.publishes_alone_in_flight.dec();
+    }
 }
 
 impl Ingress {
+    /// Waits (bounded) for a slot among the messages published one by one.
+    async fn alone_slot(&self) -> Result<AloneSlot, PublishError> {
+        let permit = match self.alone.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.metrics.publishes_alone_waits.inc();
+                tokio::time::timeout(ALONE_SLOT_WAIT, self.alone.clone().acquire_owned())
+                    .await
+                    .map_err(|_| {
+                        PublishError::Store(
+                            "JetStream has not acknowledged earlier messages for 10 s".to_owned(),
+                        )
+                    })?
+                    .map_err(|_| PublishError::Store("node is shutting down".to_owned()))?
+            }
+        };
+        self.metrics.publishes_alone_in_flight.inc();
+        Ok(AloneSlot {
+            _permit: permit,
+            metrics: self.metrics.clone(),
+        })
+    }
+
     async fn send(
         &self,
         subject: &str,
@@ -141,18 +184,32 @@ impl Ingress {
                     })
                 }
                 None => {
+                    let slot = self.alone_slot().await?;
                     let msg_id = msg_id.map(str::to_owned);
                     let first = self
                         .send(&subject, body.clone(), msg_id.as_deref(), headers)
                         .await?;
-                    Box::pin(stored_alone(
+                    let stored = stored_alone(
                         first,
                         self.js.clone(),
                         subject,
                         body,
                         msg_id,
                         headers.cloned(),
-                    ))
+                    );
+                    // The slot is freed when the ack arrives, whoever waits for it: a
+                    // connection that is itself waiting for a slot must not hold up the
+                    // release of the slots its earlier messages took.
+                    let (done, result) = tokio::sync::oneshot::channel();
+                    tokio::spawn(async move {
+                        let _ = done.send(stored.await);
+                        drop(slot);
+                    });
+                    Box::pin(async move {
+                        result.await.unwrap_or_else(|_| {
+                            Err(PublishError::Store("publish task ended".to_owned()))
+                        })
+                    })
                 }
             };
             match trace {
