@@ -111,16 +111,16 @@ async fn renew_lease(nodes_kv: &kv::Store, node_id: &str, lease: Option<u64>) ->
     };
     // A refusal while the previous renewal is still marked in flight (10164) says nothing
     // about who holds the lease (see `StoreError::InFlight`); it clears within milliseconds.
-    for pause_ms in [1, 4, 16, 64] {
+    let mut wait = crate::session::InFlightWait::new();
+    loop {
         match nodes_kv.update(LEASE_KEY, value.clone(), revision).await {
             Ok(revision) => return Some(revision),
-            Err(err) if err.to_string().contains("error code 10164") => {
-                tokio::time::sleep(Duration::from_millis(pause_ms)).await
+            Err(err) if crate::session::is_in_flight(&err.to_string()) => {
+                wait.pause().await.ok()?
             }
             Err(_) => return None,
         }
     }
-    None
 }
 
 /// Node id → first connection id of its live process. None if the bucket can't be read.

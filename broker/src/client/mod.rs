@@ -616,13 +616,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 let will_now = self.record.will.take_if(|w| w.delay_secs == 0);
                 let superseded = Box::pin(self.hand_over_session()).await;
                 if let Some(will) = will_now.filter(|_| !superseded) {
-                    Box::pin(will::publish_will(
-                        &self.node,
-                        &self.client_id,
-                        self.username.as_deref(),
-                        &will,
-                    ))
-                    .await;
+                    Box::pin(self.send_will(&will)).await;
                 }
             }
             Exit::Disconnect { publish_will } => {

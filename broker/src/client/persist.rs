@@ -116,10 +116,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             Err(err) => {
                 self.persist_failures += 1;
                 tracing::warn!(client_id = %self.client_id, error = %err, failures = self.persist_failures, "session write failed");
-                let mut retry = std::mem::take(&mut self.riding_on_persist);
-                retry.append(&mut self.waiting_for_persist);
-                self.waiting_for_persist = retry;
-                self.record_dirty = true;
+                self.write_again();
                 if self.persist_failures >= MAX_PERSIST_FAILURES {
                     self.send_disconnect(jetmq_codec::ReasonCode::SERVER_UNAVAILABLE);
                     return Err(Exit::Abnormal);
@@ -131,6 +128,15 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 Ok(())
             }
         }
+    }
+
+    /// The write failed: what rode on it waits for the next one (first, in order), and the
+    /// record is written again even if nothing else changes.
+    fn write_again(&mut self) {
+        let mut retry = std::mem::take(&mut self.riding_on_persist);
+        retry.append(&mut self.waiting_for_persist);
+        self.waiting_for_persist = retry;
+        self.record_dirty = true;
     }
 
     /// The stored revision is not the one this connection last wrote. Normally another
@@ -149,10 +155,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 self.persist_failures += 1;
                 tracing::info!(client_id = %self.client_id, expected = self.revision, stored = revision, "session record moved on under this connection's own write; writing it again");
                 self.revision = revision;
-                let mut retry = std::mem::take(&mut self.riding_on_persist);
-                retry.append(&mut self.waiting_for_persist);
-                self.waiting_for_persist = retry;
-                self.record_dirty = true;
+                self.write_again();
                 Ok(())
             }
             Ok((stored, revision)) => {

@@ -102,8 +102,13 @@ async fn will_timer(node: Arc<Node>, client_id: String, due_ms: u64) {
 impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
     pub(super) async fn publish_own_will(&mut self) {
         if let Some(will) = self.record.will.take() {
-            publish_will(&self.node, &self.client_id, self.username.as_deref(), &will).await;
+            self.send_will(&will).await;
         }
+    }
+
+    /// Publishes `will` as this connection's.
+    pub(super) async fn send_will(&mut self, will: &StoredWill) {
+        publish_will(&self.node, &self.client_id, self.username.as_deref(), will).await;
     }
 
     /// Another connection takes the session: write where this one got to, so the next
@@ -215,13 +220,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             }
         }
         if let Some(will) = will_now.filter(|_| !matches!(result, Err(StoreError::Conflict))) {
-            Box::pin(publish_will(
-                &self.node,
-                &self.client_id,
-                self.username.as_deref(),
-                &will,
-            ))
-            .await;
+            Box::pin(self.send_will(&will)).await;
         }
     }
 }

@@ -119,8 +119,8 @@ impl SessionStore {
     }
 }
 
-/// Waiting out error 10164 (see [`StoreError::InFlight`]).
-struct InFlightWait {
+/// Waiting out error 10164 (see [`StoreError::InFlight`]), for any conditional KV write.
+pub(crate) struct InFlightWait {
     tries: u32,
     pause: std::time::Duration,
 }
@@ -130,21 +130,21 @@ impl InFlightWait {
     /// tries (about 0.4 s) is racing a competitor that keeps writing: it has lost.
     const MAX_TRIES: u32 = 12;
 
-    fn new() -> InFlightWait {
+    pub(crate) fn new() -> InFlightWait {
         InFlightWait {
             tries: 0,
             pause: std::time::Duration::from_millis(1),
         }
     }
 
-    async fn pause(&mut self) -> Result<(), StoreError> {
+    pub(crate) async fn pause(&mut self) -> Result<(), StoreError> {
         self.tries += 1;
         if self.tries > Self::MAX_TRIES {
             return Err(StoreError::Conflict);
         }
         tracing::debug!(
             tries = self.tries,
-            "session write refused while another write to it was in flight; trying again"
+            "KV write refused while another write to the key was in flight; trying again"
         );
         tokio::time::sleep(self.pause).await;
         self.pause = (self.pause * 2).min(std::time::Duration::from_millis(50));
@@ -152,9 +152,14 @@ impl InFlightWait {
     }
 }
 
+/// Is this KV write error the in-flight refusal (10164)? Its text is also "wrong last
+/// sequence", so it must be told apart before a real mismatch (10071).
+pub(crate) fn is_in_flight(message: &str) -> bool {
+    message.contains("error code 10164")
+}
+
 fn classify_update(message: String) -> StoreError {
-    // 10164 is checked first: its text is also "wrong last sequence".
-    if message.contains("error code 10164") {
+    if is_in_flight(&message) {
         StoreError::InFlight
     } else if message.contains("10071") || message.contains("wrong last sequence") {
         // The server answers a failed expected-revision check with error code 10071.
