@@ -323,6 +323,18 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         let stall_limit = self.node.config.limits.max_write_buffer;
         let packet_read_timeout =
             Duration::from_millis(self.node.config.limits.packet_read_timeout_ms);
+        // Both futures live as long as the loop. Made afresh in every pass they cost a
+        // registration and a removal each time: a keep-alive timer is an insert into and a
+        // removal from the timer wheel per packet. The shutdown future is polled in every
+        // pass and takes its token's lock each time; a child token of our own keeps that
+        // lock out of reach of the node's other connections.
+        let shutdown = self.node.shutdown.child_token().cancelled_owned();
+        tokio::pin!(shutdown);
+        // Armed at the keep-alive deadline as it was then; packets since only move the
+        // deadline later, so when it fires it is checked and moved on, at most once per
+        // keep-alive period.
+        let keep_alive_timer = tokio::time::sleep_until(self.keep_alive_deadline());
+        tokio::pin!(keep_alive_timer);
         loop {
             if let Some(deadline) = self.closing {
                 if (self.acks.is_empty() && self.delivery.inflight() == 0)
@@ -341,11 +353,6 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 tracing::info!(client_id = %self.client_id, bytes = self.writer.pending(), "client is not reading; disconnecting");
                 return Exit::Abnormal;
             }
-            let keep_alive_deadline = if self.keep_alive.is_zero() {
-                None
-            } else {
-                Some(self.last_packet_at + self.keep_alive + self.keep_alive / 2)
-            };
             // Keep alive alone does not stop a client that trickles a packet a byte at a
             // time (every byte counts as activity): each packet must also arrive in time.
             let packet_deadline = self.partial_since.map(|since| since + packet_read_timeout);
@@ -434,10 +441,14 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     self.send_disconnect(ReasonCode::MAXIMUM_CONNECT_TIME);
                     return Exit::Abnormal;
                 }
-                _ = sleep_until(keep_alive_deadline) => {
-                    tracing::info!(client_id = %self.client_id, "keep alive expired");
-                    self.send_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
-                    return Exit::Abnormal;
+                _ = &mut keep_alive_timer, if !self.keep_alive.is_zero() => {
+                    let deadline = self.keep_alive_deadline();
+                    if Instant::now() >= deadline {
+                        tracing::info!(client_id = %self.client_id, "keep alive expired");
+                        self.send_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
+                        return Exit::Abnormal;
+                    }
+                    keep_alive_timer.as_mut().reset(deadline);
                 }
                 _ = sleep_until(self.closing) => {}
                 command = self.deliveries.control() => {
@@ -458,12 +469,19 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                         }
                     }
                 }
-                _ = self.node.shutdown.cancelled() => {
+                _ = &mut shutdown => {
                     self.send_drain_disconnect();
                     return Exit::Shutdown;
                 }
             }
         }
+    }
+
+    /// When a client that has been silent since its last packet has been silent too long:
+    /// one and a half times its keep alive (MQTT-3.1.2-24). Only meaningful for a non-zero
+    /// keep alive.
+    fn keep_alive_deadline(&self) -> Instant {
+        self.last_packet_at + self.keep_alive + self.keep_alive / 2
     }
 
     /// Handles the packets that have already arrived. A client that says goodbye and
