@@ -432,7 +432,12 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                         return exit;
                     }
                 }
-                _ = persist_tick.tick() => {
+                // Only a session that can be resumed has a position worth writing. A clean
+                // one (expiry 0) writes only when something waits for a write, and its
+                // position matters only while it runs: a lag replay starts from where the
+                // router dropped, not from it. Without this tick, 10,000 clean publishers
+                // wake the node 10,000 times a second less.
+                _ = persist_tick.tick(), if self.record.expiry_secs > 0 => {
                     self.advance_position();
                     self.maybe_start_persist(true);
                 }
