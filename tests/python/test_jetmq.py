@@ -116,6 +116,49 @@ def test_only_resumable_sessions_write_their_position(broker, nats, clients):
     assert after[legacy.client_id] == before[legacy.client_id], "a clean 3.1.1 session wrote its position"
 
 
+def test_clean_session_that_falls_behind_gets_every_qos1_message(broker, clients):
+    """A clean (expiry 0) QoS 1 subscriber that stops reading falls further behind than its
+    queue holds (limits: 1000 messages): the rest waits in JetStream, and once it reads again
+    it catches up from where the router dropped it: every message once, in order. It is idle
+    for a few seconds first while another topic carries traffic, so the node's position moves
+    on without it (a clean session has no once-a-second tick that follows the node)."""
+    from prom import scrape
+
+    def replays():
+        return scrape(f"http://{broker.host}:{broker.http_port}/metrics").value("jetmq_session_replays_total")
+
+    topic, other = uid("behind"), uid("behind-other")
+    sub = clients.raw(version=V5, rcvbuf=4096)
+    sub.mqtt_connect(uid("behind-sub"))
+    sub.subscribe([(topic, 1)])
+    pub = clients.connect(version=V5, max_inflight=16)
+    for _ in range(25):
+        pub.publish(other, b"x", qos=1)
+        time.sleep(0.1)
+    before = replays()
+    n = 3000
+    pad = b"p" * 1024
+    info = None
+    for i in range(n):
+        info = pub.publish(topic, b"%06d" % i + pad, qos=1, wait=False)
+        if i % 16 == 15:
+            info.wait_for_publish(30)
+    info.wait_for_publish(30)
+    got = []
+    deadline = time.monotonic() + 90
+    while len(got) < n and time.monotonic() < deadline:
+        p = sub.recv_packet(timeout=15)
+        if p.type == R.PUBLISH:
+            got.append(int(p.payload[:6]))
+            sub.send(R.ack(R.PUBACK, p.packet_id, version=V5))
+    first_wrong = next((i for i, g in enumerate(got) if g != i), None)
+    assert got == list(range(n)), f"{len(got)} of {n}; first one out of place at index {first_wrong}"
+    with pytest.raises(TimeoutError):
+        extra = sub.recv_packet(timeout=1.5)
+        pytest.fail(f"more after the last message: {extra!r}")
+    assert replays() > before, "the subscriber never fell behind: the test did not test the catch-up"
+
+
 def test_kill9_single_node_keeps_acknowledged_state(broker_factory):
     b = broker_factory()
     t = as_target(b)
