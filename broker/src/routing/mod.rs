@@ -517,12 +517,12 @@ async fn read_stream(
 /// first (9 or more). Only this one number is parsed: `Message::info` also converts the
 /// timestamp, which showed up in profiles of the reader.
 pub fn stream_sequence(reply: &str) -> Option<u64> {
-    let rest = reply.strip_prefix("$JS.ACK.")?.as_bytes();
+    let rest = reply.strip_prefix("$JS.ACK.")?;
     // One pass over the subject (it is read for every message): where tokens 3 and 5
     // start and end, and how many tokens there are.
     let mut bounds = [0usize; 7];
     let mut tokens = 1;
-    for (i, _) in rest.iter().enumerate().filter(|(_, &b)| b == b'.') {
+    for (i, _) in rest.match_indices('.') {
         if tokens < bounds.len() {
             bounds[tokens] = i + 1;
         }
@@ -533,13 +533,7 @@ pub fn stream_sequence(reply: &str) -> Option<u64> {
         n if n >= 9 => 5,
         _ => return None,
     };
-    let digits = &rest[bounds[index]..bounds[index + 1] - 1];
-    if digits.is_empty() || digits.len() > 20 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
+    rest[bounds[index]..bounds[index + 1] - 1].parse().ok()
 }
 
 #[derive(Debug, thiserror::Error)]
