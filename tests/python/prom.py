@@ -59,3 +59,8 @@ def scrape(url: str, timeout: float = 5.0) -> Page:
     status, body = harness.http_get(url, timeout=timeout)
     assert status == 200, f"GET {url}: HTTP {status}"
     return Page(body.decode())
+
+
+def node_metrics(node: harness.BrokerNode, timeout: float = 5.0) -> Page:
+    """The /metrics page of a jetmq-broker started by the harness."""
+    return scrape(f"http://{node.host}:{node.http_port}/metrics", timeout=timeout)

@@ -10,7 +10,7 @@ import pytest
 
 import harness
 from mqtt_client import V5, V311, Client, uid
-from prom import scrape
+from prom import node_metrics
 
 pytestmark = pytest.mark.jetmq_only("jetmq's publishing path into JetStream")
 
@@ -18,7 +18,7 @@ MESSAGE_STREAM = "JETMQ_MSGS"
 
 
 def metric(b: harness.BrokerNode, name: str) -> float:
-    return scrape(f"http://{b.host}:{b.http_port}/metrics").value(name)
+    return node_metrics(b).value(name)
 
 
 def publish_and_receive(b: harness.BrokerNode, n: int, version: int = V5, publishers: int = 4) -> None:

@@ -12,7 +12,7 @@ import harness
 import pytest
 
 from mqtt_client import V5, V311, Client, Tracker, uid
-from prom import scrape
+from prom import node_metrics
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -420,7 +420,7 @@ def test_kill9_nats_node_keeps_acknowledged_messages(request, batching):
                           f"streams: {stream_report(nats)}")
         if batching and nats is not None:
             publisher_node = procs[2]
-            page = scrape(f"http://{publisher_node.host}:{publisher_node.http_port}/metrics")
+            page = node_metrics(publisher_node)
             assert page.value("jetmq_publish_batches_total") >= 1, "the publisher's node never batched"
     finally:
         cl.close_all()

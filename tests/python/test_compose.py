@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 import harness
-from prom import scrape
+from prom import node_metrics, scrape
 
 ROOT = harness.REPO_ROOT
 COMPOSE = ROOT / "compose"
@@ -291,7 +291,7 @@ def metric_names(expr: str) -> set[str]:
 @pytest.fixture(scope="module")
 def scraped(broker, nats, tmp_path_factory):
     """Sample names of a real broker's and a real ingestor's /metrics."""
-    names = scrape(f"http://{broker.host}:{broker.http_port}/metrics").names()
+    names = node_metrics(broker).names()
     port = harness.free_port()
     log = tmp_path_factory.mktemp("ingestor") / "ingestor.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETMQ_")}

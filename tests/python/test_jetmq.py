@@ -122,10 +122,10 @@ def test_clean_session_that_falls_behind_gets_every_qos1_message(broker, clients
     it catches up from where the router dropped it: every message once, in order. It is idle
     for a few seconds first while another topic carries traffic, so the node's position moves
     on without it (a clean session has no once-a-second tick that follows the node)."""
-    from prom import scrape
+    from prom import node_metrics
 
     def replays():
-        return scrape(f"http://{broker.host}:{broker.http_port}/metrics").value("jetmq_session_replays_total")
+        return node_metrics(broker).value("jetmq_session_replays_total")
 
     topic, other = uid("behind"), uid("behind-other")
     sub = clients.raw(version=V5, rcvbuf=4096)
@@ -210,14 +210,14 @@ def test_publishes_waiting_for_jetstream_are_bounded_node_wide(broker_factory, n
     back, every message is acknowledged and delivered."""
     import signal
 
-    from prom import scrape
+    from prom import node_metrics
 
     b = broker_factory(extra_env={"JETMQ_NATS__MAX_PUBLISHES_ALONE": "4", "JETMQ_NATS__BATCH_PUBLISH": "false"})
     cl = Tracker(as_target(b))
     topic = uid("alone")
 
     def metric(name):
-        return scrape(f"http://{b.host}:{b.http_port}/metrics").value(name)
+        return node_metrics(b).value(name)
 
     try:
         sub = cl.connect(version=V5)

@@ -7,13 +7,13 @@ import pytest
 
 import harness
 from mqtt_client import V5, uid
-from prom import scrape
+from prom import node_metrics
 
 pytestmark = pytest.mark.jetmq_only("scrapes jetmq's own /metrics endpoint")
 
 
 def page(b: harness.BrokerNode):
-    return scrape(f"http://{b.host}:{b.http_port}/metrics")
+    return node_metrics(b)
 
 
 def test_messages_by_qos_publish_ack_latency_and_sessions(target, clients):
