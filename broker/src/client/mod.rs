@@ -7,6 +7,7 @@
 //! session record.
 
 mod connect;
+mod fresh_retained;
 mod inbound;
 mod outbound;
 mod persist;
@@ -94,6 +95,8 @@ pub(crate) struct Client<R, W> {
     replay: Option<outbound::ReplayFuture>,
     aliases_out: HashMap<String, u16>,
     alias_out_max: u16,
+    /// Retained messages just sent to new subscriptions whose live copies may follow.
+    fresh_retained: Option<Box<fresh_retained::FreshRetained>>,
 
     // PUBLISHes from the client.
     acks: FuturesOrdered<PendingAck>,
@@ -300,6 +303,7 @@ async fn handshake<S: Transport>(
         replay: None,
         aliases_out: HashMap::new(),
         alias_out_max: connect.properties.topic_alias_maximum.unwrap_or(0),
+        fresh_retained: None,
         acks: FuturesOrdered::new(),
         inbound_unacked: 0,
         aliases_in: HashMap::new(),

@@ -20,6 +20,16 @@ pub(super) type ReplayFuture =
 impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
     /// A delivery from the router (live, so in order and after the position).
     pub(super) fn accept_delivery(&mut self, delivery: Delivery) {
+        if let Some(fresh) = &mut self.fresh_retained {
+            // A shared subscription's delivery is its group's, and waits for its own ack.
+            if delivery.shared_ack.is_none() && fresh.is_duplicate(&delivery.msg) {
+                self.delivery.skip_live(delivery.msg.seq);
+                return;
+            }
+            if fresh.is_empty() {
+                self.fresh_retained = None;
+            }
+        }
         if self.delivery.accept_live(delivery) == Accept::Dropped {
             self.queue_overflow();
         }

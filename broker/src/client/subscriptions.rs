@@ -123,14 +123,22 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 _ => false,
             };
             if send_retained {
+                let stored = self.node.retained.matching(parsed.filter);
+                for msg in &stored {
+                    // Only where this subscription alone would deliver the live copy: an
+                    // older one that matches delivers it as a publication of its own.
+                    let overlapped = self
+                        .subscriptions
+                        .iter()
+                        .any(|(f, _)| *f != request.filter && topic::matches(f, &msg.topic));
+                    if !overlapped {
+                        self.fresh_retained
+                            .get_or_insert_with(Default::default)
+                            .remember(msg);
+                    }
+                }
                 let sys = crate::sys_topics::matching(&self.node, parsed.filter);
-                for msg in self
-                    .node
-                    .retained
-                    .matching(parsed.filter)
-                    .into_iter()
-                    .chain(sys)
-                {
+                for msg in stored.into_iter().chain(sys) {
                     if entry.no_local && *msg.envelope.client_id == *self.client_id {
                         continue;
                     }

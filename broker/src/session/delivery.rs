@@ -199,6 +199,12 @@ impl DeliveryState {
         self.push(delivery)
     }
 
+    /// A live message not delivered (it went out as a retained copy already): the position
+    /// moves past it as if it had been.
+    pub fn skip_live(&mut self, seq: u64) {
+        self.position = self.position.max(seq);
+    }
+
     /// A delivery read back from the stream during a catch-up; the position moves with
     /// [`DeliveryState::replay_reached`].
     pub fn accept_replayed(&mut self, delivery: Delivery) -> Accept {
