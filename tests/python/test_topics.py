@@ -3,7 +3,7 @@
 import pytest
 
 import mqtt_raw as R
-from mqtt_client import V5, assert_alive, uid
+from mqtt_client import V5, V311, assert_alive, uid
 
 
 def _route(clients, version, filt, topics, base):
@@ -170,6 +170,26 @@ def test_invalid_topic_filter(clients, target, version, bad):
             assert p.reasons[0] >= 0x80, f"invalid filter {bad!r} accepted: {p}"
         else:
             assert p.type == R.DISCONNECT and version == V5 and p.reason >= 0x80, p
+    assert_alive(target)
+
+
+@pytest.mark.jetmq_only("mosquitto closes the connection on every invalid filter")
+@pytest.mark.parametrize("ver", [V311, V5], ids=["v311", "v5"])
+def test_invalid_topic_filter_answers(clients, target, ver):
+    """What jetmq answers, where the spec allows a SUBACK failure or closing: a filter with a
+    misplaced wildcard gets SUBACK 0x8F (3.1.1: 0x80) and the connection stays; an empty one
+    is no filter at all [MQTT-4.7.3-1], which MQTT 5 closes with DISCONNECT 0x8F."""
+    r = clients.raw(version=ver)
+    r.mqtt_connect(uid("badf2"))
+    assert r.subscribe([("a/#/b", 0)]).reasons == [0x8F if ver == V5 else 0x80]
+    r.send(R.subscribe(r.next_id(), [("", 0)], ver))
+    if ver == V5:
+        got = r.wait_closed(5)
+        assert [(p.type, p.reason) for p in got] == [(R.DISCONNECT, 0x8F)], got
+    else:
+        assert r.expect(R.SUBACK).reasons == [0x80]
+        r.send(R.pingreq())
+        r.expect(R.PINGRESP)
     assert_alive(target)
 
 

@@ -146,6 +146,22 @@ def test_shared_subscription_must_not_set_no_local(clients, target):
     assert_alive(target)
 
 
+@pytest.mark.mosquitto_differs("mosquitto 2.0.11 ignores a subscription identifier in a PUBLISH")
+def test_subscription_identifier_in_client_publish_is_a_protocol_error(clients, target):
+    """Only the server puts subscription identifiers into a PUBLISH [MQTT-3.3.4-6]: one from a
+    client gets DISCONNECT 0x82 and is not delivered."""
+    t = uid("subid-in")
+    sub = clients.connect(version=V5)
+    sub.subscribe(t, qos=1)
+    r = clients.raw(version=V5)
+    r.mqtt_connect(uid("subid-pub"))
+    r.send(R.publish(t, b"x", qos=1, packet_id=1, version=V5, props={"SubscriptionIdentifier": 42}))
+    got = r.wait_closed(5)
+    assert [(p.type, p.reason) for p in got] == [(R.DISCONNECT, 0x82)], got
+    sub.expect_none(0.5)
+    assert_alive(target)
+
+
 # ------------------------------------------------------------------ message expiry
 
 

@@ -26,6 +26,13 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     pub(super) async fn handle_publish(&mut self, mut publish: Publish) -> Result<(), Exit> {
         self.node.metrics.messages_received.inc(publish.qos as u8);
         let limits = &self.node.config.limits;
+        if !publish.properties.subscription_identifiers.is_empty() {
+            // [MQTT-3.3.4-6]: only the server puts them in (EMQX and HiveMQ close here too).
+            return Err(self.protocol_error(
+                ReasonCode::PROTOCOL_ERROR,
+                "subscription identifier in a client's PUBLISH",
+            ));
+        }
         if let Some(alias) = publish.properties.topic_alias.take() {
             if alias == 0 || alias > limits.topic_alias_maximum {
                 return Err(self

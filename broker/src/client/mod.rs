@@ -173,11 +173,10 @@ async fn handshake<S: Transport>(
         }
         Ok(Err(ReadError::Decode(jetmq_codec::DecodeError::UnsupportedProtocol(level)))) => {
             tracing::info!(%peer, level, "unsupported protocol level; refusing");
-            writer.version = if level >= 5 {
-                ProtocolVersion::V5
-            } else {
-                ProtocolVersion::V311
-            };
+            // The client's version is unknown, so the refusal is the 3.1.1 one
+            // ("unacceptable protocol level", [MQTT-3.1.2-2]), as mosquitto and HiveMQ send
+            // it; MQTT 5 only says a server MAY answer 0x84.
+            writer.version = ProtocolVersion::V311;
             let _ = writer.queue(&connect::refusal(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION));
             let _ = writer.flush().await;
             return None;

@@ -59,6 +59,13 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         for request in &subscribe.filters {
             let parsed = match topic::parse_filter(&request.filter, max_levels, max_len) {
                 Ok(parsed) => parsed,
+                Err(_) if self.v5 && request.filter.is_empty() => {
+                    // Not a filter at all ([MQTT-4.7.3-1]): closed as a malformed SUBSCRIBE,
+                    // the way mosquitto and EMQX treat it; 3.1.1 gets its failure code 0x80.
+                    return Err(
+                        self.protocol_error(ReasonCode::TOPIC_FILTER_INVALID, "empty topic filter")
+                    );
+                }
                 Err(err) => {
                     tracing::info!(client_id = %self.client_id, filter = %request.filter, ?err, "invalid topic filter");
                     reasons.push(ReasonCode::TOPIC_FILTER_INVALID);
