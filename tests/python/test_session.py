@@ -152,6 +152,32 @@ def test_unacked_qos1_resent_with_dup_after_reconnect(clients, version):
         r2.recv_packet(0.7)
 
 
+def test_messages_queued_while_offline_are_first_deliveries(clients, version):
+    """On resume, only what the previous connection did send comes again with DUP 1; messages
+    that arrived while the client was away go out as first deliveries (DUP 0)."""
+    cid, t = uid("dup0"), uid("dup0-topic")
+    props = {"SessionExpiryInterval": 300} if version == V5 else None
+    r = clients.raw(version=version)
+    r.mqtt_connect(cid, clean=False, props=props)
+    r.subscribe([(t, 1)])
+    pub = clients.connect(version=version)
+    pub.publish(t, b"sent", qos=1)
+    first = r.expect(R.PUBLISH)
+    assert first.payload == b"sent" and not first.dup
+    r.close()  # no PUBACK
+    time.sleep(0.3)
+    for payload in (b"queued-1", b"queued-2"):
+        pub.publish(t, payload, qos=1)
+    r2 = clients.raw(version=version)
+    assert r2.mqtt_connect(cid, clean=False, props=props).session_present
+    got = []
+    for _ in range(3):
+        p = r2.expect(R.PUBLISH)
+        got.append((p.payload, p.dup))
+        r2.send(R.ack(R.PUBACK, p.packet_id, version))
+    assert got == [(b"sent", True), (b"queued-1", False), (b"queued-2", False)], got
+
+
 def test_qos2_pubrel_resent_after_reconnect(clients, version):
     cid, t = uid("rel2"), uid("rel2-topic")
     r = clients.raw(version=version)

@@ -149,6 +149,8 @@ pub(super) struct Claim {
     pub record: SessionRecord,
     pub revision: u64,
     pub session_present: bool,
+    /// The previous connection's [`SessionRecord::sent_upto`], if it ended in order.
+    pub sent_upto: Option<u64>,
 }
 
 /// Makes this connection the owner of the client id's session, cluster-wide. Races with
@@ -223,6 +225,8 @@ pub(super) async fn claim_session(
         };
         record.owner = Some(this_connection.clone());
         record.disconnected_at_ms = None;
+        // Read before this write (in `serve`); from now on only this connection knows.
+        let sent_upto = record.sent_upto.take();
         record.expiry_secs = admission.expiry_secs;
         record.will = connect.will.as_ref().map(stored_will);
         record.will_due_ms = None;
@@ -261,6 +265,7 @@ pub(super) async fn claim_session(
                     record,
                     revision,
                     session_present,
+                    sent_upto,
                 });
             }
             Err(StoreError::Conflict) if conflicts < 7 => conflicts += 1,

@@ -270,7 +270,8 @@ async fn handshake<S: Transport>(
         claim.record.cursor,
         &claim.record.released,
         if claim.session_present {
-            claim.record.cursor + 1..=live_from
+            // Unknown after a crash: anything up to where this node's stream is now.
+            claim.record.cursor + 1..=claim.sent_upto.unwrap_or(live_from)
         } else {
             std::ops::RangeInclusive::new(1, 0)
         },

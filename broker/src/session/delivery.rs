@@ -115,6 +115,8 @@ pub struct DeliveryState {
     completed: HashSet<u64>,
     /// Stream sequences a previous connection may already have sent (DUP on resend).
     maybe_sent_before: RangeInclusive<u64>,
+    /// The highest stream sequence that this or a previous connection may have sent.
+    sent_upto: u64,
     /// A QoS 1/2 message was queued or finished since the flag was last cleared.
     pub delivered_since_persist: bool,
     /// The released set shrank since the flag was last cleared.
@@ -146,6 +148,11 @@ impl DeliveryState {
             replay_upto: None,
             released: released.iter().copied().collect(),
             completed: HashSet::new(),
+            sent_upto: if maybe_sent_before.is_empty() {
+                cursor
+            } else {
+                cursor.max(*maybe_sent_before.end())
+            },
             maybe_sent_before,
             delivered_since_persist: false,
             released_changed: false,
@@ -278,6 +285,7 @@ impl DeliveryState {
             QoS::AtLeastOnce => OutState::AwaitAck,
             QoS::ExactlyOnce => OutState::AwaitRec,
         };
+        self.sent_upto = self.sent_upto.max(delivery.msg.seq);
         self.inflight.insert(
             packet_id,
             Outgoing {
@@ -286,6 +294,12 @@ impl DeliveryState {
                 shared_ack: delivery.shared_ack,
             },
         );
+    }
+
+    /// For [`SessionRecord::sent_upto`](crate::session::SessionRecord::sent_upto) when the
+    /// connection ends in order.
+    pub fn sent_upto(&self) -> u64 {
+        self.sent_upto
     }
 
     /// A delivery that will never be sent (expired, too large for the client, refused by

@@ -95,6 +95,12 @@ pub struct SessionRecord {
     /// PUBREL, never the PUBLISH again.
     #[serde(default)]
     pub released: Vec<u64>,
+    /// Written when a connection ends in order (DISCONNECT, a lost socket, a hand-over):
+    /// nothing above this stream sequence was sent to the client, so on resume those
+    /// messages go out as first deliveries (DUP 0). None while a connection holds the
+    /// session, and so after a node died: then anything above the cursor may have been sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_upto: Option<u64>,
     #[serde(default)]
     pub inbound_qos2: Vec<InboundQos2>,
     #[serde(default)]
@@ -119,6 +125,7 @@ impl SessionRecord {
             subscriptions: Vec::new(),
             cursor,
             released: Vec::new(),
+            sent_upto: None,
             inbound_qos2: Vec::new(),
             will: None,
             will_due_ms: None,
