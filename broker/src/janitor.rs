@@ -5,7 +5,9 @@
 //! [`NODE_TTL`]. One node at a time holds the janitor lease (a key in the same bucket, created
 //! only if absent and refreshed by its holder); it watches the session bucket and acts on
 //! records whose owner is gone or whose will or expiry is due. Its writes are
-//! compare-and-set, so a client reconnecting at the same moment always wins.
+//! compare-and-set, so a client reconnecting at the same moment always wins. From the same
+//! records it knows which shared-subscription groups still have members, and deletes the
+//! others' consumers.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -18,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::publish_will;
+use crate::routing::shared::{consumers_in_use, UnusedGroups};
 use crate::server::Node;
 use crate::session::{now_ms, SessionRecord, StoreError};
 
@@ -47,6 +50,7 @@ pub async fn run(node: Arc<Node>, nodes_kv: kv::Store, shutdown: CancellationTok
     let mut tick = tokio::time::interval(HEARTBEAT);
     let mut lease: Option<u64> = None;
     let mut index: Option<SessionIndex> = None;
+    let mut unused_groups = UnusedGroups::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -100,6 +104,13 @@ pub async fn run(node: Arc<Node>, nodes_kv: kv::Store, shutdown: CancellationTok
             if let Some(alive) = alive {
                 sweep(&node, index, &alive).await;
             }
+            if !index.loaded {
+                continue;
+            }
+            let in_use = consumers_in_use(index.records.values());
+            if let Err(err) = unused_groups.forget(&node.cluster.messages, &in_use).await {
+                tracing::debug!(error = %err, "janitor cannot list shared subscription groups");
+            }
         }
     }
 }
@@ -143,10 +154,20 @@ async fn live_nodes(nodes_kv: &kv::Store) -> Option<HashMap<String, u64>> {
     Some(alive)
 }
 
+struct IndexUpdate {
+    key: String,
+    record: Option<SessionRecord>,
+    /// The watch has delivered every record that existed when it started.
+    caught_up: bool,
+}
+
 /// What the janitor needs to know about each session, kept current by a KV watch.
 struct SessionIndex {
-    updates: tokio::sync::mpsc::Receiver<(String, Option<SessionRecord>)>,
+    updates: tokio::sync::mpsc::Receiver<IndexUpdate>,
     records: HashMap<String, SessionRecord>,
+    /// Every record that existed when the watch started is in: only then does a group that
+    /// no record names have no members.
+    loaded: bool,
     _watcher: tokio::task::JoinHandle<()>,
 }
 
@@ -157,6 +178,7 @@ impl SessionIndex {
             .js
             .get_key_value(jetmq_common::streams::SESSION_BUCKET)
             .await?;
+        let loaded = kv.status().await?.values() == 0;
         let mut watch = kv.watch_with_history(">").await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
         let watcher = tokio::spawn(async move {
@@ -166,7 +188,12 @@ impl SessionIndex {
                     Operation::Put => serde_json::from_slice(&entry.value).ok(),
                     Operation::Delete | Operation::Purge => None,
                 };
-                if tx.send((entry.key, record)).await.is_err() {
+                let update = IndexUpdate {
+                    key: entry.key,
+                    record,
+                    caught_up: entry.delta == 0,
+                };
+                if tx.send(update).await.is_err() {
                     return;
                 }
             }
@@ -174,12 +201,19 @@ impl SessionIndex {
         Ok(SessionIndex {
             updates: rx,
             records: HashMap::new(),
+            loaded,
             _watcher: watcher,
         })
     }
 
     fn drain_updates(&mut self) {
-        while let Ok((key, record)) = self.updates.try_recv() {
+        while let Ok(IndexUpdate {
+            key,
+            record,
+            caught_up,
+        }) = self.updates.try_recv()
+        {
+            self.loaded |= caught_up;
             match record {
                 Some(record) => {
                     self.records.insert(key, record);

@@ -159,6 +159,43 @@ def test_clean_session_that_falls_behind_gets_every_qos1_message(broker, clients
     assert replays() > before, "the subscriber never fell behind: the test did not test the catch-up"
 
 
+def group_consumers(nats, group: str) -> list[str]:
+    """The message stream's consumers of a shared-subscription group (named after it)."""
+    reply = json.loads(nats.request("$JS.API.CONSUMER.NAMES.JETMQ_MSGS", b"{}"))
+    return [c for c in reply.get("consumers") or [] if c.startswith(f"jetmq-share-{group}-")]
+
+
+@pytest.mark.slow
+def test_shared_group_without_members_keeps_nothing(broker, nats, clients):
+    """A group that no session holds any more is deleted (the janitor checks every 3 s and
+    waits 10 s), so what is published to it meanwhile is not handed to whoever joins it
+    next. A group whose persistent member is only away stays, and the member finds the
+    messages published meanwhile."""
+    gone, kept = uid("gone"), uid("kept")
+    assert len(gone) < 32 and len(kept) < 32, "the consumer name keeps 32 characters of the group"
+    gone_topic, kept_topic = uid("share-gone"), uid("share-kept")
+    leaver = clients.connect(version=V5)
+    leaver.subscribe(f"$share/{gone}/{gone_topic}", qos=1)
+    assert group_consumers(nats, gone), "joining creates the group's consumer"
+    leaver.unsubscribe(f"$share/{gone}/{gone_topic}")
+    away_id = uid("share-away")
+    away = clients(client_id=away_id, version=V5, clean=False, session_expiry=300).connect()
+    away.subscribe(f"$share/{kept}/{kept_topic}", qos=1)
+    away.disconnect()
+    harness.wait_until(lambda: not group_consumers(nats, gone), 40, interval=0.5, what="the memberless group deleted")
+    assert group_consumers(nats, kept), "the group of an away persistent member must stay"
+    pub = clients.connect(version=V5)
+    pub.publish(gone_topic, b"to nobody", qos=1)
+    pub.publish(kept_topic, b"waiting", qos=1)
+    joiner = clients.connect(version=V5)
+    joiner.subscribe(f"$share/{gone}/{gone_topic}", qos=1)
+    pub.publish(gone_topic, b"fresh", qos=1)
+    assert [m.payload for m in joiner.drain(1.0)] == [b"fresh"]
+    back = clients(client_id=away_id, version=V5, clean=False, session_expiry=300).connect()
+    assert back.session_present
+    assert [m.payload for m in back.drain(1.5)] == [b"waiting"]
+
+
 def test_kill9_single_node_keeps_acknowledged_state(broker_factory):
     b = broker_factory()
     t = as_target(b)

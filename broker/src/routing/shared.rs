@@ -6,12 +6,17 @@
 //! gives it to one of its members (round robin). The message is acknowledged to JetStream
 //! only when the member acknowledged it (PUBACK / PUBCOMP; at once for QoS 0); a member that
 //! disappears first makes JetStream redeliver it to another.
+//!
+//! A group lives as long as some session holds its subscription, connected or not (a
+//! persistent member that is away finds the group's messages waiting, as in mosquitto and
+//! HiveMQ). Once none does, the janitor deletes the consumer ([`UnusedGroups`]), so messages
+//! published to a group without members are not kept for whoever joins it next.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind};
@@ -71,7 +76,9 @@ pub struct Member {
 struct Group {
     /// Where a newly created group consumer starts: right after the stream position at the
     /// first SUBSCRIBE, so messages published after its SUBACK are never missed while the
-    /// consumer is still being created.
+    /// consumer is still being created; later, right after the last message pulled, so a
+    /// consumer deleted under a member (the janitor judging from a stale index) comes back
+    /// without handing out again what it already did.
     start_sequence: u64,
     members: Vec<Member>,
     next: usize,
@@ -87,6 +94,9 @@ pub struct SharedGroups {
     shutdown: CancellationToken,
 }
 
+/// Every group consumer's name starts with this (see [`consumer_name`]).
+const CONSUMER_PREFIX: &str = "jetmq-share-";
+
 /// The durable consumer's name: stable for (group, filter), valid for JetStream.
 pub fn consumer_name(group: &str, filter: &str) -> String {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -98,7 +108,67 @@ pub fn consumer_name(group: &str, filter: &str) -> String {
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
         .take(32)
         .collect();
-    format!("jetmq-share-{safe}-{:016x}", hasher.finish())
+    format!("{CONSUMER_PREFIX}{safe}-{:016x}", hasher.finish())
+}
+
+/// The group consumers that these sessions' shared subscriptions use.
+pub fn consumers_in_use<'a>(
+    records: impl Iterator<Item = &'a crate::session::SessionRecord>,
+) -> HashSet<String> {
+    records
+        .flat_map(|r| r.subscriptions.iter())
+        .filter_map(|s| {
+            let parsed = crate::topic::parse_filter(&s.filter, usize::MAX, usize::MAX).ok()?;
+            Some(consumer_name(parsed.share_group?, parsed.filter))
+        })
+        .collect()
+}
+
+/// How long a group consumer must stay unused before it is deleted: a SUBSCRIBE creates the
+/// consumer before the session record naming it is written, and the janitor's copy of the
+/// records trails the bucket.
+const UNUSED_GRACE: Duration = Duration::from_secs(10);
+
+/// The janitor's bookkeeping of group consumers no session refers to.
+#[derive(Default)]
+pub struct UnusedGroups {
+    since: HashMap<String, Instant>,
+}
+
+impl UnusedGroups {
+    /// Deletes the group consumers that no session has referred to for [`UNUSED_GRACE`].
+    pub async fn forget(
+        &mut self,
+        stream: &jetstream::stream::Stream,
+        in_use: &HashSet<String>,
+    ) -> anyhow::Result<()> {
+        let mut names = stream.consumer_names();
+        let mut unused = HashSet::new();
+        while let Some(name) = names.next().await {
+            let name = name?;
+            if name.starts_with(CONSUMER_PREFIX) && !in_use.contains(&name) {
+                unused.insert(name);
+            }
+        }
+        let now = Instant::now();
+        self.since.retain(|name, _| unused.contains(name));
+        for name in unused {
+            let since = *self.since.entry(name.clone()).or_insert(now);
+            if now.duration_since(since) < UNUSED_GRACE {
+                continue;
+            }
+            match stream.delete_consumer(&name).await {
+                Ok(_) => {
+                    tracing::info!(consumer = %name, "shared subscription group has no members left; deleted");
+                    self.since.remove(&name);
+                }
+                Err(err) => {
+                    tracing::debug!(consumer = %name, error = %err, "cannot delete unused shared subscription group yet")
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl SharedGroups {
@@ -219,7 +289,8 @@ impl SharedGroups {
                 message,
                 done: AtomicBool::new(false),
             });
-            if !self.hand_to_member(key, &msg, ack.clone()) {
+            let seq = ack.message.info().map_or(0, |i| i.stream_sequence);
+            if !self.hand_to_member(key, &msg, seq, ack.clone()) {
                 // No member here can take it now: let another node's member have it.
                 ack.done.store(true, Ordering::Release);
                 let _ = ack
@@ -230,7 +301,13 @@ impl SharedGroups {
         }
     }
 
-    fn hand_to_member(&self, key: &GroupKey, msg: &super::MessageRef, ack: Arc<SharedAck>) -> bool {
+    fn hand_to_member(
+        &self,
+        key: &GroupKey,
+        msg: &super::MessageRef,
+        seq: u64,
+        ack: Arc<SharedAck>,
+    ) -> bool {
         let mut groups = self.lock();
         let Some(group) = groups.get_mut(key) else {
             return false;
@@ -246,6 +323,7 @@ impl SharedGroups {
             delivery.retain = false;
             delivery.shared_ack = Some(ack.clone());
             if member.tx.try_send(delivery).is_ok() {
+                group.start_sequence = group.start_sequence.max(seq + 1);
                 return true;
             }
         }
