@@ -176,7 +176,8 @@ def test_shared_group_without_members_keeps_nothing(broker, nats, clients):
     gone_topic, kept_topic = uid("share-gone"), uid("share-kept")
     leaver = clients.connect(version=V5)
     leaver.subscribe(f"$share/{gone}/{gone_topic}", qos=1)
-    assert group_consumers(nats, gone), "joining creates the group's consumer"
+    # The consumer is created in the background of the SUBACK.
+    harness.wait_until(lambda: group_consumers(nats, gone), 10, interval=0.1, what="the group's consumer created")
     leaver.unsubscribe(f"$share/{gone}/{gone_topic}")
     away_id = uid("share-away")
     away = clients(client_id=away_id, version=V5, clean=False, session_expiry=300).connect()
@@ -184,9 +185,14 @@ def test_shared_group_without_members_keeps_nothing(broker, nats, clients):
     away.disconnect()
     harness.wait_until(lambda: not group_consumers(nats, gone), 40, interval=0.5, what="the memberless group deleted")
     assert group_consumers(nats, kept), "the group of an away persistent member must stay"
+    # A plain subscriber shows when the node has read "to nobody" back from the stream: a
+    # group created before that would start in front of it.
+    watcher = clients.connect(version=V5)
+    watcher.subscribe(gone_topic, qos=1)
     pub = clients.connect(version=V5)
     pub.publish(gone_topic, b"to nobody", qos=1)
     pub.publish(kept_topic, b"waiting", qos=1)
+    assert watcher.get().payload == b"to nobody"
     joiner = clients.connect(version=V5)
     joiner.subscribe(f"$share/{gone}/{gone_topic}", qos=1)
     pub.publish(gone_topic, b"fresh", qos=1)
