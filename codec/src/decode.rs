@@ -200,9 +200,23 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
         (b"MQTT", 4) => ProtocolVersion::V311,
         (b"MQTT", 5) => ProtocolVersion::V5,
         (b"MQIsdp", 3) => ProtocolVersion::V31,
-        (b"MQTT" | b"MQIsdp", level) => return Err(DecodeError::UnsupportedProtocol(level)),
+        (b"MQTT" | b"MQIsdp", level) => {
+            // Whether the refusal should be an MQTT 5 CONNACK: only if the rest reads as
+            // MQTT 5 (with properties) and nothing is left over.
+            let mut rest = r.clone();
+            let v5_shaped = decode_connect_after_level(&mut rest, ProtocolVersion::V5)
+                .is_ok_and(|_| rest.is_empty());
+            return Err(DecodeError::UnsupportedProtocol { level, v5_shaped });
+        }
         _ => return Err(DecodeError::Protocol("unknown protocol name")),
     };
+    decode_connect_after_level(r, protocol)
+}
+
+fn decode_connect_after_level(
+    r: &mut Reader<'_>,
+    protocol: ProtocolVersion,
+) -> Result<Connect, DecodeError> {
     let v5 = protocol.is_v5();
 
     let flags = r.u8()?;

@@ -19,9 +19,10 @@ pub enum DecodeError {
     #[error("packet of {size} bytes exceeds the maximum of {max}")]
     TooLarge { size: usize, max: usize },
     /// CONNECT names a known protocol ("MQTT" / "MQIsdp") with a level we do not speak.
-    /// Answer with CONNACK 0x84 (MQTT 5) or return code 1 (3.1.1).
-    #[error("unsupported protocol level {0}")]
-    UnsupportedProtocol(u8),
+    /// Answer with CONNACK 0x84 in MQTT 5 form if the rest of the packet reads as MQTT 5
+    /// (`v5_shaped`), else with the 3.1.1 return code 1.
+    #[error("unsupported protocol level {level}")]
+    UnsupportedProtocol { level: u8, v5_shaped: bool },
     /// A PUBLISH (or will) topic is not a valid topic name (reason code 0x90).
     #[error("invalid topic name: {0}")]
     TopicNameInvalid(&'static str),
@@ -37,7 +38,7 @@ impl DecodeError {
             DecodeError::Malformed(_) => ReasonCode::MALFORMED_PACKET,
             DecodeError::Protocol(_) => ReasonCode::PROTOCOL_ERROR,
             DecodeError::TooLarge { .. } => ReasonCode::PACKET_TOO_LARGE,
-            DecodeError::UnsupportedProtocol(_) => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+            DecodeError::UnsupportedProtocol { .. } => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
             DecodeError::TopicNameInvalid(_) => ReasonCode::TOPIC_NAME_INVALID,
             DecodeError::Io(_) => ReasonCode::UNSPECIFIED_ERROR,
         }

@@ -77,6 +77,7 @@ pub fn utf8(bytes: &[u8]) -> Result<&str, DecodeError> {
 }
 
 /// A bounds-checked cursor over (part of) one packet frame.
+#[derive(Clone)]
 pub struct Reader<'a> {
     frame: &'a Bytes,
     pos: usize,

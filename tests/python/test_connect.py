@@ -64,11 +64,26 @@ def test_v311_empty_client_id_without_clean_session_rejected(clients):
 def test_unsupported_protocol_level(clients, level):
     r = clients.raw(version=V311)
     r.send(R.connect(uid("lvl"), version=level))
-    # The client's version is unknown: the 3.1.1 CONNACK "unacceptable protocol level"
-    # (20 02 00 01, [MQTT-3.1.2-2]), as mosquitto answers it, then the server closes.
+    # A CONNECT laid out like 3.1.1 (no properties): the 3.1.1 CONNACK "unacceptable
+    # protocol level" (20 02 00 01, [MQTT-3.1.2-2]), as mosquitto answers it; then the close.
     first = r.recv_packet(5)
     assert first.type == R.CONNACK, first
     assert first.body == b"\x00\x01", f"CONNACK body {first.body.hex()}"
+    r.wait_closed(5)
+
+
+@pytest.mark.mosquitto_differs("mosquitto 2.0.11 answers every unknown level in 3.1.1 form")
+@pytest.mark.parametrize("level", [6, 99])
+def test_unsupported_protocol_level_in_mqtt5_layout(clients, level):
+    """A CONNECT laid out like MQTT 5 (with a property length) gets the MQTT 5 refusal:
+    CONNACK 0x84 (20 03 00 84 00), then the close."""
+    r = clients.raw(version=V311)
+    body = R.connect(uid("lvl5"), version=V5)
+    level_at = body.index(b"MQTT") + 4
+    r.send(body[:level_at] + bytes([level]) + body[level_at + 1:])
+    first = r.recv_packet(5)
+    assert first.type == R.CONNACK, first
+    assert first.body == b"\x00\x84\x00", f"CONNACK body {first.body.hex()}"
     r.wait_closed(5)
 
 

@@ -171,12 +171,19 @@ async fn handshake<S: Transport>(
             tracing::info!(%peer, "no CONNECT within {timeout:?}; closing");
             return None;
         }
-        Ok(Err(ReadError::Decode(jetmq_codec::DecodeError::UnsupportedProtocol(level)))) => {
-            tracing::info!(%peer, level, "unsupported protocol level; refusing");
-            // The client's version is unknown, so the refusal is the 3.1.1 one
-            // ("unacceptable protocol level", [MQTT-3.1.2-2]), as mosquitto and HiveMQ send
-            // it; MQTT 5 only says a server MAY answer 0x84.
-            writer.version = ProtocolVersion::V311;
+        Ok(Err(ReadError::Decode(jetmq_codec::DecodeError::UnsupportedProtocol {
+            level,
+            v5_shaped,
+        }))) => {
+            tracing::info!(%peer, level, v5_shaped, "unsupported protocol level; refusing");
+            // The refusal in the form the client can read: MQTT 5's 0x84 for a CONNECT laid
+            // out like MQTT 5, else 3.1.1's "unacceptable protocol level" ([MQTT-3.1.2-2]),
+            // which is what mosquitto sends to every unknown level.
+            writer.version = if v5_shaped {
+                ProtocolVersion::V5
+            } else {
+                ProtocolVersion::V311
+            };
             let _ = writer.queue(&connect::refusal(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION));
             let _ = writer.flush().await;
             return None;

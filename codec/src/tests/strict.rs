@@ -132,17 +132,40 @@ fn unknown_level_is_unsupported_protocol() {
         ("MQIsdp", 4),
         ("MQTT", 0x84),
     ] {
-        let bytes = frame(0x10, &cat(&[&s(name), &[level, 2, 0, 60], &s("c")]));
-        match dec_err(&bytes, None) {
-            DecodeError::UnsupportedProtocol(l) => assert_eq!(l, level),
-            e => panic!("{name} {level}: {e:?}"),
+        let v311_shaped = frame(0x10, &cat(&[&s(name), &[level, 2, 0, 60], &s("c")]));
+        let v5_shaped = frame(0x10, &cat(&[&s(name), &[level, 2, 0, 60, 0], &s("c")]));
+        for (bytes, shaped_as_v5) in [(v311_shaped, false), (v5_shaped, true)] {
+            match dec_err(&bytes, None) {
+                DecodeError::UnsupportedProtocol {
+                    level: l,
+                    v5_shaped,
+                } => {
+                    assert_eq!((l, v5_shaped), (level, shaped_as_v5), "{name} {level}")
+                }
+                e => panic!("{name} {level}: {e:?}"),
+            }
         }
     }
-    // Decided before the rest of the packet is looked at.
+    // Decided before the rest of the packet is looked at: an unreadable rest is not MQTT 5.
     let bytes = frame(0x10, &cat(&[&s("MQTT"), &[6, 0xFF]]));
     assert!(matches!(
         dec_err(&bytes, None),
-        DecodeError::UnsupportedProtocol(6)
+        DecodeError::UnsupportedProtocol {
+            level: 6,
+            v5_shaped: false
+        }
+    ));
+    // A 3.1.1 CONNECT with a longer client id does not read as MQTT 5 either.
+    let bytes = frame(
+        0x10,
+        &cat(&[&s("MQTT"), &[99, 2, 0, 30], &s("test3122abcdefgh")]),
+    );
+    assert!(matches!(
+        dec_err(&bytes, None),
+        DecodeError::UnsupportedProtocol {
+            level: 99,
+            v5_shaped: false
+        }
     ));
 }
 
@@ -561,7 +584,11 @@ fn reason_codes_of_errors() {
         ReasonCode::PACKET_TOO_LARGE
     );
     assert_eq!(
-        DecodeError::UnsupportedProtocol(9).reason_code(),
+        DecodeError::UnsupportedProtocol {
+            level: 9,
+            v5_shaped: true
+        }
+        .reason_code(),
         ReasonCode::UNSUPPORTED_PROTOCOL_VERSION
     );
     assert_eq!(
