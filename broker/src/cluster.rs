@@ -23,6 +23,15 @@ pub struct Cluster {
     pub sessions: SessionStore,
 }
 
+impl Cluster {
+    /// The message stream's last sequence as JetStream has it now; None if it does not
+    /// answer within `timeout`.
+    pub async fn stored_upto(&self, timeout: Duration) -> Option<u64> {
+        let info = tokio::time::timeout(timeout, self.messages.get_info()).await;
+        info.ok()?.ok().map(|info| info.state.last_sequence)
+    }
+}
+
 /// Subject on which node `node_id` receives "drop this connection" requests.
 pub fn kick_subject(node_id: &str) -> String {
     format!("jetmq.node.{node_id}.kick")

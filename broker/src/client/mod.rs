@@ -598,7 +598,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         };
         match packet {
             Packet::Publish(publish) => self.handle_publish(publish).await,
-            Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe),
+            Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe).await,
             Packet::Unsubscribe(unsubscribe) => {
                 self.handle_unsubscribe(unsubscribe);
                 Ok(())

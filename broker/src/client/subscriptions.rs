@@ -1,5 +1,7 @@
 //! SUBSCRIBE and UNSUBSCRIBE.
 
+use std::time::Duration;
+
 use jetmq_codec::{Packet, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe};
 
 use super::persist::AfterPersist;
@@ -15,6 +17,7 @@ fn entry(s: &StoredSubscription) -> SubEntry {
         no_local: s.no_local,
         retain_as_published: s.retain_as_published,
         subscription_id: s.subscription_id,
+        after_seq: 0,
     }
 }
 
@@ -45,8 +48,21 @@ fn granted(qos: QoS) -> ReasonCode {
     }
 }
 
+/// How long a SUBSCRIBE waits for JetStream to say where the message stream ends.
+const STORED_UPTO_WAIT: Duration = Duration::from_secs(2);
+
 impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
-    pub(super) fn handle_subscribe(&mut self, subscribe: Subscribe) -> Result<(), Exit> {
+    pub(super) async fn handle_subscribe(&mut self, subscribe: Subscribe) -> Result<(), Exit> {
+        // A new subscription takes messages stored after this point. The router may not have
+        // read all of those yet (a message this node acknowledged a moment ago, even to this
+        // client), and its own position would hand them to the new subscription, although
+        // they were published before it. Without an answer, the router's position it is.
+        let stored_upto = self
+            .node
+            .cluster
+            .stored_upto(STORED_UPTO_WAIT)
+            .await
+            .unwrap_or(0);
         let limits = &self.node.config.limits;
         let (max_levels, max_len, max_subs) = (
             limits.max_topic_levels,
@@ -105,7 +121,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 retain_as_published: options.retain_as_published,
                 subscription_id: subscribe.subscription_identifier,
             };
-            let entry = entry(&stored);
+            let mut entry = entry(&stored);
             match existing {
                 Some(index) => self.record.subscriptions[index] = stored,
                 None => self.record.subscriptions.push(stored),
@@ -116,10 +132,14 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     group,
                     parsed.filter,
                     self.shared_member(entry),
-                    self.node.router.position(),
+                    self.node.router.position().max(stored_upto),
                 );
                 reasons.push(granted(options.qos));
                 continue;
+            }
+            if existing.is_none() {
+                // A replaced subscription carries on without a gap.
+                entry.after_seq = stored_upto;
             }
             self.subscriptions.retain(|(f, _)| *f != request.filter);
             self.subscriptions.push((request.filter.clone(), entry));

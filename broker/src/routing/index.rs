@@ -16,6 +16,9 @@ pub struct SubEntry {
     pub no_local: bool,
     pub retain_as_published: bool,
     pub subscription_id: Option<u32>,
+    /// Messages up to this stream sequence were stored before the SUBSCRIBE that made this
+    /// entry, and are not for it even if the router reads them after (0: no floor).
+    pub after_seq: u64,
 }
 
 #[derive(Default, Debug)]
@@ -137,6 +140,7 @@ mod tests {
             no_local: false,
             retain_as_published: false,
             subscription_id: None,
+            after_seq: 0,
         }
     }
 

@@ -81,6 +81,9 @@ pub fn merge_matches(
         if entry.no_local && publisher_is_self {
             continue;
         }
+        if entry.after_seq != 0 && msg.seq <= entry.after_seq {
+            continue;
+        }
         let granted = entry.qos.min(msg.qos());
         qos = Some(qos.map_or(granted, |q| q.max(granted)));
         retain |= entry.retain_as_published && msg.envelope.retain;
@@ -726,12 +729,14 @@ pub(crate) mod tests {
                 no_local: false,
                 retain_as_published: false,
                 subscription_id: Some(1),
+                after_seq: 0,
             },
             SubEntry {
                 qos: QoS::AtLeastOnce,
                 no_local: false,
                 retain_as_published: true,
                 subscription_id: Some(7),
+                after_seq: 0,
             },
         ];
         let d = merge_matches(&m, &subs, false).expect("delivered");
@@ -748,6 +753,7 @@ pub(crate) mod tests {
             no_local: true,
             retain_as_published: false,
             subscription_id: None,
+            after_seq: 0,
         };
         assert!(merge_matches(&m, &[sub], true).is_none());
         assert!(merge_matches(&m, &[sub], false).is_some());
@@ -767,6 +773,7 @@ pub(crate) mod tests {
             no_local: false,
             retain_as_published: false,
             subscription_id: None,
+            after_seq: 0,
         };
         router.attach(
             1,
