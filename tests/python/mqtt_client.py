@@ -460,6 +460,12 @@ class Tracker:
         self._clients.append(r)
         return r
 
+    def raw_connected(self, prefix: str, version: int = V5, target=None) -> mqtt_raw.RawClient:
+        """A raw client past a successful CONNECT (clean session, client id from ``prefix``)."""
+        r = self.raw(target, version)
+        r.mqtt_connect(uid(prefix))
+        return r
+
     def close_all(self) -> None:
         for c in self._clients:
             try:

@@ -441,6 +441,23 @@ class RawClient:
             except TimeoutError:
                 raise AssertionError(f"server did not close the connection within {timeout}s (received {got})") from None
 
+    def receive_for(self, seconds: float) -> list[Packet]:
+        """Every packet that arrives within ``seconds``, answering QoS 1/2 deliveries the way
+        a client does (PUBACK, PUBREC, PUBCOMP)."""
+        got: list[Packet] = []
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                p = self.recv_packet(max(0.01, remaining))
+            except TimeoutError:
+                break
+            got.append(p)
+            if p.type == PUBLISH and p.qos:
+                self.send(ack(PUBACK if p.qos == 1 else PUBREC, p.packet_id, self.version))
+            elif p.type == PUBREL:
+                self.send(ack(PUBCOMP, p.packet_id, self.version))
+        return got
+
     def is_open(self) -> bool:
         """True if the server has not closed the connection (non-destructive probe)."""
         if self.closed:

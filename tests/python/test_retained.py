@@ -182,7 +182,7 @@ def test_v5_retained_keeps_properties(clients):
     assert m.props.get("UserProperty") == [("k", "v")]
 
 
-def test_retained_publish_racing_a_subscribe_is_delivered_once(target, version):
+def test_retained_publish_racing_a_subscribe_is_delivered_once(clients, version):
     """A SUBSCRIBE handled while a retained PUBLISH to its topic is still on its way through
     JetStream gets the message once: as the retained copy, or live, not both.
 
@@ -191,27 +191,16 @@ def test_retained_publish_racing_a_subscribe_is_delivered_once(target, version):
     PUBLISH lands between the two (before the fix most rounds got it twice)."""
     t = uid("ret-race")
     rounds, doubled = 20, []
-    with R.RawClient(target.host, target.port, version) as pub, \
-            R.RawClient(target.host, target.port, version) as sub:
-        pub.mqtt_connect(uid("ret-race-pub"))
-        sub.mqtt_connect(uid("ret-race-sub"))
-        for i in range(rounds):
-            topic, payload = f"{t}/{i}", b"v%d" % i
-            pub.publish(topic, payload, qos=1, retain=True)
-            time.sleep(0.0002)
-            sub.send(R.subscribe(sub.next_id(), [(topic, 1)], version))
-            got = []
-            # the live copy trails by a JetStream round trip: milliseconds
-            deadline = time.monotonic() + 0.3
-            while time.monotonic() < deadline:
-                try:
-                    p = sub.recv_packet(max(0.01, deadline - time.monotonic()))
-                except TimeoutError:
-                    break
-                if p.type == R.PUBLISH:
-                    got.append(p.payload)
-                    sub.send(R.ack(R.PUBACK, p.packet_id, version))
-            assert pub.expect(R.PUBACK)
-            if got != [payload]:
-                doubled.append((topic, got))
+    pub = clients.raw_connected("ret-race-pub", version)
+    sub = clients.raw_connected("ret-race-sub", version)
+    for i in range(rounds):
+        topic, payload = f"{t}/{i}", b"v%d" % i
+        pub.publish(topic, payload, qos=1, retain=True)
+        time.sleep(0.0002)
+        sub.send(R.subscribe(sub.next_id(), [(topic, 1)], version))
+        # the live copy trails by a JetStream round trip: milliseconds
+        got = [p.payload for p in sub.receive_for(0.3) if p.type == R.PUBLISH]
+        assert pub.expect(R.PUBACK)
+        if got != [payload]:
+            doubled.append((topic, got))
     assert not doubled, f"{len(doubled)} of {rounds} rounds did not get the message exactly once: {doubled[:5]}"
