@@ -117,6 +117,8 @@ pub fn consumers_in_use<'a>(
 ) -> HashSet<String> {
     records
         .flat_map(|r| r.subscriptions.iter())
+        // Runs over every session every few seconds: most filters are not shared ones.
+        .filter(|s| s.filter.starts_with("$share/"))
         .filter_map(|s| {
             let parsed = crate::topic::parse_filter(&s.filter, usize::MAX, usize::MAX).ok()?;
             Some(consumer_name(parsed.share_group?, parsed.filter))
@@ -334,6 +336,26 @@ impl SharedGroups {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_shared_subscriptions_name_group_consumers() {
+        let subscription = |filter: &str| crate::session::StoredSubscription {
+            filter: filter.to_owned(),
+            qos: 1,
+            no_local: false,
+            retain_as_published: false,
+            subscription_id: None,
+        };
+        let mut a = crate::session::SessionRecord::new("a", 0);
+        a.subscriptions = vec![subscription("$share/g1/a/+"), subscription("a/#")];
+        let mut b = crate::session::SessionRecord::new("b", 0);
+        b.subscriptions = vec![subscription("$share/g1/a/+"), subscription("$share/g2/#")];
+        let in_use = consumers_in_use([&a, &b].into_iter());
+        let expected: HashSet<String> = [consumer_name("g1", "a/+"), consumer_name("g2", "#")]
+            .into_iter()
+            .collect();
+        assert_eq!(in_use, expected);
+    }
 
     #[test]
     fn consumer_names_are_stable_and_safe() {
