@@ -29,14 +29,18 @@ pub(super) struct FreshRetained {
     by_topic: HashMap<String, MessageRef>,
 }
 
+/// Whether the live copy of a retained message may still be on its way: it was received
+/// within [`RACE_WINDOW`].
+pub(super) fn live_copy_may_follow(msg: &MessageRef) -> bool {
+    let window_ms = RACE_WINDOW.as_millis() as u64;
+    msg.envelope.timestamp_ms.saturating_add(window_ms) >= now_ms()
+}
+
 impl FreshRetained {
     /// Remembers a retained message sent to a new subscription if its live copy may still
     /// be on its way.
     pub fn remember(&mut self, msg: &MessageRef) {
-        let window_ms = RACE_WINDOW.as_millis() as u64;
-        if msg.envelope.timestamp_ms.saturating_add(window_ms) < now_ms()
-            || self.by_topic.len() >= MAX_REMEMBERED
-        {
+        if !live_copy_may_follow(msg) || self.by_topic.len() >= MAX_REMEMBERED {
             return;
         }
         self.until = Some(Instant::now() + RACE_WINDOW);

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use jetmq_codec::{Packet, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe};
 
+use super::fresh_retained;
 use super::persist::AfterPersist;
 use super::{Client, Exit};
 use crate::auth::Action;
@@ -33,9 +34,8 @@ pub(super) fn entries(subs: &[StoredSubscription]) -> Vec<(String, SubEntry)> {
 pub(super) fn shared_entries(subs: &[StoredSubscription]) -> Vec<(String, String, SubEntry)> {
     subs.iter()
         .filter_map(|s| {
-            let parsed = topic::parse_filter(&s.filter, usize::MAX, usize::MAX).ok()?;
-            let group = parsed.share_group?;
-            Some((group.to_owned(), parsed.filter.to_owned(), entry(s)))
+            let (group, filter) = s.shared()?;
+            Some((group.to_owned(), filter.to_owned(), entry(s)))
         })
         .collect()
 }
@@ -151,7 +151,11 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             };
             if send_retained {
                 let stored = self.node.retained.matching(parsed.filter);
-                for msg in &stored {
+                // Most retained messages are old: the cheap test first.
+                for msg in stored
+                    .iter()
+                    .filter(|m| fresh_retained::live_copy_may_follow(m))
+                {
                     // Only where this subscription alone would deliver the live copy: an
                     // older one that matches delivers it as a publication of its own.
                     let overlapped = self

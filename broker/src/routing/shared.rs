@@ -117,12 +117,8 @@ pub fn consumers_in_use<'a>(
 ) -> HashSet<String> {
     records
         .flat_map(|r| r.subscriptions.iter())
-        // Runs over every session every few seconds: most filters are not shared ones.
-        .filter(|s| s.filter.starts_with("$share/"))
-        .filter_map(|s| {
-            let parsed = crate::topic::parse_filter(&s.filter, usize::MAX, usize::MAX).ok()?;
-            Some(consumer_name(parsed.share_group?, parsed.filter))
-        })
+        .filter_map(|s| s.shared())
+        .map(|(group, filter)| consumer_name(group, filter))
         .collect()
 }
 

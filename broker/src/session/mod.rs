@@ -39,6 +39,15 @@ impl StoredSubscription {
     pub fn qos(&self) -> QoS {
         QoS::from_u8(self.qos).unwrap_or(QoS::AtMostOnce)
     }
+
+    /// (group, filter) of a shared subscription (`$share/<group>/<filter>`); None for others.
+    pub fn shared(&self) -> Option<(&str, &str)> {
+        if !self.filter.starts_with("$share/") {
+            return None;
+        }
+        let parsed = crate::topic::parse_filter(&self.filter, usize::MAX, usize::MAX).ok()?;
+        Some((parsed.share_group?, parsed.filter))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
