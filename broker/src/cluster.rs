@@ -24,11 +24,13 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// The message stream's last sequence as JetStream has it now; None if it does not
-    /// answer within `timeout`.
+    /// The position of the message stream's end as JetStream has it now (every message
+    /// stored so far is at or before it); None if it does not answer within `timeout`.
     pub async fn stored_upto(&self, timeout: Duration) -> Option<u64> {
         let info = tokio::time::timeout(timeout, self.messages.get_info()).await;
-        info.ok()?.ok().map(|info| info.state.last_sequence)
+        info.ok()?
+            .ok()
+            .map(|info| crate::routing::position::end_of(info.state.last_sequence))
     }
 }
 

@@ -71,6 +71,9 @@ pub struct NatsConfig {
     /// QoS 1 messages published one by one and waiting for their acks before the node
     /// switches to batches (0: always batch).
     pub batch_publish_after: usize,
+    /// Most QoS 1 messages of one topic stored together as one stream message while they
+    /// queue for a batch (1: each on its own).
+    pub bundle_max_messages: usize,
     /// Node-wide bound on messages published one by one (QoS 2, QoS 1 outside batches,
     /// retained copies, wills) that wait for their JetStream acks; more wait to be sent.
     pub max_publishes_alone: usize,
@@ -187,6 +190,7 @@ impl Default for NatsConfig {
             replay_buffer_bytes: 8 * 1024 * 1024,
             batch_publish: true,
             batch_publish_after: 32,
+            bundle_max_messages: 64,
             max_publishes_alone: 4096,
             security: NatsSecurity::default(),
         }
@@ -198,7 +202,7 @@ impl Default for Limits {
         Limits {
             max_packet_size: 1024 * 1024,
             receive_maximum: 128,
-            max_inflight: 32,
+            max_inflight: 128,
             max_queued_messages: 1000,
             max_queued_bytes: 8 * 1024 * 1024,
             max_topic_levels: 32,
@@ -433,6 +437,12 @@ impl Config {
             self.nats.replay_buffer_messages > 0,
             "nats.replay_buffer_messages",
             "must be at least 1",
+        )?;
+        check(
+            (1..=jetmq_common::envelope::MAX_BUNDLE_MESSAGES)
+                .contains(&self.nats.bundle_max_messages),
+            "nats.bundle_max_messages",
+            "must be between 1 and 255",
         )?;
         check(self.drain.waves > 0, "drain.waves", "must be at least 1")?;
         check(

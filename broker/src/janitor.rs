@@ -185,7 +185,7 @@ impl SessionIndex {
             while let Some(entry) = watch.next().await {
                 let Ok(entry) = entry else { continue };
                 let record = match entry.operation {
-                    Operation::Put => serde_json::from_slice(&entry.value).ok(),
+                    Operation::Put => crate::session::SessionRecord::from_json(&entry.value).ok(),
                     Operation::Delete | Operation::Purge => None,
                 };
                 let update = IndexUpdate {

@@ -187,6 +187,7 @@ pub async fn run(
     .context("cannot read message stream state")?
     .state
     .last_sequence;
+    let start = crate::routing::position::end_of(start);
     let router = Arc::new(Router::new(
         start,
         ReplayRing::new(
@@ -218,6 +219,7 @@ pub async fn run(
             shutdown.clone(),
             metrics.clone(),
             config.nats.batch_publish_after,
+            config.nats.bundle_max_messages,
         )
         .await
         .context("cannot subscribe to the batch publishing inbox")?;

@@ -188,6 +188,9 @@ pub struct Metrics {
     pub publish_batches: Counter,
     /// QoS 1 messages confirmed as part of a batch (the rest went one by one).
     pub publish_batched_messages: Counter,
+    /// Stream messages holding several QoS 1 messages (bundles), and those messages.
+    pub publish_bundles: Counter,
+    pub publish_bundled_messages: Counter,
     /// Messages published one by one whose JetStream ack has not arrived yet
     /// (bounded by `nats.max_publishes_alone`).
     pub publishes_alone_in_flight: Gauge,
@@ -288,6 +291,18 @@ impl Metrics {
             "counter",
             "QoS 1 messages confirmed as part of a batch; the others were published one by one.",
             self.publish_batched_messages.get().to_string(),
+        );
+        line(
+            "jetmq_publish_bundles_total",
+            "counter",
+            "Stream messages sent holding several QoS 1 messages of one topic (bundles).",
+            self.publish_bundles.get().to_string(),
+        );
+        line(
+            "jetmq_publish_bundled_messages_total",
+            "counter",
+            "QoS 1 messages sent inside bundles.",
+            self.publish_bundled_messages.get().to_string(),
         );
         line(
             "jetmq_publish_batch_failures_total",

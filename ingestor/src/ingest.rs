@@ -9,7 +9,7 @@
 //! waits unseen in the client's buffer meanwhile.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
-use jetmq_common::envelope::Envelope;
+use jetmq_common::envelope::{split_bundle, Envelope};
 use jetmq_common::otel;
 use jetmq_common::shares::share_for_ingestor;
 use jetmq_common::streams::{ensure_message_stream, MessageStreamSettings};
@@ -33,7 +33,8 @@ use tracing::{debug, error, info, warn};
 use crate::config::Config;
 use crate::kafka::{
     self, is_permanent, is_too_large, record_headers, record_key, Record, HEADER_DLQ_REASON,
-    HEADER_DLQ_SUBJECT, HEADER_DLQ_TOPIC, HEADER_DLQ_TRUNCATED, HEADER_SEQ, HEADER_SHARE,
+    HEADER_DLQ_SUBJECT, HEADER_DLQ_TOPIC, HEADER_DLQ_TRUNCATED, HEADER_PART, HEADER_SEQ,
+    HEADER_SHARE,
 };
 use crate::metrics::{self, Stats};
 use crate::routing::Router;
@@ -61,11 +62,61 @@ enum Outcome {
 }
 
 struct Pending {
-    acker: Acker,
+    acker: Arc<StoredAck>,
     seq: u64,
     last_progress: Instant,
     /// The produce span (tracing on and sampled), ended when the outcome is settled.
     span: Option<otel::Span>,
+}
+
+/// The acknowledgement of one stream message, shared by the records made from it: a bundle
+/// (several MQTT messages stored as one stream message) is acknowledged once Kafka
+/// confirmed every one of its records.
+struct StoredAck {
+    acker: Acker,
+    /// Records not settled yet.
+    remaining: AtomicUsize,
+    /// Some record of it could not be produced and was dropped.
+    terminated: AtomicBool,
+    /// Acknowledged, or handed back (Nak) at shutdown.
+    done: AtomicBool,
+}
+
+impl StoredAck {
+    fn new(acker: Acker, records: usize) -> Arc<StoredAck> {
+        Arc::new(StoredAck {
+            acker,
+            remaining: AtomicUsize::new(records),
+            terminated: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+        })
+    }
+
+    /// One record settled; the kind of acknowledgement to send now that the last did.
+    fn settled(&self, terminated: bool) -> Option<AckKind> {
+        if terminated {
+            self.terminated.store(true, Ordering::Relaxed);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1
+            || self.done.swap(true, Ordering::AcqRel)
+        {
+            return None;
+        }
+        Some(if self.terminated.load(Ordering::Relaxed) {
+            AckKind::Term
+        } else {
+            AckKind::Ack
+        })
+    }
+
+    /// Hands the message back to JetStream (once, whatever number of records share it).
+    async fn nak(&self) -> bool {
+        if self.done.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let _ = self.acker.ack_with(AckKind::Nak(None)).await;
+        true
+    }
 }
 
 /// With tracing on: a child span of the broker's (from the NATS `traceparent`) around the
@@ -238,30 +289,63 @@ async fn await_delivery(
     }
 }
 
-/// Turns a stored message into its Kafka record, or into a dead letter if it cannot be read.
-fn prepare(
+type Prepared = Result<Record, Box<(Record, String)>>;
+
+/// The Kafka records of a stored message: one, or one per MQTT message of a bundle (each
+/// with its place in the bundle in `jetmq.part`); a dead letter for what cannot be read.
+fn prepare_stored(
     config: &Config,
     router: &Router,
     subject: &str,
     body: Bytes,
     seq: u64,
-) -> Result<Record, Box<(Record, String)>> {
-    let poison = |reason: String| {
-        let record = Record {
-            topic: String::new(),
-            key: None,
-            value: body.clone(),
-            headers: vec![
-                (HEADER_SEQ.to_owned(), Bytes::from(seq.to_string())),
-                (
-                    HEADER_DLQ_SUBJECT.to_owned(),
-                    Bytes::copy_from_slice(subject.as_bytes()),
-                ),
-            ],
-            timestamp_ms: None,
-        };
-        Box::new((record, reason))
+) -> Vec<Prepared> {
+    match split_bundle(body.clone()) {
+        Ok(parts) if parts.len() > 1 => parts
+            .into_iter()
+            .enumerate()
+            .map(|(index, part)| {
+                let mut prepared = prepare(config, router, subject, part, seq);
+                let header = (HEADER_PART.to_owned(), Bytes::from(index.to_string()));
+                match &mut prepared {
+                    Ok(record) => record.headers.push(header),
+                    Err(poison) => poison.0.headers.push(header),
+                }
+                prepared
+            })
+            .collect(),
+        Ok(_) => vec![prepare(config, router, subject, body, seq)],
+        Err(e) => vec![Err(poison(
+            subject,
+            body,
+            seq,
+            format!("unreadable bundle: {e}"),
+        ))],
+    }
+}
+
+/// A stored message that cannot be read, as a dead letter.
+fn poison(subject: &str, body: Bytes, seq: u64, reason: String) -> Box<(Record, String)> {
+    let record = Record {
+        topic: String::new(),
+        key: None,
+        value: body,
+        headers: vec![
+            (HEADER_SEQ.to_owned(), Bytes::from(seq.to_string())),
+            (
+                HEADER_DLQ_SUBJECT.to_owned(),
+                Bytes::copy_from_slice(subject.as_bytes()),
+            ),
+        ],
+        timestamp_ms: None,
     };
+    Box::new((record, reason))
+}
+
+/// Turns one stored MQTT message into its Kafka record, or into a dead letter if it cannot
+/// be read.
+fn prepare(config: &Config, router: &Router, subject: &str, body: Bytes, seq: u64) -> Prepared {
+    let poison = |reason: String| poison(subject, body.clone(), seq, reason);
     let (share, mqtt_topic) = parse_stream_subject(subject)
         .map_err(|e| poison(format!("unreadable subject {subject:?}: {e}")))?;
     let (envelope, payload) =
@@ -507,7 +591,7 @@ pub async fn run(
         stats: stats.clone(),
         inflight: FuturesOrdered::new(),
         pending: VecDeque::new(),
-        blocked: None,
+        blocked: VecDeque::new(),
     };
     stats.ready.store(true, Ordering::Relaxed);
     let result = pipeline.run(&consumer, &mut shutdown).await;
@@ -550,13 +634,14 @@ struct Pipeline<'a> {
     stats: Arc<Stats>,
     inflight: FuturesOrdered<BoxFuture<'static, Outcome>>,
     pending: VecDeque<Pending>,
-    /// A record librdkafka's queue had no room for; retried before taking more messages.
-    blocked: Option<(Pending, Record)>,
+    /// Records librdkafka's queue had no room for, in order; retried before taking more
+    /// messages.
+    blocked: VecDeque<(Pending, Record)>,
 }
 
 impl Pipeline<'_> {
     fn window_open(&self) -> bool {
-        self.blocked.is_none() && self.pending.len() < self.config.ingest.max_in_flight
+        self.blocked.is_empty() && self.pending.len() < self.config.ingest.max_in_flight
     }
 
     async fn run(
@@ -583,11 +668,7 @@ impl Pipeline<'_> {
                 Some(outcome) = self.inflight.next(), if !self.inflight.is_empty() => {
                     self.settle(outcome).await?;
                 }
-                _ = retry_tick.tick(), if self.blocked.is_some() => {
-                    if let Some((pending, record)) = self.blocked.take() {
-                        self.submit(pending, record)?;
-                    }
-                }
+                _ = retry_tick.tick(), if !self.blocked.is_empty() => self.retry_blocked()?,
                 _ = progress_tick.tick() => self.progress(progress_every).await,
                 next = messages.next(), if self.window_open() => match next {
                     Some(Ok(message)) => self.accept(message)?,
@@ -621,35 +702,39 @@ impl Pipeline<'_> {
             Stats::inc(&self.stats.redelivered);
         }
         let (message, acker) = message.split();
-        let mut pending = Pending {
-            acker,
-            seq,
-            last_progress: Instant::now(),
-            span: None,
-        };
-        match prepare(
+        let records = prepare_stored(
             self.config,
             &self.router,
             message.subject.as_str(),
             message.payload,
             seq,
-        ) {
-            Ok(mut record) => {
-                let traceparent = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(otel::TRACEPARENT))
-                    .map(|v| v.as_str().as_bytes());
-                pending.span = trace_produce(traceparent, &mut record, seq);
-                self.submit(pending, record)?
-            }
-            Err(poison) => {
-                let (record, reason) = *poison;
-                warn!(seq, %reason, "message cannot be read, dead-lettering it");
-                self.push(
-                    pending,
-                    dead_letter(self.shared.clone(), record, reason).boxed(),
-                );
+        );
+        let acker = StoredAck::new(acker, records.len());
+        let traceparent = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(otel::TRACEPARENT))
+            .map(|v| v.as_str().as_bytes());
+        for prepared in records {
+            let mut pending = Pending {
+                acker: acker.clone(),
+                seq,
+                last_progress: Instant::now(),
+                span: None,
+            };
+            match prepared {
+                Ok(mut record) => {
+                    pending.span = trace_produce(traceparent, &mut record, seq);
+                    self.submit(pending, record)?
+                }
+                Err(poison) => {
+                    let (record, reason) = *poison;
+                    warn!(seq, %reason, "message cannot be read, dead-lettering it");
+                    self.push(
+                        pending,
+                        dead_letter(self.shared.clone(), record, reason).boxed(),
+                    );
+                }
             }
         }
         Ok(())
@@ -663,12 +748,32 @@ impl Pipeline<'_> {
             .store(self.pending.len() as i64, Ordering::Relaxed);
     }
 
-    /// Hands a record to librdkafka, in delivery order.
+    /// Hands a record to librdkafka, in delivery order: behind those waiting for room.
     fn submit(&mut self, pending: Pending, record: Record) -> anyhow::Result<()> {
+        if self.blocked.is_empty() {
+            self.enqueue_or_block(pending, record)?;
+        } else {
+            self.blocked.push_back((pending, record));
+        }
+        Ok(())
+    }
+
+    /// Hands the records that waited for room to librdkafka, until it has none again.
+    fn retry_blocked(&mut self) -> anyhow::Result<()> {
+        while let Some((pending, record)) = self.blocked.pop_front() {
+            if !self.enqueue_or_block(pending, record)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// False if librdkafka's queue is full: the record then waits first in line.
+    fn enqueue_or_block(&mut self, pending: Pending, record: Record) -> anyhow::Result<bool> {
         let first = match enqueue(&self.shared.producer, &record) {
             Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
-                self.blocked = Some((pending, record));
-                return Ok(());
+                self.blocked.push_front((pending, record));
+                return Ok(false);
             }
             Err(e) if is_fatal(&e) => bail!("Kafka producer failed for good: {e}"),
             other => other,
@@ -678,7 +783,7 @@ impl Pipeline<'_> {
             pending,
             await_delivery(self.shared.clone(), first, record, seq).boxed(),
         );
-        Ok(())
+        Ok(true)
     }
 
     /// Acts on the outcome of the oldest in-flight message.
@@ -703,26 +808,31 @@ impl Pipeline<'_> {
             }
             span.end();
         }
-        let (kind, ok) = match outcome {
+        let terminated = match outcome {
             Outcome::Produced => {
                 Stats::inc(&self.stats.produced);
-                (AckKind::Ack, true)
+                false
             }
             Outcome::DeadLettered(reason) => {
                 Stats::inc(&self.stats.dead_lettered);
                 warn!(seq, %reason, topic = %self.shared.dead_letter_topic, "dead-lettered");
-                (AckKind::Ack, true)
+                false
             }
             Outcome::Terminated(reason) => {
                 Stats::inc(&self.stats.terminated);
                 error!(seq, %reason, "message dropped: terminated in JetStream");
-                (AckKind::Term, false)
+                true
             }
             Outcome::Fatal(reason) => {
                 bail!("Kafka producer failed for good: {reason}");
             }
         };
-        match pending.acker.ack_with(kind).await {
+        // A bundle's other records may still wait for Kafka.
+        let Some(kind) = pending.acker.settled(terminated) else {
+            return Ok(());
+        };
+        let ok = matches!(kind, AckKind::Ack);
+        match pending.acker.acker.ack_with(kind).await {
             Ok(()) if ok => Stats::inc(&self.stats.acked),
             Ok(()) => {}
             Err(e) => warn!(seq, error = %e, "ack to NATS failed, the message will be redelivered"),
@@ -735,15 +845,15 @@ impl Pipeline<'_> {
         let now = Instant::now();
         for p in self.pending.iter_mut() {
             if now.duration_since(p.last_progress) >= every {
-                if let Err(e) = p.acker.ack_with(AckKind::Progress).await {
+                if let Err(e) = p.acker.acker.ack_with(AckKind::Progress).await {
                     debug!(seq = p.seq, error = %e, "progress ack failed");
                 }
                 p.last_progress = now;
             }
         }
-        if let Some((p, _)) = self.blocked.as_mut() {
+        for (p, _) in self.blocked.iter_mut() {
             if now.duration_since(p.last_progress) >= every {
-                let _ = p.acker.ack_with(AckKind::Progress).await;
+                let _ = p.acker.acker.ack_with(AckKind::Progress).await;
                 p.last_progress = now;
             }
         }
@@ -779,7 +889,7 @@ impl Pipeline<'_> {
             }
             drained += 1;
         }
-        let left = self.pending.len() + usize::from(self.blocked.is_some());
+        let left = self.pending.len() + self.blocked.len();
         if left > 0 {
             warn!(
                 left,
@@ -788,10 +898,11 @@ impl Pipeline<'_> {
             self.shared
                 .producer
                 .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
-            let blocked = self.blocked.take().map(|(p, _)| p);
+            let blocked: Vec<Pending> = self.blocked.drain(..).map(|(p, _)| p).collect();
             for p in self.pending.drain(..).chain(blocked) {
-                let _ = p.acker.ack_with(AckKind::Nak(None)).await;
-                Stats::inc(&self.stats.nacked);
+                if p.acker.nak().await {
+                    Stats::inc(&self.stats.nacked);
+                }
             }
             self.inflight = FuturesOrdered::new();
         }
@@ -859,6 +970,54 @@ mod tests {
             record.header(HEADER_SEQ).map(|v| v.as_ref()),
             Some(&b"9"[..])
         );
+    }
+
+    #[test]
+    fn a_bundle_becomes_one_record_per_message_with_its_part() {
+        let config = Config::default();
+        let router = Router::new(&config.routing);
+        let env = Envelope {
+            qos: 1,
+            client_id: "c1".into(),
+            timestamp_ms: 1234,
+            ..Envelope::default()
+        };
+        let subject = format!("jetmq.s.0.{}", encode_topic("a/b"));
+        let bodies = [body(&env, b"one"), body(&env, b"two")];
+        let bundle =
+            jetmq_common::envelope::encode_bundle(bodies.iter().map(|b| &b[..])).expect("bundles");
+        let records: Vec<Record> = prepare_stored(&config, &router, &subject, bundle, 9)
+            .into_iter()
+            .map(|r| r.expect("record"))
+            .collect();
+        let values: Vec<&[u8]> = records.iter().map(|r| &r.value[..]).collect();
+        assert_eq!(values, [&b"one"[..], &b"two"[..]]);
+        for (index, record) in records.iter().enumerate() {
+            assert_eq!(
+                record.header(HEADER_SEQ).map(|v| v.as_ref()),
+                Some(&b"9"[..])
+            );
+            let part = index.to_string();
+            assert_eq!(
+                record.header(HEADER_PART).map(|v| v.as_ref()),
+                Some(part.as_bytes())
+            );
+            assert_eq!(record.key.as_deref(), Some(&b"a/b"[..]));
+        }
+        // A message stored on its own has no part.
+        let single = prepare_stored(&config, &router, &subject, bodies[0].clone(), 10);
+        assert_eq!(single.len(), 1);
+        let single = single.into_iter().next().expect("one").expect("record");
+        assert!(single.header(HEADER_PART).is_none());
+        // A bundle that cannot be read is one dead letter, whole.
+        let broken = Bytes::from_static(&[2, 0, 0, 0, 9]);
+        let dead = prepare_stored(&config, &router, &subject, broken.clone(), 11);
+        assert_eq!(dead.len(), 1);
+        let Err(poison) = dead.into_iter().next().expect("one") else {
+            panic!("a broken bundle must be a dead letter");
+        };
+        assert_eq!(poison.0.value, broken);
+        assert!(poison.1.contains("bundle"), "{}", poison.1);
     }
 
     #[test]

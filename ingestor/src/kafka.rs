@@ -11,6 +11,9 @@ use crate::config::{IngestConfig, KafkaConfig, KeyMode};
 /// Header with the JetStream stream sequence of the message: unique per message, the same on
 /// a redelivery, so consumers can drop duplicates.
 pub const HEADER_SEQ: &str = "jetmq.seq";
+/// Place of the record's MQTT message in a bundle (several stored as one stream message);
+/// absent for a message stored on its own. With `jetmq.seq` unique per MQTT message.
+pub const HEADER_PART: &str = "jetmq.part";
 /// Header with the share (NATS mapping partition) the message came through.
 pub const HEADER_SHARE: &str = "jetmq.share";
 /// Dead-letter headers.

@@ -302,7 +302,9 @@ def stored_count(bootstrap: str, topic: str) -> int:
 
 
 def distinct(records: list[Record]) -> int:
-    return len({r.seq for r in records})
+    """MQTT messages among the records: one stream message (jetmq.seq) holds several when the
+    broker bundled them, told apart by jetmq.part."""
+    return len({(r.seq, r.header_str("jetmq.part")) for r in records})
 
 
 def duplicates(records: list[Record]) -> int:

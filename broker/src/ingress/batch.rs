@@ -15,6 +15,14 @@
 //! it; a batch that fails (gap, leader change, timeout, "no responders") is published again
 //! in a new batch, so a message may be stored twice (QoS 1 allows that), never lost.
 //!
+//! Inside a batch, queued messages of one topic go out together as one stream message, a
+//! *bundle* (up to `nats.bundle_max_messages`; [`jetmq_common::envelope::encode_bundle`]).
+//! JetStream's work (storing, the node's reader, every ingestor) is per stream message, and
+//! a message only waits in the queue while the task is busy, so bundles grow with the load
+//! and cost nothing when there is none. A publisher's messages keep their order: one joins
+//! a bundle of an earlier message only if none of that publisher's messages in between went
+//! elsewhere.
+//!
 //! The bookkeeping ([`Book`]) is plain data driven by the task, so its rules are unit
 //! tested without a server; `tests/python/test_batch_publish.py` runs it against one.
 
@@ -46,6 +54,12 @@ const MAX_BATCHES: usize = 4;
 const MAX_QUEUED: usize = 1024;
 /// Capacity of the channel from connections: when full, publishers wait (backpressure).
 pub const CHANNEL_CAPACITY: usize = 1024;
+/// Messages taken from the channel at once.
+const RECEIVE_AT_ONCE: usize = 256;
+/// Largest bundle body: far below NATS's default payload limit (1 MiB).
+const MAX_BUNDLE_BYTES: usize = 64 * 1024;
+/// Queued messages looked at for one bundle: bounds the work per bundle.
+const BUNDLE_SCAN: usize = 512;
 /// A batch that got no answer for this long is given up and its messages sent again.
 const ACK_TIMEOUT: Duration = Duration::from_secs(4);
 /// A message not stored within this time fails: its client is disconnected and retries.
@@ -73,6 +87,8 @@ pub struct Outgoing {
     pub subject: Subject,
     pub body: Bytes,
     pub headers: Option<HeaderMap>,
+    /// Who published it (a hash of the client id): keeps each publisher's order in bundles.
+    pub source: u64,
     pub done: Completion,
     /// Set by [`Book::enqueue`].
     pub give_up_at: Option<Instant>,
@@ -99,6 +115,7 @@ impl BatchPublisher {
         shutdown: CancellationToken,
         metrics: Arc<crate::telemetry::Metrics>,
         singles_before_batching: usize,
+        max_bundle: usize,
     ) -> Result<BatchPublisher, async_nats::SubscribeError> {
         let inbox = client.new_inbox();
         let replies = client.subscribe(format!("{inbox}.>")).await?;
@@ -106,6 +123,7 @@ impl BatchPublisher {
         let available = Arc::new(AtomicBool::new(true));
         let mut book = Book::new(inbox, available.clone(), metrics);
         book.max_singles = singles_before_batching;
+        book.max_bundle = max_bundle.clamp(1, jetmq_common::envelope::MAX_BUNDLE_MESSAGES);
         tokio::spawn(run(client, replies, rx, book, shutdown));
         Ok(BatchPublisher { tx, available })
     }
@@ -122,12 +140,14 @@ impl BatchPublisher {
         subject: Subject,
         body: Bytes,
         headers: Option<HeaderMap>,
+        source: u64,
     ) -> oneshot::Receiver<Result<(), BatchError>> {
         let (done, receiver) = oneshot::channel();
         let message = Outgoing {
             subject,
             body,
             headers,
+            source,
             done,
             // Set when the batch task takes it: one clock read per handful of messages.
             give_up_at: None,
@@ -146,7 +166,7 @@ async fn run(
     mut book: Book,
     shutdown: CancellationToken,
 ) {
-    let mut received = Vec::with_capacity(64);
+    let mut received = Vec::with_capacity(RECEIVE_AT_ONCE);
     loop {
         let now = Instant::now();
         while let Some(wire) = book.next_send(now, rx.is_empty()) {
@@ -179,7 +199,7 @@ async fn run(
                 Some(reply) => book.on_reply(&reply, Instant::now()),
                 None => break,
             },
-            count = rx.recv_many(&mut received, 64), if book.has_room() => {
+            count = rx.recv_many(&mut received, RECEIVE_AT_ONCE), if book.has_room() => {
                 if count == 0 {
                     break;
                 }
@@ -243,6 +263,17 @@ impl Batch {
     /// As many messages unconfirmed as the server wants at most.
     fn full(&self) -> bool {
         self.next_seq > self.acked + self.flow * WINDOWS_PER_BATCH
+    }
+
+    /// Fails the message(s) sent as `seq` (a bundle is several).
+    fn fail_seq(&mut self, seq: u64, error: &str) {
+        let (failed, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.unacked)
+            .into_iter()
+            .partition(|(s, _)| *s == seq);
+        self.unacked = kept;
+        for (_, message) in failed {
+            message.complete(Err(BatchError::Failed(error.to_owned())));
+        }
     }
 
     /// Completes every message up to `seq`; returns how many.
@@ -324,6 +355,8 @@ struct Book {
     singles: VecDeque<Single>,
     next_single: u64,
     max_singles: usize,
+    /// Most messages per bundle; 1: none.
+    max_bundle: usize,
     backoff: Duration,
     resume_at: Option<Instant>,
     available: Arc<AtomicBool>,
@@ -346,6 +379,7 @@ impl Book {
             singles: VecDeque::new(),
             next_single: 1,
             max_singles: 32,
+            max_bundle: 1,
             backoff: BACKOFF_FIRST,
             resume_at: None,
             available,
@@ -373,6 +407,72 @@ impl Book {
 
     fn open_batch(&self) -> Option<&Batch> {
         self.batches.back().filter(|b| !b.committed)
+    }
+
+    /// The body to send for `first`: its own, or a bundle of it and the queued messages
+    /// that may go with it (taken out of the queue and returned).
+    fn bundle(&mut self, first: &Outgoing, now: Instant) -> (Bytes, Vec<Outgoing>) {
+        let companions = self.take_companions(first, now);
+        if companions.is_empty() {
+            return (first.body.clone(), companions);
+        }
+        let bodies = std::iter::once(first)
+            .chain(&companions)
+            .map(|m| &m.body[..]);
+        match jetmq_common::envelope::encode_bundle(bodies) {
+            Ok(body) => {
+                self.metrics.publish_bundles.inc();
+                self.metrics
+                    .publish_bundled_messages
+                    .add(companions.len() as u64 + 1);
+                (body, companions)
+            }
+            Err(err) => {
+                // Not within the bounds take_companions keeps; should it happen, the
+                // companions go later on their own.
+                tracing::warn!(error = %err, "bundle not built");
+                for companion in companions.into_iter().rev() {
+                    self.queue.push_front(companion);
+                }
+                (first.body.clone(), Vec::new())
+            }
+        }
+    }
+
+    /// Queued messages that may share a stream message with `first`: same subject, no
+    /// headers, and no message of the same publisher skipped before them (its order).
+    fn take_companions(&mut self, first: &Outgoing, now: Instant) -> Vec<Outgoing> {
+        let mut companions = Vec::new();
+        if self.max_bundle <= 1 || first.headers.is_some() || self.queue.is_empty() {
+            return companions;
+        }
+        let mut bytes = 1 + 4 + first.body.len();
+        let mut skipped_sources: Vec<u64> = Vec::new();
+        let mut rest = VecDeque::with_capacity(self.queue.len());
+        let mut scanned = 0;
+        while let Some(message) = self.queue.pop_front() {
+            scanned += 1;
+            let joins = message.subject == first.subject
+                && message.headers.is_none()
+                && message.give_up_at.is_none_or(|at| at > now)
+                && bytes + 4 + message.body.len() <= MAX_BUNDLE_BYTES
+                && !skipped_sources.contains(&message.source);
+            if joins {
+                bytes += 4 + message.body.len();
+                companions.push(message);
+            } else {
+                if !skipped_sources.contains(&message.source) {
+                    skipped_sources.push(message.source);
+                }
+                rest.push_back(message);
+            }
+            if companions.len() + 1 >= self.max_bundle || scanned >= BUNDLE_SCAN {
+                break;
+            }
+        }
+        rest.append(&mut self.queue);
+        self.queue = rest;
+        companions
     }
 
     /// The next message to put on the wire, if any. `input_idle`: no connection has
@@ -430,6 +530,7 @@ impl Book {
                     waiting_since: now,
                 });
             }
+            let (body, companions) = self.bundle(&message, now);
             let batch = self.batches.back_mut()?;
             let seq = batch.next_seq;
             batch.next_seq += 1;
@@ -439,10 +540,13 @@ impl Book {
                 seq,
                 subject: message.subject.clone(),
                 reply: reply_subject(&self.inbox, batch, seq, op),
-                body: message.body.clone(),
+                body,
                 headers: message.headers.clone(),
             };
             batch.unacked.push_back((seq, message));
+            batch
+                .unacked
+                .extend(companions.into_iter().map(|companion| (seq, companion)));
             return Some(wire);
         }
         // Nothing queued: commit the open batch once nothing else is coming and no other
@@ -490,11 +594,7 @@ impl Book {
             return;
         };
         if let Some(batch) = self.batches.get_mut(index) {
-            if let Some(at) = batch.unacked.iter().position(|(s, _)| *s == seq) {
-                if let Some((_, message)) = batch.unacked.remove(at) {
-                    message.complete(Err(BatchError::Failed(error.to_owned())));
-                }
-            }
+            batch.fail_seq(seq, error);
         }
         self.fail(index, Failure::Resend, now);
     }
@@ -559,11 +659,7 @@ impl Book {
                 if let (Some("err"), Some(seq)) = (reply.kind.as_deref(), reply.seq) {
                     // This message was refused: it alone fails, the rest is sent again.
                     if let Some(batch) = self.batches.get_mut(index) {
-                        if let Some(at) = batch.unacked.iter().position(|(s, _)| *s == seq) {
-                            if let Some((_, message)) = batch.unacked.remove(at) {
-                                message.complete(Err(BatchError::Failed(error.to_string())));
-                            }
-                        }
+                        batch.fail_seq(seq, &error.to_string());
                     }
                 }
                 tracing::warn!(%error, "batch publish refused; publishing again");
@@ -888,6 +984,7 @@ mod tests {
                 subject: Subject::from("jetmq.s.0.t"),
                 body: Bytes::from_static(b"x"),
                 headers: None,
+                source: 1,
                 done,
                 give_up_at: Some(now + GIVE_UP_AFTER),
             },
@@ -921,6 +1018,116 @@ mod tests {
 
     fn state(rx: &mut oneshot::Receiver<Result<(), BatchError>>) -> Option<Result<(), BatchError>> {
         rx.try_recv().ok()
+    }
+
+    /// A message of `source` on `subject` with `body`.
+    fn from(
+        source: u64,
+        subject: &str,
+        body: &'static str,
+        now: Instant,
+    ) -> (Outgoing, oneshot::Receiver<Result<(), BatchError>>) {
+        let (mut m, r) = message(now);
+        m.source = source;
+        m.subject = Subject::from(subject);
+        m.body = Bytes::from_static(body.as_bytes());
+        (m, r)
+    }
+
+    fn parts(wire: &Wire) -> Vec<Bytes> {
+        jetmq_common::envelope::split_bundle(wire.body.clone()).expect("splits")
+    }
+
+    #[test]
+    fn queued_messages_of_one_subject_go_as_one_bundle_in_each_publishers_order() {
+        let now = Instant::now();
+        let mut book = book();
+        book.max_bundle = 3;
+        let mut receivers = Vec::new();
+        // Publisher 1 sends x, y, x; publisher 2 sends x, x, x.
+        for (source, subject, body) in [
+            (1, "s.x", "1x1"),
+            (2, "s.x", "2x1"),
+            (1, "s.y", "1y1"),
+            (1, "s.x", "1x2"),
+            (2, "s.x", "2x2"),
+            (2, "s.x", "2x3"),
+        ] {
+            let (m, r) = from(source, subject, body, now);
+            book.enqueue(std::iter::once(m), now);
+            receivers.push(r);
+        }
+        let wires = drain(&mut book, now, false);
+        let bodies: Vec<Vec<Bytes>> = wires.iter().map(parts).collect();
+        // 1x2 may not join 1x1's bundle: 1y1, sent after 1x1, would then come after it.
+        // The bundle stops at three.
+        assert_eq!(
+            bodies,
+            vec![
+                vec![Bytes::from("1x1"), Bytes::from("2x1"), Bytes::from("2x2")],
+                vec![Bytes::from("1y1")],
+                vec![Bytes::from("1x2"), Bytes::from("2x3")],
+            ]
+        );
+        assert_eq!(book.metrics.publish_bundles.get(), 2);
+        assert_eq!(book.metrics.publish_bundled_messages.get(), 5);
+        // One stream message per bundle: the flow ack of the first two covers four messages.
+        book.on_answer(
+            0,
+            serde_json::from_str(r#"{"type":"ack","seq":2,"msgs":200}"#).expect("json"),
+            now,
+        );
+        let done: Vec<bool> = receivers
+            .iter_mut()
+            .map(|r| state(r) == Some(Ok(())))
+            .collect();
+        assert_eq!(done, [true, true, true, false, true, false]);
+    }
+
+    #[test]
+    fn a_failed_bundle_is_sent_again_in_the_same_order() {
+        let now = Instant::now();
+        let mut book = book();
+        book.max_bundle = 8;
+        let mut receivers = Vec::new();
+        for body in ["a", "b", "c"] {
+            let (m, r) = from(1, "s.x", body, now);
+            book.enqueue(std::iter::once(m), now);
+            receivers.push(r);
+        }
+        let first = drain(&mut book, now, false);
+        assert_eq!(first.len(), 1);
+        answer(
+            &mut book,
+            &first[0],
+            r#"{"type":"gap","last_seq":0,"seq":1}"#,
+            now,
+        );
+        let again = drain(&mut book, now, false);
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            parts(&again[0]),
+            vec![Bytes::from("a"), Bytes::from("b"), Bytes::from("c")]
+        );
+        assert!(receivers.iter_mut().all(|r| state(r).is_none()));
+    }
+
+    #[test]
+    fn messages_with_headers_or_too_large_for_a_bundle_go_alone() {
+        let now = Instant::now();
+        let mut book = book();
+        book.max_bundle = 8;
+        let (mut traced, _r1) = from(1, "s.x", "t", now);
+        traced.headers = Some(HeaderMap::new());
+        let (plain, _r2) = from(2, "s.x", "p", now);
+        let (mut big, _r3) = from(3, "s.x", "", now);
+        big.body = Bytes::from(vec![b'x'; MAX_BUNDLE_BYTES]);
+        book.enqueue([traced, plain, big].into_iter(), now);
+        let wires = drain(&mut book, now, false);
+        assert_eq!(wires.len(), 3);
+        assert_eq!(wires[0].body, Bytes::from("t"), "no bundle: it has headers");
+        assert_eq!(wires[1].body, Bytes::from("p"), "the next does not fit");
+        assert_eq!(wires[2].body.len(), MAX_BUNDLE_BYTES);
     }
 
     #[test]

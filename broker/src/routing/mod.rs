@@ -1,13 +1,14 @@
 //! Where messages leave: the node reads the whole message stream once, in order, and hands
 //! each message to the local sessions whose subscriptions match.
 //!
-//! Every message carries its stream sequence, so a session always knows exactly how far it
-//! got. A session that attaches (connect, resume) or falls behind (its queue was full)
+//! Every message carries its position in the stream ([`position`]), so a session always
+//! knows exactly how far it got. A session that attaches (connect, resume) or falls behind (its queue was full)
 //! catches up by replaying from its own position: from the in-memory [`ReplayRing`] when it
 //! still covers the gap, else from JetStream.
 
 pub mod index;
 pub mod mailbox;
+pub mod position;
 mod replay;
 pub mod shared;
 pub mod stall;
@@ -34,7 +35,8 @@ use crate::telemetry::Metrics;
 /// One MQTT message as stored in the message stream.
 #[derive(Debug)]
 pub struct StoredMessage {
-    /// Stream sequence in `JETMQ_MSGS`; 0 for messages that did not come from it (retained).
+    /// Position in `JETMQ_MSGS` ([`position`]); 0 for messages that did not come from it
+    /// (retained) or that the session must not count (shared subscriptions).
     pub seq: u64,
     pub topic: String,
     pub envelope: Envelope,
@@ -126,6 +128,9 @@ pub struct ReplayRing {
     topic_hashes: VecDeque<u64>,
     /// Keyed per process, so nobody can choose topics that pile into one `by_topic` slot.
     topic_hasher: std::collections::hash_map::RandomState,
+    /// Every message up to this position that the ring ever had is gone from it (and the
+    /// ring never had those before the node's start): it holds whatever came after.
+    evicted_upto: u64,
     bytes: usize,
     max_messages: usize,
     max_bytes: usize,
@@ -177,6 +182,7 @@ impl ReplayRing {
                 break;
             };
             self.bytes -= old.approximate_size() + RING_INDEX_OVERHEAD;
+            self.evicted_upto = old.seq;
             if let Some(seqs) = self.by_topic.get_mut(&hash) {
                 seqs.pop_front();
                 if seqs.is_empty() {
@@ -186,10 +192,10 @@ impl ReplayRing {
         }
     }
 
+    /// Positions have gaps (a stream message of one MQTT message leaves 255 unused), so the
+    /// ring keeps how far it evicted rather than comparing with its first message.
     fn covers(&self, after: u64) -> bool {
-        self.messages
-            .front()
-            .is_some_and(|first| after + 1 >= first.seq)
+        after >= self.evicted_upto
     }
 
     fn at(&self, seq: u64) -> Option<&MessageRef> {
@@ -274,14 +280,15 @@ struct RouterState {
 /// The node-wide dispatcher; shared by all connections.
 pub struct Router {
     state: RwLock<RouterState>,
-    /// Highest stream sequence dispatched so far.
+    /// Highest position dispatched so far: always the end of a stream message.
     position: AtomicU64,
     ring: Mutex<ReplayRing>,
     metrics: Arc<Metrics>,
 }
 
 impl Router {
-    pub fn new(start_position: u64, ring: ReplayRing, metrics: Arc<Metrics>) -> Router {
+    pub fn new(start_position: u64, mut ring: ReplayRing, metrics: Arc<Metrics>) -> Router {
+        ring.evicted_upto = ring.evicted_upto.max(start_position);
         Router {
             state: RwLock::new(RouterState {
                 index: SubscriptionIndex::default(),
@@ -375,18 +382,31 @@ impl Router {
             .matching(filters, after, upto, limit)
     }
 
-    /// Hands one message to every matching local session.
-    pub fn dispatch(&self, msg: MessageRef) {
-        let seq = msg.seq;
+    /// Hands the messages of one stream message to every matching local session; the
+    /// router's position then moves to `upto`, the end of that stream message.
+    pub fn dispatch(&self, msgs: &[MessageRef], upto: u64) {
         // Into the ring before the position moves: a catch-up up to the router's position
         // (clear_lag, attach) reads the ring and must find every message up to it. Pushing
         // after publishing the position lost messages under load (qos1-backlog benchmark).
-        self.ring
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(msg.clone());
         {
-            let state = self.read_state();
+            let mut ring = self
+                .ring
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for msg in msgs {
+                ring.push(msg.clone());
+            }
+        }
+        let state = self.read_state();
+        for msg in msgs {
+            self.dispatch_one(&state, msg);
+        }
+        self.position.store(upto, Ordering::Release);
+    }
+
+    fn dispatch_one(&self, state: &RouterState, msg: &MessageRef) {
+        let seq = msg.seq;
+        {
             let mut matches = Vec::new();
             state.index.matches(&msg.topic, &mut matches);
             matches.sort_unstable_by_key(|m| m.session);
@@ -402,7 +422,7 @@ impl Router {
                 entries.clear();
                 entries.extend(group.iter().map(|m| m.entry));
                 let is_self = *link.client_id == *msg.envelope.client_id;
-                let Some(delivery) = merge_matches(&msg, &entries, is_self) else {
+                let Some(delivery) = merge_matches(msg, &entries, is_self) else {
                     continue;
                 };
                 let qos = delivery.qos;
@@ -412,12 +432,13 @@ impl Router {
                         self.metrics.dropped_qos0.inc();
                     }
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        link.lagged.store(seq, Ordering::Release);
+                        // The lowest skipped: an earlier message of the same bundle may
+                        // have set it already.
+                        let _ = link.lagged.fetch_min(seq, Ordering::AcqRel);
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
             }
-            self.position.store(seq, Ordering::Release);
         }
     }
 }
@@ -464,7 +485,7 @@ async fn read_stream(
             deliver_subject: client.new_inbox(),
             filter_subject: format!("{}.>", jetmq_common::subject::SHARE_PREFIX),
             deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: router.position() + 1,
+                start_sequence: position::first_stream_seq_after(router.position()),
             },
             ..Default::default()
         },
@@ -478,7 +499,7 @@ async fn read_stream(
             _ = checks.tick() => {
                 // Every message of the stream matches the reader's filter, so its last
                 // sequence is where the router must get to.
-                watch.check(stream, router.position()).await?;
+                watch.check(stream, position::stream_seq(router.position())).await?;
                 continue;
             }
             next = messages.next() => next,
@@ -502,14 +523,15 @@ async fn read_stream(
             tracing::warn!(reply = ?message.reply, "message without JetStream metadata");
             continue;
         };
-        if seq <= router.position() {
+        let upto = position::end_of(seq);
+        if upto <= router.position() {
             continue;
         }
-        match decode_stream_message(seq, message.subject.as_str(), message.payload.clone()) {
-            Ok(msg) => router.dispatch(Arc::new(msg)),
+        match decode_stream_messages(Some(seq), message.subject.as_str(), message.payload.clone()) {
+            Ok(msgs) => router.dispatch(&msgs, upto),
             Err(err) => {
                 tracing::warn!(seq, subject = %message.subject, error = %err, "skipping undecodable message");
-                router.position.store(seq, Ordering::Release);
+                router.position.store(upto, Ordering::Release);
             }
         }
     }
@@ -547,19 +569,34 @@ pub enum DecodeMessageError {
     Envelope(#[from] jetmq_common::envelope::EnvelopeError),
 }
 
-pub fn decode_stream_message(
-    seq: u64,
+/// The MQTT messages of one stream message (several if it is a bundle), each with its
+/// position if `stream_seq` is given, else with 0.
+pub fn decode_stream_messages(
+    stream_seq: Option<u64>,
     subject: &str,
     body: Bytes,
-) -> Result<StoredMessage, DecodeMessageError> {
+) -> Result<Vec<MessageRef>, DecodeMessageError> {
     let (_, topic) = jetmq_common::subject::parse_stream_subject(subject)?;
-    let (envelope, payload) = Envelope::decode(body)?;
-    Ok(StoredMessage {
-        seq,
-        topic,
-        envelope,
-        payload,
-    })
+    let bodies = jetmq_common::envelope::split_bundle(body)?;
+    let mut out = Vec::with_capacity(bodies.len());
+    let last = bodies.len().saturating_sub(1);
+    let mut topic = Some(topic);
+    for (index, body) in bodies.into_iter().enumerate() {
+        let (envelope, payload) = Envelope::decode(body)?;
+        // The last (usually the only) message takes the topic itself.
+        let topic = if index == last {
+            topic.take()
+        } else {
+            topic.clone()
+        };
+        out.push(Arc::new(StoredMessage {
+            seq: stream_seq.map_or(0, |s| position::of(s, index)),
+            topic: topic.unwrap_or_default(),
+            envelope,
+            payload,
+        }));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -689,6 +726,51 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_ring_covers_ranges_across_the_gaps_between_positions() {
+        let router = Router::new(
+            position::end_of(10),
+            ReplayRing::new(3, usize::MAX),
+            Arc::new(Metrics::default()),
+        );
+        // Stream message 11 is a bundle of two, 12 a single message.
+        let bundle = [msg(position::of(11, 0), 1), msg(position::of(11, 1), 1)];
+        router.dispatch(&bundle, position::end_of(11));
+        router.dispatch(&[msg(position::of(12, 0), 1)], position::end_of(12));
+        assert_eq!(router.position(), position::end_of(12));
+        // Before the node's start: not in the ring.
+        assert!(router
+            .ring_range(position::end_of(9), position::end_of(12))
+            .is_none());
+        let seqs = |after, upto| -> Vec<u64> {
+            router
+                .ring_range(after, upto)
+                .expect("held")
+                .iter()
+                .map(|m| m.seq)
+                .collect()
+        };
+        assert_eq!(
+            seqs(position::end_of(10), position::end_of(12)),
+            vec![
+                position::of(11, 0),
+                position::of(11, 1),
+                position::of(12, 0)
+            ]
+        );
+        // A session that finished the first half of the bundle.
+        assert_eq!(
+            seqs(position::of(11, 0), position::end_of(12)),
+            vec![position::of(11, 1), position::of(12, 0)]
+        );
+        // One more message evicts the bundle's first half.
+        router.dispatch(&[msg(position::of(13, 0), 1)], position::end_of(13));
+        assert!(router
+            .ring_range(position::end_of(10), position::end_of(13))
+            .is_none());
+        assert_eq!(seqs(position::of(11, 0), position::of(11, 1)).len(), 1);
+    }
+
+    #[test]
     fn the_ring_holds_every_message_up_to_the_published_position() {
         // A catch-up reads the ring up to router.position(): the message at that position
         // must already be there, whatever the dispatching thread is doing meanwhile.
@@ -701,7 +783,7 @@ pub(crate) mod tests {
             let router = router.clone();
             std::thread::spawn(move || {
                 for seq in 1..=50_000 {
-                    router.dispatch(msg(seq, 1));
+                    router.dispatch(&[msg(position::of(seq, 0), 1)], position::end_of(seq));
                 }
             })
         };
@@ -709,9 +791,10 @@ pub(crate) mod tests {
         let mut checked = 0;
         while !writer.is_finished() || checked == 0 {
             let position = router.position();
-            if position > 0 {
+            let seq = position::stream_seq(position);
+            if seq > 0 {
                 let (found, _) = router
-                    .ring_matching(&filters, position - 1, position, 1)
+                    .ring_matching(&filters, position::end_of(seq - 1), position, 1)
                     .expect("the ring covers the newest messages");
                 assert_eq!(found.len(), 1, "message {position} missing from the ring");
                 checked += 1;
@@ -784,12 +867,19 @@ pub(crate) mod tests {
             },
             &[("a/#".to_owned(), sub)],
         );
-        router.dispatch(msg(1, 1));
-        router.dispatch(msg(2, 1));
-        router.dispatch(msg(3, 1));
-        assert_eq!(lagged.load(Ordering::Acquire), 2);
-        assert_eq!(rx.recv().await.msg.seq, 1);
-        assert_eq!(router.position(), 3);
-        assert_eq!(router.ring_range(1, 3).expect("held").len(), 2);
+        // One single message, then a bundle of two: the queue (room for one) is full at the
+        // bundle's first half, which is where the session must catch up from.
+        router.dispatch(&[msg(position::of(1, 0), 1)], position::end_of(1));
+        router.dispatch(
+            &[msg(position::of(2, 0), 1), msg(position::of(2, 1), 1)],
+            position::end_of(2),
+        );
+        assert_eq!(lagged.load(Ordering::Acquire), position::of(2, 0));
+        assert_eq!(rx.recv().await.msg.seq, position::of(1, 0));
+        assert_eq!(router.position(), position::end_of(2));
+        let behind = router
+            .ring_range(position::of(1, 0), position::end_of(2))
+            .expect("held");
+        assert_eq!(behind.len(), 2);
     }
 }

@@ -1,13 +1,12 @@
 //! Catching a session up: the messages between its own position and the router's.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::Stream;
 use futures::StreamExt;
 
-use super::{decode_stream_message, MessageRef, Router};
+use super::{decode_stream_messages, position, MessageRef, Router};
 use crate::topic;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,9 +17,9 @@ pub enum ReplayError {
     Fetch(String),
 }
 
-/// Up to `limit` messages with `after < seq <= upto` whose topic matches one of `filters`
-/// (MQTT filters without `$share/`), oldest first, and the sequence up to which the range
-/// has been looked at (`upto` unless `limit` cut it short).
+/// Up to `limit` messages with `after < position <= upto` whose topic matches one of
+/// `filters` (MQTT filters without `$share/`), oldest first, and the position up to which
+/// the range has been looked at (`upto` unless `limit` cut it short).
 pub async fn replay_range(
     router: &Router,
     stream: &Stream,
@@ -60,7 +59,7 @@ async fn from_jetstream(
     subjects.dedup();
     let config = |filter_subjects: Vec<String>| pull::Config {
         deliver_policy: DeliverPolicy::ByStartSequence {
-            start_sequence: after + 1,
+            start_sequence: position::first_stream_seq_after(after),
         },
         ack_policy: AckPolicy::None,
         filter_subjects,
@@ -92,17 +91,21 @@ async fn from_jetstream(
             got_any = true;
             let Ok(info) = message.info() else { continue };
             let seq = info.stream_sequence;
-            if seq > upto {
+            if position::of(seq, 0) > upto {
                 break 'fetching upto;
             }
             let pending = info.pending;
-            if let Ok(msg) =
-                decode_stream_message(seq, message.subject.as_str(), message.payload.clone())
-            {
-                let msg = Arc::new(msg);
+            let msgs = decode_stream_messages(
+                Some(seq),
+                message.subject.as_str(),
+                message.payload.clone(),
+            )
+            .unwrap_or_default();
+            // A bundle the session is in the middle of: only what follows its position.
+            for msg in msgs.into_iter().filter(|m| m.seq > after && m.seq <= upto) {
                 if wanted(&msg) {
                     if out.len() == limit {
-                        break 'fetching seq - 1;
+                        break 'fetching msg.seq - 1;
                     }
                     out.push(msg);
                 }

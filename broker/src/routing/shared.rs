@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hasher;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,18 +23,28 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{decode_stream_message, SessionKey, SubEntry};
+use super::{decode_stream_messages, position, SessionKey, SubEntry};
 
 /// The JetStream message behind a shared delivery; negatively acknowledged if dropped
 /// unacknowledged, so another member gets it without waiting for the ack timeout.
+///
+/// A bundle (several QoS 1 messages in one stream message) is one JetStream message: it is
+/// acknowledged once its members acknowledged every part, and handed out again whole if one
+/// part was not (the parts already acknowledged then arrive twice, which QoS 1 allows;
+/// QoS 2 messages are never bundled).
 pub struct SharedAck {
     message: jetstream::Message,
+    /// Parts not acknowledged yet.
+    remaining: AtomicUsize,
     done: AtomicBool,
 }
 
 impl SharedAck {
+    /// One part acknowledged by its member.
     pub fn ack(&self) {
-        if !self.done.swap(true, Ordering::AcqRel) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+            && !self.done.swap(true, Ordering::AcqRel)
+        {
             let message = self.message.clone();
             tokio::spawn(async move {
                 if let Err(err) = message.ack().await {
@@ -185,7 +195,9 @@ impl SharedGroups {
         self.groups.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn join(self: &Arc<Self>, group: &str, filter: &str, member: Member, position: u64) {
+    /// `after`: the position after which the group's messages are wanted, if this node
+    /// creates the group's consumer.
+    pub fn join(self: &Arc<Self>, group: &str, filter: &str, member: Member, after: u64) {
         let key = (group.to_owned(), filter.to_owned());
         let mut groups = self.lock();
         if let Some(existing) = groups.get_mut(&key) {
@@ -197,7 +209,7 @@ impl SharedGroups {
         groups.insert(
             key.clone(),
             Group {
-                start_sequence: position + 1,
+                start_sequence: position::first_stream_seq_after(after),
                 members: vec![member],
                 next: 0,
                 stop: stop.clone(),
@@ -268,27 +280,33 @@ impl SharedGroups {
                 anyhow::bail!("shared subscription stream ended");
             };
             let message = message?;
+            // Shared deliveries carry no position: the group's consumer, not the
+            // session's cursor, keeps track of them.
             let decoded =
-                decode_stream_message(0, message.subject.as_str(), message.payload.clone());
-            let msg = match decoded {
-                Ok(msg) => Arc::new(msg),
+                decode_stream_messages(None, message.subject.as_str(), message.payload.clone());
+            let msgs = match decoded {
+                Ok(msgs) => msgs,
                 Err(err) => {
                     tracing::warn!(error = %err, "undecodable message on shared subscription; dropped");
                     let _ = message.ack_with(AckKind::Term).await;
                     continue;
                 }
             };
-            if !crate::topic::matches(filter, &msg.topic) {
+            if !msgs.iter().all(|m| crate::topic::matches(filter, &m.topic)) {
                 // A `$` topic reached through a leading wildcard: not for MQTT subscribers.
                 let _ = message.ack().await;
                 continue;
             }
             let ack = Arc::new(SharedAck {
                 message,
+                remaining: AtomicUsize::new(msgs.len()),
                 done: AtomicBool::new(false),
             });
             let seq = ack.message.info().map_or(0, |i| i.stream_sequence);
-            if !self.hand_to_member(key, &msg, seq, ack.clone()) {
+            let handed = msgs
+                .iter()
+                .all(|msg| self.hand_to_member(key, msg, seq, ack.clone()));
+            if !handed {
                 // No member here can take it now: let another node's member have it.
                 ack.done.store(true, Ordering::Release);
                 let _ = ack

@@ -97,15 +97,15 @@ pub struct SessionRecord {
     #[serde(default)]
     pub disconnected_at_ms: Option<u64>,
     pub subscriptions: Vec<StoredSubscription>,
-    /// Every QoS 1/2 message with a stream sequence up to here is done for this session,
-    /// apart from those in `released`.
+    /// Every QoS 1/2 message with a position ([`crate::routing::position`]) up to here is
+    /// done for this session, apart from those in `released`.
     pub cursor: u64,
-    /// Stream sequences of QoS 2 messages whose PUBREC arrived: on resume they get a
-    /// PUBREL, never the PUBLISH again.
+    /// Positions of QoS 2 messages whose PUBREC arrived: on resume they get a PUBREL, never
+    /// the PUBLISH again.
     #[serde(default)]
     pub released: Vec<u64>,
     /// Written when a connection ends in order (DISCONNECT, a lost socket, a hand-over):
-    /// nothing above this stream sequence was sent to the client, so on resume those
+    /// nothing above this position was sent to the client, so on resume those
     /// messages go out as first deliveries (DUP 0). None while a connection holds the
     /// session, and so after a node died: then anything above the cursor may have been sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,6 +122,10 @@ pub struct SessionRecord {
     /// For authorizing the will when a node other than the client's publishes it.
     #[serde(default)]
     pub username: Option<String>,
+    /// True when `cursor`, `released` and `sent_upto` count positions. Builds before
+    /// bundles counted stream sequences; [`SessionRecord::from_json`] converts such records.
+    #[serde(default)]
+    pub positions: bool,
 }
 
 impl SessionRecord {
@@ -140,7 +144,24 @@ impl SessionRecord {
             will_due_ms: None,
             protocol_v5: false,
             username: None,
+            positions: true,
         }
+    }
+
+    /// Reads a stored record, converting one that counted stream sequences.
+    pub fn from_json(json: &[u8]) -> serde_json::Result<SessionRecord> {
+        use crate::routing::position;
+        let mut record: SessionRecord = serde_json::from_slice(json)?;
+        if !record.positions {
+            // Each old sequence was one stream message holding one MQTT message.
+            record.cursor = position::end_of(record.cursor);
+            record.sent_upto = record.sent_upto.map(position::end_of);
+            for released in &mut record.released {
+                *released = position::of(*released, 0);
+            }
+            record.positions = true;
+        }
+        Ok(record)
     }
 
     /// A disconnected session whose expiry has passed is gone.
@@ -229,8 +250,22 @@ mod tests {
         });
         record.released = vec![7, 9];
         let json = serde_json::to_vec(&record).expect("serializes");
-        let back: SessionRecord = serde_json::from_slice(&json).expect("parses");
+        let back = SessionRecord::from_json(&json).expect("parses");
         assert_eq!(back, record);
+    }
+
+    #[test]
+    fn records_that_counted_stream_sequences_are_converted_to_positions() {
+        use crate::routing::position;
+        let old = br#"{"client_id":"c","owner":null,"expiry_secs":60,"subscriptions":[],
+            "cursor":41,"released":[43],"sent_upto":44}"#;
+        let record = SessionRecord::from_json(old).expect("parses");
+        assert!(record.positions);
+        assert_eq!(record.cursor, position::end_of(41));
+        assert_eq!(record.released, vec![position::of(43, 0)]);
+        assert_eq!(record.sent_upto, Some(position::end_of(44)));
+        let current = serde_json::to_vec(&record).expect("serializes");
+        assert_eq!(SessionRecord::from_json(&current).expect("parses"), record);
     }
 
     #[test]

@@ -60,7 +60,7 @@ impl SessionStore {
             None => Ok((None, 0)),
             Some(entry) if entry.operation != Operation::Put => Ok((None, entry.revision)),
             Some(entry) => {
-                let record = serde_json::from_slice(&entry.value)
+                let record = SessionRecord::from_json(&entry.value)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 Ok((Some(record), entry.revision))
             }
