@@ -1,8 +1,8 @@
 //! The outgoing half of a session as a state machine, free of I/O: which messages wait,
 //! which are in flight under which packet id, and how far the session durably got.
 //!
-//! Packet identifiers of messages from the stream are derived from their stream sequence,
-//! so after a crash the node that resumes the session resends an unfinished QoS 2 message
+//! Packet identifiers of messages from the stream are derived from their position
+//! ([`crate::routing::position`]), so after a crash the node that resumes the session resends an unfinished QoS 2 message
 //! under the same identifier and the client recognises it instead of delivering it twice.
 
 use std::collections::{HashMap, HashSet, VecDeque};
