@@ -533,3 +533,28 @@ class RawClient:
 
 def sub_options(qos: int = 0, no_local: bool = False, retain_as_published: bool = False, retain_handling: int = 0) -> int:
     return qos | (0x04 if no_local else 0) | (0x08 if retain_as_published else 0) | (retain_handling << 4)
+
+
+def publish_bursts(host: str, port: int, topic_of, publishers: int, rounds: int, per_round: int) -> None:
+    """QoS 1 load that makes jetmq bundle: each of `publishers` connections writes `per_round`
+    PUBLISH packets (at most the broker's receive maximum) to ``topic_of(publisher)`` in one TCP
+    write, all connections at once, round after round, so the node's batch task finds many
+    messages of one topic queued together. Payloads are ``<publisher>:<n>``, n counting from 0
+    per publisher. Every PUBACK must be success."""
+    from mqtt_client import uid
+
+    pubs = [RawClient(host, port) for _ in range(publishers)]
+    try:
+        for p in pubs:
+            p.mqtt_connect(uid("burst"))
+        for r in range(rounds):
+            for i, p in enumerate(pubs):
+                p.send(b"".join(publish(topic_of(i), f"{i}:{r * per_round + k}".encode(), qos=1, packet_id=k + 1)
+                                for k in range(per_round)))
+            for p in pubs:
+                acks = [p.expect(PUBACK, timeout=20) for _ in range(per_round)]
+                assert sorted(a.packet_id for a in acks) == list(range(1, per_round + 1))
+                assert all(not a.reason for a in acks), acks
+    finally:
+        for p in pubs:
+            p.close()

@@ -36,24 +36,7 @@ def fresh_nats(tmp_path):
 
 
 def burst(b: harness.BrokerNode, topic: str) -> None:
-    """Each publisher writes PER_ROUND QoS 1 PUBLISH packets in one TCP write, all publishers
-    at once, round after round: the node's batch task finds many messages of one topic queued
-    together. Every PUBACK must be success."""
-    pubs = [raw.RawClient(b.host, b.port) for _ in range(PUBLISHERS)]
-    try:
-        for p in pubs:
-            p.mqtt_connect(uid("bp"))
-        for r in range(ROUNDS):
-            for i, p in enumerate(pubs):
-                p.send(b"".join(raw.publish(f"{topic}/{i}", f"{i}:{r * PER_ROUND + k}".encode(), qos=1,
-                                            packet_id=k + 1) for k in range(PER_ROUND)))
-            for p in pubs:
-                acks = [p.expect(raw.PUBACK, timeout=20) for _ in range(PER_ROUND)]
-                assert sorted(a.packet_id for a in acks) == list(range(1, PER_ROUND + 1))
-                assert all(not a.reason for a in acks), acks
-    finally:
-        for p in pubs:
-            p.close()
+    raw.publish_bursts(b.host, b.port, lambda i: f"{topic}/{i}", PUBLISHERS, ROUNDS, PER_ROUND)
 
 
 def in_publisher_order(payloads: list[bytes]) -> bool:
@@ -108,7 +91,6 @@ def test_bundled_messages_reach_every_kind_of_reader_in_order(fresh_nats, broker
         info = json.loads(fresh_nats.request("$JS.API.STREAM.INFO.JETMQ_MSGS"))
         stored = info["state"]["messages"]
         assert stored < TOTAL, f"{stored} stream messages for {TOTAL} MQTT messages"
-        print(f"{stored} stream messages, {bundles} bundles of {bundled}")
 
         # Live: every message once, in stream order (which keeps each publisher's order).
         got = live.expect(TOTAL, timeout=30)

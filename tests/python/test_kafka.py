@@ -14,7 +14,9 @@ import pytest
 
 import harness
 import kafka_harness as kh
+import mqtt_raw as raw
 from mqtt_client import V311, V5, Client, uid
+from prom import node_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.jetmq_only("needs jetmq, NATS and Kafka")]
 
@@ -137,6 +139,30 @@ def test_every_qos_arrives_with_topic_key_value_and_headers(pipeline, version):
             names = {k for k, _ in r.headers}
             assert not any(n.startswith("mqtt.user.") for n in names)
             assert "mqtt.content_type" not in names
+    reader.close()
+
+
+def test_bundled_messages_become_one_record_each_in_order(pipeline):
+    # Batches from the first message; raw bursts make the node store messages of one topic
+    # together (bundles, see test_bundles.py).
+    p = pipeline(shares=1, broker_env={"JETMQ_NATS__BATCH_PUBLISH_AFTER": "0"})
+    b = p.brokers[0]
+    prefix = uid("kb")
+    topics, per_topic = 4, 200
+    raw.publish_bursts(b.host, b.port, lambda i: f"{prefix}/{i}/data", topics, per_topic // 20, 20)
+    assert node_metrics(b).value("jetmq_publish_bundles_total") >= 1
+    reader = p.reader("mqtt")
+    records = [r for r in reader.read_distinct(topics * per_topic, timeout=90)
+               if r.header_str("mqtt.topic").startswith(prefix)]
+    assert kh.distinct(records) == topics * per_topic, p.diagnostics()
+    assert kh.duplicates(records) == 0
+    assert any(r.header("jetmq.part") is not None for r in records), "no record came from a bundle"
+    for r in records:
+        assert r.key == r.header_str("mqtt.topic").encode()
+    order = order_by_topic(records)
+    assert sorted(order) == [f"{prefix}/{i}/data" for i in range(topics)]
+    for topic, ns in order.items():
+        assert ns == list(range(per_topic)), f"{topic}: order kept, nothing twice"
     reader.close()
 
 

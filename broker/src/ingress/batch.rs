@@ -56,7 +56,8 @@ const MAX_QUEUED: usize = 1024;
 pub const CHANNEL_CAPACITY: usize = 1024;
 /// Messages taken from the channel at once.
 const RECEIVE_AT_ONCE: usize = 256;
-/// Largest bundle body: far below NATS's default payload limit (1 MiB).
+/// Largest bundle body: far below NATS's default payload limit (1 MiB); a server configured
+/// with less gets bundles of at most half its limit.
 const MAX_BUNDLE_BYTES: usize = 64 * 1024;
 /// Queued messages looked at for one bundle: bounds the work per bundle.
 const BUNDLE_SCAN: usize = 512;
@@ -124,6 +125,10 @@ impl BatchPublisher {
         let mut book = Book::new(inbox, available.clone(), metrics);
         book.max_singles = singles_before_batching;
         book.max_bundle = max_bundle.clamp(1, jetmq_common::envelope::MAX_BUNDLE_MESSAGES);
+        let server_limit = client.server_info().max_payload;
+        if server_limit > 0 {
+            book.max_bundle_bytes = book.max_bundle_bytes.min(server_limit / 2);
+        }
         tokio::spawn(run(client, replies, rx, book, shutdown));
         Ok(BatchPublisher { tx, available })
     }
@@ -357,6 +362,7 @@ struct Book {
     max_singles: usize,
     /// Most messages per bundle; 1: none.
     max_bundle: usize,
+    max_bundle_bytes: usize,
     backoff: Duration,
     resume_at: Option<Instant>,
     available: Arc<AtomicBool>,
@@ -380,6 +386,7 @@ impl Book {
             next_single: 1,
             max_singles: 32,
             max_bundle: 1,
+            max_bundle_bytes: MAX_BUNDLE_BYTES,
             backoff: BACKOFF_FIRST,
             resume_at: None,
             available,
@@ -455,7 +462,7 @@ impl Book {
             let joins = message.subject == first.subject
                 && message.headers.is_none()
                 && message.give_up_at.is_none_or(|at| at > now)
-                && bytes + 4 + message.body.len() <= MAX_BUNDLE_BYTES
+                && bytes + 4 + message.body.len() <= self.max_bundle_bytes
                 && !skipped_sources.contains(&message.source);
             if joins {
                 bytes += 4 + message.body.len();
