@@ -220,6 +220,16 @@ def version(request) -> int:
 
 
 @pytest.fixture
+def fresh_nats(tmp_path):
+    """A nats-server of the test's own (JetStream, nothing else on it), for tests that look at
+    what jetmq stores."""
+    n = harness.NatsServer(tmp_path)
+    n.start()
+    yield n
+    n.terminate()
+
+
+@pytest.fixture
 def broker_factory(tmp_path_factory, request):
     """Start extra jetmq nodes with custom config/env: ``broker_factory(config=..., extra_env=...)``."""
     _require_broker_binary()

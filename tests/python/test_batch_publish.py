@@ -48,14 +48,6 @@ def publish_and_receive(b: harness.BrokerNode, n: int, version: int = V5, publis
             pub.close_quietly()
 
 
-@pytest.fixture
-def fresh_nats(tmp_path):
-    n = harness.NatsServer(tmp_path)
-    n.start()
-    yield n
-    n.terminate()
-
-
 # Batches from the first message, whatever the load.
 ALWAYS_BATCH = {"JETMQ_NATS__BATCH_PUBLISH_AFTER": "0"}
 

@@ -27,14 +27,6 @@ PER_ROUND = 20  # the test configuration's receive maximum
 TOTAL = PUBLISHERS * ROUNDS * PER_ROUND
 
 
-@pytest.fixture
-def fresh_nats(tmp_path):
-    n = harness.NatsServer(tmp_path)
-    n.start()
-    yield n
-    n.terminate()
-
-
 def burst(b: harness.BrokerNode, topic: str) -> None:
     raw.publish_bursts(b.host, b.port, lambda i: f"{topic}/{i}", PUBLISHERS, ROUNDS, PER_ROUND)
 
