@@ -369,6 +369,24 @@ mod tests {
 
     proptest! {
         #[test]
+        fn any_stored_body_splits_or_is_refused_without_panicking(
+            body in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let _ = split_bundle(Bytes::from(body));
+        }
+
+        #[test]
+        fn bundles_round_trip(
+            bodies in proptest::collection::vec(
+                proptest::collection::vec(any::<u8>(), 0..40), 1..MAX_BUNDLE_MESSAGES + 1),
+        ) {
+            let bundle = encode_bundle(bodies.iter().map(|b| &b[..])).expect("bundles");
+            let parts = split_bundle(bundle).expect("splits");
+            let parts: Vec<Vec<u8>> = parts.iter().map(|p| p.to_vec()).collect();
+            prop_assert_eq!(parts, bodies);
+        }
+
+        #[test]
         fn envelope_round_trips(
             qos in 0u8..3,
             retain: bool,
