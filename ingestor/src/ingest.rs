@@ -843,18 +843,24 @@ impl Pipeline<'_> {
     /// Keeps JetStream from redelivering messages that are still waiting for Kafka.
     async fn progress(&mut self, every: Duration) {
         let now = Instant::now();
-        for p in self.pending.iter_mut() {
-            if now.duration_since(p.last_progress) >= every {
-                if let Err(e) = p.acker.acker.ack_with(AckKind::Progress).await {
-                    debug!(seq = p.seq, error = %e, "progress ack failed");
-                }
-                p.last_progress = now;
+        let waiting = self.pending.iter_mut();
+        let blocked = self.blocked.iter_mut().map(|(p, _)| p);
+        let mut last_acked: Option<Arc<StoredAck>> = None;
+        for p in waiting.chain(blocked) {
+            if now.duration_since(p.last_progress) < every {
+                continue;
             }
-        }
-        for (p, _) in self.blocked.iter_mut() {
-            if now.duration_since(p.last_progress) >= every {
-                let _ = p.acker.acker.ack_with(AckKind::Progress).await;
-                p.last_progress = now;
+            p.last_progress = now;
+            // The records of a bundle follow each other and share one stream message.
+            if last_acked
+                .as_ref()
+                .is_some_and(|a| Arc::ptr_eq(a, &p.acker))
+            {
+                continue;
+            }
+            last_acked = Some(p.acker.clone());
+            if let Err(e) = p.acker.acker.ack_with(AckKind::Progress).await {
+                debug!(seq = p.seq, error = %e, "progress ack failed");
             }
         }
     }

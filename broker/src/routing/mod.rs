@@ -2,9 +2,9 @@
 //! each message to the local sessions whose subscriptions match.
 //!
 //! Every message carries its position in the stream ([`position`]), so a session always
-//! knows exactly how far it got. A session that attaches (connect, resume) or falls behind (its queue was full)
-//! catches up by replaying from its own position: from the in-memory [`ReplayRing`] when it
-//! still covers the gap, else from JetStream.
+//! knows exactly how far it got. A session that attaches (connect, resume) or falls behind
+//! (its queue was full) catches up by replaying from its own position: from the in-memory
+//! [`ReplayRing`] when it still covers the gap, else from JetStream.
 
 pub mod index;
 pub mod mailbox;
@@ -406,38 +406,34 @@ impl Router {
 
     fn dispatch_one(&self, state: &RouterState, msg: &MessageRef) {
         let seq = msg.seq;
-        {
-            let mut matches = Vec::new();
-            state.index.matches(&msg.topic, &mut matches);
-            matches.sort_unstable_by_key(|m| m.session);
-            let mut entries = Vec::new();
-            for group in matches.chunk_by(|a, b| a.session == b.session) {
-                let session = group[0].session;
-                let Some(link) = state.sessions.get(&session) else {
-                    continue;
-                };
-                if link.lagged.load(Ordering::Acquire) != NOT_LAGGED {
-                    continue;
+        let mut matches = Vec::new();
+        state.index.matches(&msg.topic, &mut matches);
+        matches.sort_unstable_by_key(|m| m.session);
+        let mut entries = Vec::new();
+        for group in matches.chunk_by(|a, b| a.session == b.session) {
+            let session = group[0].session;
+            let Some(link) = state.sessions.get(&session) else {
+                continue;
+            };
+            if link.lagged.load(Ordering::Acquire) != NOT_LAGGED {
+                continue;
+            }
+            entries.clear();
+            entries.extend(group.iter().map(|m| m.entry));
+            let is_self = *link.client_id == *msg.envelope.client_id;
+            let Some(delivery) = merge_matches(msg, &entries, is_self) else {
+                continue;
+            };
+            let qos = delivery.qos;
+            match link.tx.try_send(delivery) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) if qos == QoS::AtMostOnce => {
+                    self.metrics.dropped_qos0.inc();
                 }
-                entries.clear();
-                entries.extend(group.iter().map(|m| m.entry));
-                let is_self = *link.client_id == *msg.envelope.client_id;
-                let Some(delivery) = merge_matches(msg, &entries, is_self) else {
-                    continue;
-                };
-                let qos = delivery.qos;
-                match link.tx.try_send(delivery) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) if qos == QoS::AtMostOnce => {
-                        self.metrics.dropped_qos0.inc();
-                    }
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        // The lowest skipped: an earlier message of the same bundle may
-                        // have set it already.
-                        let _ = link.lagged.fetch_min(seq, Ordering::AcqRel);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    link.lagged.store(seq, Ordering::Release);
                 }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
     }

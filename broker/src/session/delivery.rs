@@ -2,8 +2,9 @@
 //! which are in flight under which packet id, and how far the session durably got.
 //!
 //! Packet identifiers of messages from the stream are derived from their position
-//! ([`crate::routing::position`]), so after a crash the node that resumes the session resends an unfinished QoS 2 message
-//! under the same identifier and the client recognises it instead of delivering it twice.
+//! ([`crate::routing::position`]), so after a crash the node that resumes the session
+//! resends an unfinished QoS 2 message under the same identifier and the client recognises
+//! it instead of delivering it twice.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::RangeInclusive;
