@@ -98,6 +98,19 @@ pub(super) async fn admit(node: &Node, connect: &Connect) -> Result<Admission, R
             Refusal::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
             Refusal::Busy => ReasonCode::SERVER_BUSY,
         })?;
+    let unusable = node.config.acl.unsafe_placeholders(crate::auth::Principal {
+        username: identity.username.as_deref(),
+        client_id: &client_id,
+    });
+    if !unusable.is_empty() {
+        // Not refused: the ACL fails closed for this client (see crate::auth).
+        tracing::warn!(
+            %client_id,
+            username = identity.username.as_deref(),
+            unusable = ?unusable,
+            "identity is missing, empty or holds + # / or NUL: ACL allow rules with its placeholder do not apply, deny rules with it cover every topic"
+        );
+    }
     Ok(Admission {
         client_id,
         assigned_client_id: assigned,
