@@ -6,9 +6,12 @@
 //!
 //! 1. a client certificate that passed verification and `tls.username_from_cert` is set:
 //!    the certificate's name is the username (username and password in CONNECT ignored);
-//! 2. JWT is configured and the password looks like a JWT (`xxx.yyy.zzz`): a valid token
-//!    (signature, `exp`, `nbf`, audience, issuer) makes its username claim the username;
-//!    an invalid one is refused with 0x86 / return code 4;
+//! 2. JWT is configured and the password looks like a JWT (`xxx.yyy.zzz` in base64url
+//!    characters), unless the username is a configured user and `auth.jwt.password_as_token`
+//!    is `unless_user` (the default: a configured user's password is always a password,
+//!    even one like `correct.horse.battery`): a valid token (signature, `exp`, `nbf`, and
+//!    `aud` / `iss`, which are required when configured) makes its username claim the
+//!    username; an invalid one is refused with 0x86 / return code 4;
 //! 3. the username is a configured user: the password must match its hash, else 0x86 / 4;
 //! 4. otherwise, with `auth.allow_anonymous`, the client is let in under the username it
 //!    sent (unverified; never one of the configured users), else refused: 0x86 / 4 if it
@@ -109,6 +112,20 @@ pub struct JwtConfig {
     pub username_claim: String,
     /// Clock skew allowed on `exp` and `nbf`, seconds.
     pub leeway_secs: u64,
+    /// When a password that looks like a JWT is taken as one.
+    pub password_as_token: PasswordAsToken,
+}
+
+/// When a CONNECT password shaped like a JWT (`xxx.yyy.zzz`) is checked as a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PasswordAsToken {
+    /// Unless the CONNECT username is a configured user (`auth.users`): that user's
+    /// password is checked against its hash, whatever it looks like.
+    #[default]
+    UnlessUser,
+    /// Always: a configured user whose password has two dots cannot log in.
+    Always,
 }
 
 impl Default for JwtConfig {
@@ -121,6 +138,7 @@ impl Default for JwtConfig {
             issuer: None,
             username_claim: "sub".to_owned(),
             leeway_secs: 30,
+            password_as_token: PasswordAsToken::default(),
         }
     }
 }
@@ -248,6 +266,7 @@ pub struct Authenticator {
 }
 
 struct Jwt {
+    password_as_token: PasswordAsToken,
     key: jsonwebtoken::DecodingKey,
     validation: jsonwebtoken::Validation,
     username_claim: String,
@@ -323,15 +342,24 @@ impl Authenticator {
             validation.leeway = c.leeway_secs;
             validation.validate_exp = true;
             validation.validate_nbf = true;
-            validation.set_required_spec_claims(&["exp"]);
+            // A configured audience or issuer is required, not only checked when present:
+            // otherwise a token minted for another service (no `aud`) or by anyone holding
+            // the key for another purpose (no `iss`) would pass.
+            let mut required = vec!["exp"];
             match &c.audience {
-                Some(aud) => validation.set_audience(&[aud]),
+                Some(aud) => {
+                    validation.set_audience(&[aud]);
+                    required.push("aud");
+                }
                 None => validation.validate_aud = false,
             }
             if let Some(iss) = &c.issuer {
                 validation.set_issuer(&[iss]);
+                required.push("iss");
             }
+            validation.set_required_spec_claims(&required);
             Some(Jwt {
+                password_as_token: c.password_as_token,
                 key,
                 validation,
                 username_claim: c.username_claim.clone(),
@@ -362,7 +390,7 @@ impl Authenticator {
                 expires_at: None,
             });
         }
-        if let (Some(jwt), Some(token)) = (&self.jwt, creds.password.and_then(looks_like_jwt)) {
+        if let Some((jwt, token)) = self.token_in(&creds) {
             return match jwt.check(token) {
                 Ok((username, expires_at)) => Ok(Identity {
                     username: Some(username),
@@ -411,6 +439,17 @@ impl Authenticator {
                 .await?;
         }
         Err(Refusal::BadCredentials)
+    }
+
+    /// The JWT to check, if JWT is configured and the password is to be taken as one.
+    fn token_in<'c>(&self, creds: &Credentials<'c>) -> Option<(&Jwt, &'c str)> {
+        let jwt = self.jwt.as_ref()?;
+        let token = creds.password.and_then(looks_like_jwt)?;
+        let configured_user = creds.username.is_some_and(|u| self.users.contains_key(u));
+        match jwt.password_as_token {
+            PasswordAsToken::UnlessUser if configured_user => None,
+            _ => Some((jwt, token)),
+        }
     }
 
     fn cache_key(&self, password: &[u8]) -> [u8; 32] {
@@ -472,7 +511,12 @@ impl Jwt {
             ErrorKind::InvalidIssuer => "wrong issuer",
             ErrorKind::InvalidSignature => "bad signature",
             ErrorKind::InvalidAlgorithm => "wrong algorithm",
-            ErrorKind::MissingRequiredClaim(_) => "missing a required claim",
+            ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+                "exp" => "no exp claim",
+                "aud" => "no aud claim (audience is configured)",
+                "iss" => "no iss claim (issuer is configured)",
+                _ => "missing a required claim",
+            },
             _ => "malformed",
         })?;
         // Validation required a numeric exp; fractional seconds round down.
@@ -686,6 +730,90 @@ mod tests {
             SECRET,
         );
         assert!(loose.authenticate(creds(None, Some(&t))).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn configured_audience_and_issuer_are_required() {
+        let mut config = config_with(&[], false);
+        config.jwt.secret = Some(SECRET.into());
+        config.jwt.audience = Some("jetmq".into());
+        config.jwt.issuer = Some("https://issuer.test".into());
+        let auth = Authenticator::new(&config).expect("auth");
+        let exp = now() + 60;
+        let full = serde_json::json!({"sub": "d", "aud": "jetmq", "iss": "https://issuer.test", "exp": exp});
+        assert!(auth
+            .authenticate(creds(None, Some(&token(full, SECRET))))
+            .await
+            .is_ok());
+        for (missing, claims) in [
+            (
+                "aud",
+                serde_json::json!({"sub": "d", "iss": "https://issuer.test", "exp": exp}),
+            ),
+            (
+                "iss",
+                serde_json::json!({"sub": "d", "aud": "jetmq", "exp": exp}),
+            ),
+            ("both", serde_json::json!({"sub": "d", "exp": exp})),
+        ] {
+            let t = token(claims, SECRET);
+            assert_eq!(
+                auth.authenticate(creds(None, Some(&t))).await,
+                Err(Refusal::BadCredentials),
+                "token without {missing}"
+            );
+        }
+        // Neither configured: neither required.
+        let loose = jwt_auth(None);
+        let t = token(serde_json::json!({"name": "d", "exp": exp}), SECRET);
+        assert!(loose.authenticate(creds(None, Some(&t))).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_configured_users_dotted_password_is_a_password() {
+        let dotted = "correct.horse.battery";
+        assert!(looks_like_jwt(dotted.as_bytes()).is_some());
+        let mut config = config_with(&[("alice", dotted)], false);
+        config.jwt.secret = Some(SECRET.into());
+        let good = token(
+            serde_json::json!({"sub": "dev-1", "exp": now() + 60}),
+            SECRET,
+        );
+
+        let auth = Authenticator::new(&config).expect("auth");
+        let id = auth
+            .authenticate(creds(Some("alice"), Some(dotted)))
+            .await
+            .expect("alice's own password");
+        assert_eq!(id.method, Method::Password);
+        // A token under a configured user's name is that user's (wrong) password.
+        assert_eq!(
+            auth.authenticate(creds(Some("alice"), Some(&good))).await,
+            Err(Refusal::BadCredentials)
+        );
+        // Any other username: the token decides.
+        let id = auth
+            .authenticate(creds(Some("x"), Some(&good)))
+            .await
+            .expect("token");
+        assert_eq!(
+            (id.username.as_deref(), id.method),
+            (Some("dev-1"), Method::Jwt)
+        );
+
+        config.jwt.password_as_token = PasswordAsToken::Always;
+        let always = Authenticator::new(&config).expect("auth");
+        assert_eq!(
+            always
+                .authenticate(creds(Some("alice"), Some(dotted)))
+                .await,
+            Err(Refusal::BadCredentials)
+        );
+        let id = always
+            .authenticate(creds(Some("alice"), Some(&good)))
+            .await
+            .expect("token");
+        assert_eq!(id.username.as_deref(), Some("dev-1"));
     }
 
     #[test]
