@@ -120,6 +120,10 @@ pub struct Limits {
     pub max_publish_rate: u32,
     /// Bytes per second read from one connection (0: no limit).
     pub max_inbound_bytes_rate: u64,
+    /// Connections open at once from one source address (IPv6: one /64); 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// New connections per second from one source address (IPv6: one /64); 0: no limit.
+    pub max_connect_rate_per_ip: u32,
 }
 
 /// Graceful drain (SIGTERM, SIGINT, `jetmq-broker drain`): see docs/drain.md.
@@ -219,6 +223,8 @@ impl Default for Limits {
             max_connect_rate: 0,
             max_publish_rate: 0,
             max_inbound_bytes_rate: 0,
+            max_connections_per_ip: 0,
+            max_connect_rate_per_ip: 0,
         }
     }
 }

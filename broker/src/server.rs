@@ -438,6 +438,18 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let per_ip = match edge.admit_peer(peer) {
+            Ok(guard) => guard,
+            Err(why) => {
+                // Logged once per refusal at info: an address hammering the node shows up,
+                // and the counter tells how often.
+                tracing::info!(%peer, reason = ?why, "per-address connection limit; refusing");
+                node.metrics.connections_refused_per_ip.inc();
+                drop(permit);
+                edge.refuse_peer(kind, stream, peer, why);
+                continue;
+            }
+        };
         if !edge.admit_connection() {
             drop(permit);
             edge.refuse(kind, stream, peer);
@@ -452,6 +464,7 @@ async fn accept_loop(
             if let Some((stream, peer_info)) = Box::pin(edge.upgrade(kind, stream, peer)).await {
                 transport::scope(peer_info, Box::pin(client::serve(node, stream, peer))).await;
             }
+            drop(per_ip);
             drop(permit);
         };
         tracker.spawn(task);

@@ -199,6 +199,8 @@ pub struct Metrics {
     /// 1 while the node drains (see [`crate::server`]).
     pub draining: Gauge,
     pub drain_disconnects: Counter,
+    /// Connections refused by `limits.max_connections_per_ip` / `max_connect_rate_per_ip`.
+    pub connections_refused_per_ip: Counter,
 }
 
 impl Metrics {
@@ -225,6 +227,12 @@ impl Metrics {
             "counter",
             "MQTT connections accepted.",
             self.connections_total.get().to_string(),
+        );
+        line(
+            "jetmq_connections_refused_per_ip_total",
+            "counter",
+            "Connections refused by the per-source-address limits (max_connections_per_ip, max_connect_rate_per_ip).",
+            self.connections_refused_per_ip.get().to_string(),
         );
         line(
             "jetmq_subscriptions",

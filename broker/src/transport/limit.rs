@@ -1,4 +1,5 @@
-//! Token buckets: the node-wide CONNECT rate and per-connection read limits.
+//! Token buckets: the node-wide CONNECT rate, per-source-address connection limits and
+//! per-connection read limits.
 //!
 //! Per-connection limits delay *reading* instead of disconnecting: once a connection has
 //! used up its PUBLISH or byte budget, its socket is not read until the budget has grown
@@ -6,7 +7,9 @@
 //! cost the node anything but its socket, and no well-behaved client is ever cut off for a
 //! burst.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -48,6 +51,12 @@ impl Bucket {
         } else {
             false
         }
+    }
+
+    /// True when the bucket has refilled completely: it is as good as a new one.
+    fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.capacity
     }
 
     /// Tokens available now (negative: debt).
@@ -103,6 +112,160 @@ impl ConnectRate {
                 .unwrap_or_else(|p| p.into_inner())
                 .try_take(now),
         }
+    }
+}
+
+/// Per-source-address limits: connections open at once and new connections per second
+/// from one address (`limits.max_connections_per_ip`, `limits.max_connect_rate_per_ip`).
+///
+/// An IPv6 client is counted by its /64 (one subscriber line or host usually gets a whole
+/// /64, so counting single addresses would be no limit at all); an IPv4-mapped IPv6 address
+/// counts as its IPv4 address.
+///
+/// Memory: an address has an entry while it has connections open or its rate bucket is not
+/// full again (at most one second after its last new connection). Entries are removed when
+/// their last connection closes with a full bucket, and the others are swept whenever the
+/// table has doubled since the last sweep, so the table holds at most about twice the
+/// addresses with open connections (bounded by `limits.max_connections`) plus those that
+/// connected in the last second.
+#[derive(Debug)]
+pub struct PerIp {
+    max_connections: usize,
+    rate: u32,
+    table: Mutex<PerIpTable>,
+}
+
+#[derive(Debug, Default)]
+struct PerIpTable {
+    entries: HashMap<IpAddr, PerIpEntry>,
+    /// Sweep when the table grows beyond this.
+    sweep_at: usize,
+}
+
+#[derive(Debug)]
+struct PerIpEntry {
+    open: usize,
+    bucket: Option<Bucket>,
+}
+
+/// Smallest table size that triggers a sweep.
+const PER_IP_MIN_SWEEP: usize = 1024;
+
+/// Why [`PerIp::admit`] refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PerIpRefusal {
+    /// `limits.max_connections_per_ip` connections are open from this address.
+    TooMany,
+    /// Over `limits.max_connect_rate_per_ip`.
+    TooFast,
+}
+
+/// Holds one connection's place in its address's count; gives it back when dropped.
+#[derive(Debug)]
+pub struct PerIpGuard {
+    limits: Arc<PerIp>,
+    key: IpAddr,
+}
+
+impl Drop for PerIpGuard {
+    fn drop(&mut self) {
+        self.limits.release(self.key, Instant::now());
+    }
+}
+
+/// The address a client is counted under: IPv4 as is, IPv6 by its /64.
+pub fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(prefix))
+            }
+        },
+    }
+}
+
+impl PerIp {
+    /// None when both limits are off (0).
+    pub fn new(max_connections: usize, per_second: u32) -> Option<Arc<PerIp>> {
+        if max_connections == 0 && per_second == 0 {
+            return None;
+        }
+        Some(Arc::new(PerIp {
+            max_connections,
+            rate: per_second,
+            table: Mutex::new(PerIpTable {
+                entries: HashMap::new(),
+                sweep_at: PER_IP_MIN_SWEEP,
+            }),
+        }))
+    }
+
+    /// Counts one more connection from `ip`, or says why it may not open.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<PerIpGuard, PerIpRefusal> {
+        self.admit_at(ip, Instant::now())
+    }
+
+    fn admit_at(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<PerIpGuard, PerIpRefusal> {
+        let key = ip_key(ip);
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if !table.entries.contains_key(&key) && table.entries.len() >= table.sweep_at {
+            table.sweep(now);
+        }
+        let rate = self.rate;
+        let entry = table.entries.entry(key).or_insert_with(|| PerIpEntry {
+            open: 0,
+            bucket: (rate > 0).then(|| Bucket::new(f64::from(rate), f64::from(rate))),
+        });
+        let verdict = if self.max_connections > 0 && entry.open >= self.max_connections {
+            Err(PerIpRefusal::TooMany)
+        } else if entry.bucket.as_mut().is_some_and(|b| !b.try_take(now)) {
+            Err(PerIpRefusal::TooFast)
+        } else {
+            entry.open += 1;
+            Ok(())
+        };
+        if verdict.is_err()
+            && entry.open == 0
+            && entry.bucket.as_mut().is_none_or(|b| b.is_full(now))
+        {
+            table.entries.remove(&key);
+        }
+        verdict.map(|()| PerIpGuard {
+            limits: self.clone(),
+            key,
+        })
+    }
+
+    fn release(&self, key: IpAddr, now: Instant) {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = table.entries.get_mut(&key) else {
+            return;
+        };
+        entry.open = entry.open.saturating_sub(1);
+        if entry.open == 0 && entry.bucket.as_mut().is_none_or(|b| b.is_full(now)) {
+            table.entries.remove(&key);
+        }
+    }
+
+    /// Addresses tracked now (for tests and the bound above).
+    pub fn tracked(&self) -> usize {
+        self.table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries
+            .len()
+    }
+}
+
+impl PerIpTable {
+    /// Drops entries that no longer limit anything: no connection open and a full bucket.
+    fn sweep(&mut self, now: Instant) {
+        self.entries
+            .retain(|_, e| e.open > 0 || e.bucket.as_mut().is_some_and(|b| !b.is_full(now)));
+        self.sweep_at = (self.entries.len() * 2).max(PER_IP_MIN_SWEEP);
     }
 }
 
@@ -308,6 +471,80 @@ mod tests {
         assert_eq!(
             ReadLimiter::new(5, 0).expect("limited").allowance(77_777),
             77_777
+        );
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn per_ip_count_is_per_address_and_given_back() {
+        let limits = PerIp::new(2, 0).expect("on");
+        let a1 = limits.admit(ip("127.0.0.2")).expect("first");
+        let a2 = limits.admit(ip("127.0.0.2")).expect("second");
+        assert_eq!(
+            limits.admit(ip("127.0.0.2")).unwrap_err(),
+            PerIpRefusal::TooMany
+        );
+        // Another address is not affected; an IPv4-mapped address is the same IPv4 one.
+        let b = limits.admit(ip("127.0.0.3")).expect("other address");
+        assert_eq!(
+            limits.admit(ip("::ffff:127.0.0.2")).unwrap_err(),
+            PerIpRefusal::TooMany
+        );
+        drop(a1);
+        let a3 = limits
+            .admit(ip("127.0.0.2"))
+            .expect("a place was given back");
+        assert_eq!(limits.tracked(), 2);
+        drop((a2, a3, b));
+        assert_eq!(
+            limits.tracked(),
+            0,
+            "entries go when their count drops to 0"
+        );
+        assert!(PerIp::new(0, 0).is_none());
+    }
+
+    #[test]
+    fn per_ip_ipv6_counts_by_slash_64() {
+        let limits = PerIp::new(1, 0).expect("on");
+        let _a = limits.admit(ip("2001:db8:1:2::1")).expect("first");
+        assert!(limits.admit(ip("2001:db8:1:2:ffff::9")).is_err());
+        assert!(limits.admit(ip("2001:db8:1:3::1")).is_ok());
+        assert_eq!(ip_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+    }
+
+    #[test]
+    fn per_ip_rate_refuses_beyond_the_burst_and_forgets_idle_addresses() {
+        let limits = PerIp::new(0, 3).expect("on");
+        let start = Instant::now();
+        let addr = ip("10.0.0.1");
+        let admitted: Vec<_> = (0..5)
+            .filter_map(|_| limits.admit_at(addr, start).ok())
+            .collect();
+        assert_eq!(admitted.len(), 3);
+        assert_eq!(
+            limits.admit_at(addr, start).unwrap_err(),
+            PerIpRefusal::TooFast
+        );
+        assert!(limits.admit_at(ip("10.0.0.2"), start).is_ok());
+        drop(admitted);
+        // Refilled after a second: admitted again.
+        assert!(limits
+            .admit_at(addr, start + Duration::from_millis(1100))
+            .is_ok());
+        // Many one-off addresses: the table is swept, not grown without bound.
+        let later = start + Duration::from_secs(10);
+        for i in 0..(PER_IP_MIN_SWEEP as u32 * 8) {
+            let a = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+            drop(limits.admit_at(a, later + Duration::from_secs(u64::from(i))));
+        }
+        assert!(
+            limits.tracked() <= PER_IP_MIN_SWEEP + 1,
+            "{}",
+            limits.tracked()
         );
     }
 

@@ -112,6 +112,7 @@ pub struct Edge {
     refusals: Arc<Semaphore>,
     publish_rate: u32,
     bytes_rate: u64,
+    per_ip: Option<Arc<limit::PerIp>>,
 }
 
 impl Edge {
@@ -133,6 +134,10 @@ impl Edge {
             refusals: Arc::new(Semaphore::new(POLITE_REFUSALS)),
             publish_rate: limits.max_publish_rate,
             bytes_rate: limits.max_inbound_bytes_rate,
+            per_ip: limit::PerIp::new(
+                limits.max_connections_per_ip,
+                limits.max_connect_rate_per_ip,
+            ),
         }))
     }
 
@@ -158,19 +163,72 @@ impl Edge {
         self.connect_rate.admit()
     }
 
+    /// Counts a new connection against the per-source-address limits; the guard holds its
+    /// place until the connection ends. Ok(None) when those limits are off.
+    pub fn admit_peer(
+        &self,
+        peer: SocketAddr,
+    ) -> Result<Option<limit::PerIpGuard>, limit::PerIpRefusal> {
+        match &self.per_ip {
+            None => Ok(None),
+            Some(per_ip) => per_ip.admit(peer.ip()).map(Some),
+        }
+    }
+
     /// Answers a connection over the CONNECT rate with CONNACK 0x9F (3.1.1: return code 3,
     /// server unavailable) if a refusal slot is free, else closes it at once.
     pub fn refuse(self: &Arc<Self>, kind: Kind, stream: TcpStream, peer: SocketAddr) {
+        self.refuse_with(
+            kind,
+            stream,
+            peer,
+            ReasonCode::CONNECTION_RATE_EXCEEDED,
+            "CONNECT rate exceeded",
+        );
+    }
+
+    /// Answers a connection refused by the per-source-address limits: too many open from
+    /// its address gets CONNACK 0x97 quota exceeded, too many new ones per second 0x9F
+    /// connection rate exceeded (3.1.1: return code 3 for both); closed at once when no
+    /// refusal slot is free, like [`Edge::refuse`].
+    pub fn refuse_peer(
+        self: &Arc<Self>,
+        kind: Kind,
+        stream: TcpStream,
+        peer: SocketAddr,
+        why: limit::PerIpRefusal,
+    ) {
+        let (reason, what) = match why {
+            limit::PerIpRefusal::TooMany => (
+                ReasonCode::QUOTA_EXCEEDED,
+                "limits.max_connections_per_ip reached",
+            ),
+            limit::PerIpRefusal::TooFast => (
+                ReasonCode::CONNECTION_RATE_EXCEEDED,
+                "limits.max_connect_rate_per_ip exceeded",
+            ),
+        };
+        self.refuse_with(kind, stream, peer, reason, what);
+    }
+
+    fn refuse_with(
+        self: &Arc<Self>,
+        kind: Kind,
+        stream: TcpStream,
+        peer: SocketAddr,
+        reason: ReasonCode,
+        what: &'static str,
+    ) {
         let Ok(slot) = self.refusals.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, transport = %kind, "CONNECT rate exceeded; closing");
+            tracing::debug!(%peer, transport = %kind, "{what}; closing");
             return;
         };
-        tracing::debug!(%peer, transport = %kind, "CONNECT rate exceeded; refusing");
+        tracing::debug!(%peer, transport = %kind, "{what}; refusing");
         let edge = self.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
                 if let Some((stream, _)) = edge.upgrade(kind, stream, peer).await {
-                    refuse_connect(stream, ReasonCode::CONNECTION_RATE_EXCEEDED).await;
+                    refuse_connect(stream, reason).await;
                 }
             })
             .await;
