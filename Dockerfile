@@ -32,7 +32,8 @@ FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g curl \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin jetmq
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin jetmq \
+ && install -d -o 10001 -g 10001 -m 0700 /etc/jetmq /etc/jetmq/auth
 COPY --from=build /out/jetmq-broker /out/jetmq-ingestor /usr/local/bin/
 USER 10001:10001
 # MQTT and health/metrics (broker); health/metrics (ingestor).

@@ -5,7 +5,7 @@
 #
 # HOST is the name (or IP address) the other hosts put in their route URLs, e.g.
 # node1.example.net or 203.0.113.10; each gets OUTDIR/HOST/{route.pem,route-key.pem,ca.pem}.
-# Copy OUTDIR/HOST/* to /etc/jetmq/nats-tls/ on that host. The CA key stays in OUTDIR/ca:
+# Copy OUTDIR/HOST/* to /etc/jetmq/nats-tls/ on that host, keeping the modes (scp -p). The CA key stays in OUTDIR/ca:
 # keep it offline; it is needed only to add a host later (run again with the new host: an
 # existing CA is reused). Certificates are valid for 825 days.
 set -euo pipefail
@@ -39,9 +39,10 @@ for host in "$@"; do
     -out "$dir/route.pem" 2>/dev/null
   rm -f "$dir/route.csr"
   cp "$out/ca/ca.pem" "$dir/ca.pem"
-  # The nats image may run as an unprivileged user: the files must be readable inside the
-  # container. Protect the directory on the host instead (root-owned, 0700 parent).
-  chmod 0644 "$dir/route.pem" "$dir/ca.pem" "$dir/route-key.pem"
-  chmod 0755 "$dir"
+  # The private key is for the NATS server only: 0600, like the directory (0700). The nats
+  # image runs nats-server as root, which reads it; certificates are public (0644).
+  chmod 0600 "$dir/route-key.pem"
+  chmod 0644 "$dir/route.pem" "$dir/ca.pem"
+  chmod 0700 "$dir"
   echo "$dir: route.pem (SAN $san), route-key.pem, ca.pem"
 done

@@ -30,6 +30,9 @@ pub struct ConnOpts {
     /// MQTT 5 session expiry interval (seconds) sent in CONNECT.
     pub session_expiry: Option<u32>,
     pub timeout: Duration,
+    /// CONNECT credentials (brokers that require a login).
+    pub username: Option<String>,
+    pub password: Option<String>,
 }
 
 pub enum ReadOutcome {
@@ -109,8 +112,8 @@ impl Conn {
             keep_alive: opts.keepalive,
             client_id: opts.client_id.clone(),
             will: None,
-            username: None,
-            password: None,
+            username: opts.username.clone(),
+            password: opts.password.clone().map(bytes::Bytes::from),
             properties,
         };
         conn.queue(&Packet::Connect(Box::new(connect)))?;

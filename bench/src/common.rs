@@ -65,6 +65,12 @@ pub struct Common {
     /// Client identifier prefix (default: jb-<run id>).
     #[arg(long)]
     pub client_prefix: Option<String>,
+    /// Username every client logs in with (brokers that refuse anonymous clients).
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Password that goes with --username (from the environment, so it is not in `ps`).
+    #[arg(long, env = "JETMQ_BENCH_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
 }
 
 impl Common {
@@ -101,6 +107,8 @@ impl Common {
             keepalive: self.keepalive,
             session_expiry: None,
             timeout: self.connect_timeout(),
+            username: self.username.clone(),
+            password: self.password.clone(),
         }
     }
 }

@@ -36,7 +36,8 @@ use tokio::sync::Semaphore;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// Let in clients that do not authenticate.
+    /// Let in clients that do not authenticate. Off by default: a node that faces the
+    /// internet must not need an operator to remember to close it.
     pub allow_anonymous: bool,
     pub users: Vec<UserConfig>,
     pub jwt: JwtConfig,
@@ -45,7 +46,7 @@ pub struct AuthConfig {
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
-            allow_anonymous: true,
+            allow_anonymous: false,
             users: Vec::new(),
             jwt: JwtConfig::default(),
         }
@@ -150,6 +151,13 @@ impl JwtConfig {
 }
 
 impl AuthConfig {
+    /// True when some CONNECT can be admitted: anonymous access, a configured user, JWT, or
+    /// (`client_certificates`) names taken from verified client certificates. A node without
+    /// any of these refuses everyone, which is safe but almost always a configuration mistake.
+    pub fn admits_anyone(&self, client_certificates: bool) -> bool {
+        self.allow_anonymous || !self.users.is_empty() || self.jwt.enabled() || client_certificates
+    }
+
     /// Syntax checks (no files are read). Errors name the key.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let mut seen = std::collections::HashSet::new();

@@ -33,18 +33,25 @@ pub struct Config {
     pub telemetry: jetmq_common::otel::TelemetryConfig,
 }
 
+/// Each listener is an `IP:port`, or `"off"` (also `""`): plain TCP is on by default, and
+/// leaving the key out of a file keeps that default, so turning it off needs a word for it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
     /// MQTT over TCP.
+    #[serde(deserialize_with = "listener_address")]
     pub tcp: Option<SocketAddr>,
     /// HTTP for /healthz and /readyz.
+    #[serde(deserialize_with = "listener_address")]
     pub http: Option<SocketAddr>,
     /// MQTT over TLS (certificates in [`TlsConfig`]).
+    #[serde(deserialize_with = "listener_address")]
     pub tls: Option<SocketAddr>,
     /// MQTT over WebSocket.
+    #[serde(deserialize_with = "listener_address")]
     pub ws: Option<SocketAddr>,
     /// MQTT over WebSocket over TLS.
+    #[serde(deserialize_with = "listener_address")]
     pub wss: Option<SocketAddr>,
     /// HTTP path of the WebSocket listeners.
     pub ws_path: String,
@@ -167,6 +174,24 @@ impl Default for Config {
             drain: DrainConfig::default(),
             telemetry: Default::default(),
         }
+    }
+}
+
+fn listener_address<'de, D>(deserializer: D) -> Result<Option<SocketAddr>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error as _;
+    let Some(text) = Option::<String>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    match text.trim() {
+        "" | "off" => Ok(None),
+        address => address.parse().map(Some).map_err(|err| {
+            D::Error::custom(format!(
+                "{address:?} is not a listener address ({err}): IP:port, or \"off\""
+            ))
+        }),
     }
 }
 
@@ -519,6 +544,28 @@ mod tests {
         .expect("loads");
         assert_eq!(config.node_id, "flag-node");
         assert_eq!(config.limits.max_packet_size, 2048);
+    }
+
+    #[test]
+    fn a_listener_that_is_on_by_default_can_be_turned_off() {
+        let dir = std::env::temp_dir().join(format!("jetmq-config-off-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("broker.toml");
+        std::fs::write(&path, "[listen]\ntcp = \"off\"\nws = \"127.0.0.1:8083\"\n").expect("write");
+        let config = Config::load(Some(&path), Overrides::default()).expect("loads");
+        assert_eq!(config.listen.tcp, None);
+        assert_eq!(
+            config.listen.ws,
+            Some(SocketAddr::from(([127, 0, 0, 1], 8083)))
+        );
+        // Left out, plain TCP keeps its default.
+        std::fs::write(&path, "[listen]\nws = \"127.0.0.1:8083\"\n").expect("write");
+        let config = Config::load(Some(&path), Overrides::default()).expect("loads");
+        assert_eq!(config.listen.tcp, ListenConfig::default().tcp);
+        std::fs::write(&path, "[listen]\ntcp = \"nowhere\"\n").expect("write");
+        let err = Config::load(Some(&path), Overrides::default()).expect_err("refused");
+        assert!(err.to_string().contains("\"off\""), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

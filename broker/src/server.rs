@@ -25,6 +25,7 @@ use crate::retained::{self, RetainedCache};
 use crate::routing::shared::SharedGroups;
 use crate::routing::{self, ReplayRing, Router};
 use crate::telemetry::Metrics;
+use crate::transport::tls::CertName;
 use crate::transport::{self, Edge, Kind};
 
 /// Sent to a connection by whoever needs it gone.
@@ -178,6 +179,15 @@ pub async fn run(
     // Certificates and keys first: a typo in a path should not wait for NATS.
     let edge = Edge::new(&config)?;
     let authn = Authenticator::new(&config.auth)?;
+    if !config
+        .auth
+        .admits_anyone(config.tls.username_from_cert != CertName::None)
+    {
+        tracing::warn!(
+            "no way to log in is configured (auth.allow_anonymous is false and there are no \
+             auth.users, no auth.jwt, no tls.username_from_cert): every CONNECT will be refused"
+        );
+    }
     let cluster = cluster::connect(&config).await?;
     let start = cluster::with_retries("message stream state", || {
         let stream = cluster.messages.clone();

@@ -599,6 +599,24 @@ def to_toml(config: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+# What the tests assume unless they say otherwise. The broker refuses anonymous clients by
+# default (docs/security.md); the tests' clients are anonymous unless a test configures auth.
+TEST_DEFAULTS = {"auth": {"allow_anonymous": True}}
+
+
+def _merge_under(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, table by table."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge_under(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def with_test_defaults(config: dict | None) -> dict:
+    """A test's broker configuration with :data:`TEST_DEFAULTS` under it (the test's keys win)."""
+    return _merge_under(TEST_DEFAULTS, config or {})
+
+
 class BrokerNode(ManagedProcess):
     """One jetmq-broker process.
 
@@ -618,7 +636,11 @@ class BrokerNode(ManagedProcess):
         extra_env: dict[str, str] | None = None,
         http: bool = True,
         http_port: int | None = None,
+        shipped_defaults: bool = False,
     ):
+        """``shipped_defaults``: run with the broker's own defaults only (what an operator gets
+        without a config file); otherwise the test defaults of :func:`with_test_defaults` are
+        laid under ``config``."""
         _check_loopback(host)
         super().__init__(f"jetmq-{node_id}", Path(workdir) / f"jetmq-{node_id}")
         self.host = host
@@ -628,6 +650,8 @@ class BrokerNode(ManagedProcess):
         self.http_port = (http_port or free_port(host)) if http else None
         self.extra_env = dict(extra_env or {})
         self.config_path: Path | None = None
+        if not shipped_defaults:
+            config = with_test_defaults(config)
         if config is not None:
             self.config_path = self.workdir / "jetmq.toml"
             self.config_path.write_text(to_toml(config))

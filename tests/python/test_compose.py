@@ -61,15 +61,21 @@ def run(argv, env=None, timeout=60, cwd=None) -> subprocess.CompletedProcess:
                           env=env, cwd=cwd, stdin=subprocess.DEVNULL)
 
 
-def compose_config(*args: str) -> dict:
-    r = run([compose_bin(), *args, "config"], cwd=COMPOSE)
+# What an operator puts in compose/.env (compose/.env.example): the stack has no default secrets.
+STACK_SECRETS = {"MQTT_USERNAME": "demo", "MQTT_PASSWORD": "stack-test-password",
+                 "GRAFANA_ADMIN_PASSWORD": "grafana-test-password"}
+
+
+def compose_config(*args: str, env: dict[str, str] | None = None) -> dict:
+    r = run([compose_bin(), *args, "config"], cwd=COMPOSE,
+            env={**{k: v for k, v in os.environ.items() if k not in STACK_SECRETS}, **(env or {})})
     assert r.returncode == 0, f"docker-compose {' '.join(args)} config failed:\n{r.stderr}"
     return yaml.safe_load(r.stdout)
 
 
 @pytest.fixture(scope="module")
 def stack() -> dict:
-    return compose_config("-f", str(STACK))
+    return compose_config("-f", str(STACK), env=STACK_SECRETS)
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +110,22 @@ def binds(svc: dict) -> list[tuple[str, str]]:
     return out
 
 
+def named_volume_targets(svc: dict) -> list[str]:
+    """Container paths of the service's named volumes."""
+    out = []
+    for v in svc.get("volumes", []):
+        if isinstance(v, dict) and v.get("type") == "volume":
+            out.append(v["target"])
+        elif isinstance(v, str) and not v.split(":")[0].startswith(("/", ".")):
+            out.append(v.split(":")[1])  # short syntax, as docker-compose 1.29 prints it
+    return out
+
+
 def host_path(svc: dict, container_path: str) -> Path | None:
     """The host file behind `container_path`, through the service's bind mounts."""
     best = None
     for source, target in binds(svc):
-        if not container_path.startswith(target.rstrip("/") + "/"):
+        if container_path != target and not container_path.startswith(target.rstrip("/") + "/"):
             continue
         if best is None or len(target) > len(best[1]):
             best = (source, target)
@@ -156,6 +173,8 @@ def test_every_referenced_file_exists(stack, node):
             for opt in ("-c", "-conf", "--config", "--config.file"):
                 target = flag(command, opt)
                 if target and target.startswith("/"):
+                    if any(target.startswith(v.rstrip("/") + "/") for v in named_volume_targets(svc)):
+                        continue  # written by another service (mqtt-auth), checked below
                     path = host_path(svc, target)
                     assert path is not None, f"{label} {name}: {target} is not mounted"
                     if str(path).startswith(str(ROOT)):
@@ -175,15 +194,58 @@ def test_every_referenced_file_exists(stack, node):
 # ----------------------------------------------------------------------------- real binaries
 
 
-def test_broker_flags_in_the_compose_files_are_accepted_by_the_broker(stack, node):
+def stack_auth_file(stack: dict, directory: Path) -> Path:
+    """Runs the stack's mqtt-auth service script as the container would (the real
+    jetmq-broker hash-password), with its volume mapped to ``directory``."""
+    svc = stack["services"]["mqtt-auth"]
+    # `config` prints the file's `$$` escapes as they are; the container gets `$`.
+    script = svc["command"][0].replace("$$", "$").replace("/etc/jetmq/auth", str(directory))
+    env = {"PATH": f"{harness.broker_bin().parent}:{os.environ['PATH']}",
+           **{k: str(v) for k, v in svc["environment"].items()}}
+    r = run([*svc["entrypoint"], script], env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return directory / "broker-auth.toml"
+
+
+def node_broker_config(directory: Path) -> Path:
+    """compose/broker.example.toml as an operator fills it in: a real password hash, and the
+    TLS files of BROKER_TLS_DIR (made here) instead of /etc/jetmq/tls."""
+    import certs
+    ca = certs.make_ca(directory, "ca")
+    server = certs.make_cert(directory, ca, "server", cn="node1.example.net", sans=["DNS:node1.example.net"])
+    (directory / "tls").mkdir()
+    shutil.copy(server.cert, directory / "tls/fullchain.pem")
+    shutil.copy(server.key, directory / "tls/privkey.pem")
+    text = (COMPOSE / "broker.example.toml").read_text()
+    text = re.sub(r'password_hash = ".*"', lambda _: f'password_hash = "{hash_of("device-password")}"', text)
+    path = directory / "broker.toml"
+    path.write_text(text.replace("/etc/jetmq/tls/", f"{directory}/tls/"))
+    return path
+
+
+def hash_of(password: str) -> str:
+    r = subprocess.run([str(harness.broker_bin()), "hash-password"], input=password + "\n", capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_broker_flags_in_the_compose_files_are_accepted_by_the_broker(stack, node, tmp_path):
     problem = harness.broker_bin_problem()
     if problem:
         pytest.fail(problem, pytrace=False)
+    # The files behind --config, as they are on the machine that runs the stack.
+    (tmp_path / "stack").mkdir()
+    (tmp_path / "node").mkdir()
+    configs = {"docker-compose.yml": stack_auth_file(stack, tmp_path / "stack"),
+               "node.yml": node_broker_config(tmp_path / "node")}
     seen = 0
     for label, cfg in (("docker-compose.yml", stack), ("node.yml", node)):
         for name, command in services_running(cfg, "jetmq-broker").items():
             env = {**{k: v for k, v in os.environ.items() if not k.startswith("JETMQ_")},
                    **{k: str(v) for k, v in (cfg["services"][name].get("environment") or {}).items()}}
+            assert flag(command, "--config"), f"{label} {name}: no --config: {command}"
+            command = [a if not a.startswith("--config=") else f"--config={configs[label]}" for a in command]
             r = run([harness.broker_bin(), *command[1:], "--check-config"], env=env)
             assert r.returncode == 0, f"{label} {name}: {command}\n{r.stdout}{r.stderr}"
             assert f"node_id={flag(command, '--node-id')}" in r.stdout, r.stdout
@@ -378,6 +440,7 @@ def test_vps_nats_nodes_route_over_mutual_tls(tmp_path):
             env_file = tmp_path / f"node{i}.env"
             env_file.write_text(
                 f"NODE_NAME=vps{i}\nPUBLIC_ADDRESS={host}\nNATS_TLS_DIR={certs / host}\n"
+                f"BROKER_CONFIG={tmp_path / 'broker.toml'}\nBROKER_TLS_DIR={tmp_path / 'tls'}\n"
                 f"NATS_ROUTES={','.join(f'nats-route://{h}:{route_port}' for h in hosts)}\n")
             cfg = compose_config("-f", str(NODE), "--env-file", str(env_file))
             svc = cfg["services"]["nats"]
