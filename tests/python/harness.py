@@ -397,10 +397,17 @@ def _host_port(url: str) -> str:
 
 def nats_credentials(urls: Iterable[str]) -> Path | None:
     """The credentials directory of the first of ``urls`` that the harness locked."""
+    urls = list(urls)
     for url in urls:
         d = _NATS_CREDENTIALS.get(_host_port(url))
         if d is not None:
             return d
+    # A name (nats://nats.jetmq.test:PORT, resolved by DNS) stands for the servers on its port.
+    for url in urls:
+        port = _host_port(url).rsplit(":", 1)[-1]
+        found = {d for hp, d in _NATS_CREDENTIALS.items() if hp.rsplit(":", 1)[-1] == port}
+        if len(found) == 1:
+            return found.pop()
     return None
 
 
@@ -580,6 +587,8 @@ def nkey_connect_fields(seed_file: Path, nonce: str) -> dict[str, str]:
 
     import nats_keys
 
+    if not nonce:
+        return {}  # the server asks for no authentication (it sent no nonce)
     key = nats_keys.NKey.from_seed(seed_file.read_text().strip())
     sig = base64.urlsafe_b64encode(key.sign(nonce.encode())).rstrip(b"=").decode()
     return {"nkey": key.public_key, "sig": sig}

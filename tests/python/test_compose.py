@@ -253,7 +253,8 @@ def test_nats_configs_pass_nats_server_check(stack, tmp_path):
     harness.generate_nats_auth(tmp_path / "auth", ["nats-1:6222", "nats-2:6222", "nats-3:6222"])
     for name in ("nats-1", "nats-2", "nats-3"):
         svc = stack["services"][name]
-        assert "/etc/nats/auth" in [v.get("target") for v in svc["volumes"] if isinstance(v, dict)], svc["volumes"]
+        targets = [v.get("target") if isinstance(v, dict) else v.split(":")[1] for v in svc["volumes"]]
+        assert "/etc/nats/auth" in targets, svc["volumes"]
         conf_dir = tmp_path / "jetmq"
         shutil.copytree(host_path(svc, flag(svc["command"], "-c")).parent, conf_dir, dirs_exist_ok=True)
         r = run([nats, "-c", conf_dir / "nats.conf", "-t"], env={**os.environ, **svc["environment"]})
