@@ -105,6 +105,8 @@ async fn nats_options(
 ) -> std::io::Result<ConnectOptions> {
     let options = ConnectOptions::new()
         .name(name)
+        // Its own inbox prefix, which the generated NATS permissions give only the broker.
+        .custom_inbox_prefix(jetmq_common::natsauth::BROKER_INBOX_PREFIX)
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(10)))
         .client_capacity(65_536)

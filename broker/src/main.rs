@@ -57,6 +57,23 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
+    /// Generate the NATS credentials of a new cluster into --out: NKEY seeds broker.nk and
+    /// ingestor.nk (mode 0600), the server include auth.conf (users and permissions), and
+    /// with --routes a route secret and routes.conf to include inside `cluster { }`.
+    NatsAuth {
+        /// Directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// host:port of every NATS route listener of the cluster, comma separated.
+        #[arg(long, value_delimiter = ',', value_name = "HOST:PORT")]
+        routes: Vec<String>,
+        /// Replace existing keys (every server and client then needs the new files).
+        #[arg(long, conflicts_with = "if_missing")]
+        force: bool,
+        /// Keep the keys that exist, create what is missing, rewrite the includes.
+        #[arg(long)]
+        if_missing: bool,
+    },
 }
 
 fn current_thread_runtime() -> Option<tokio::runtime::Runtime> {
@@ -138,6 +155,27 @@ fn hash_password() -> ExitCode {
     }
 }
 
+fn nats_auth(options: jetmq_common::natsauth::Options) -> ExitCode {
+    match jetmq_common::natsauth::generate(&options) {
+        Ok(generated) => {
+            for path in &generated.written {
+                println!("wrote {}", path.display());
+            }
+            for path in &generated.kept {
+                println!("kept {}", path.display());
+            }
+            for (role, key) in &generated.public_keys {
+                println!("{}: {key}", role.name());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("jetmq-broker nats-auth: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn check_config(config: &Config) -> ExitCode {
     // What Config::load cannot see: certificate and key files are read at start-up.
     if let Err(err) = jetmq_broker::transport::Edge::new(config) {
@@ -172,6 +210,19 @@ fn main() -> ExitCode {
     let drain_timeout = match cli.command {
         Some(Command::HashPassword) => return hash_password(),
         Some(Command::Check(args)) => return check(args),
+        Some(Command::NatsAuth {
+            out,
+            routes,
+            force,
+            if_missing,
+        }) => {
+            return nats_auth(jetmq_common::natsauth::Options {
+                dir: out,
+                force,
+                if_missing,
+                routes,
+            })
+        }
         Some(Command::Drain { timeout }) => {
             if cli.node_id.is_none() {
                 eprintln!("jetmq-broker: drain needs --node-id (the node to drain)");

@@ -3,6 +3,7 @@
 
 pub mod envelope;
 pub mod histogram;
+pub mod natsauth;
 pub mod natsconn;
 pub mod otel;
 pub mod shares;

@@ -27,6 +27,9 @@ pub struct NatsSecurity {
     /// NKEY auth: the user's seed (`SU...`). Better set through the environment
     /// (`JETMQ_NATS__NKEY_SEED`) than written in a file.
     pub nkey_seed: Option<String>,
+    /// NKEY auth: a file holding the user's seed (what `jetmq-broker nats-auth` writes,
+    /// mode 0600), so the secret is neither in the configuration nor in the environment.
+    pub nkey_seed_file: Option<PathBuf>,
     /// Refuse to talk to a server that does not offer TLS.
     pub tls_required: bool,
     /// CA certificates (PEM) that sign the NATS servers' certificates; unset: the system's.
@@ -66,22 +69,20 @@ impl NatsSecurity {
             self.token.is_some(),
             self.user.is_some(),
             self.nkey_seed.is_some(),
+            self.nkey_seed_file.is_some(),
         ];
         if methods.iter().filter(|m| **m).count() > 1 {
             return Err(invalid(
                 "nats",
-                "set only one of creds_file, token, user/password, nkey_seed",
+                "set only one of creds_file, token, user/password, nkey_seed, nkey_seed_file",
             ));
         }
         if let Some(seed) = &self.nkey_seed {
-            let pair = nkeys::KeyPair::from_seed(seed.trim())
-                .map_err(|e| invalid("nats.nkey_seed", format!("not an NKEY seed: {e}")))?;
-            if pair.key_pair_type() != nkeys::KeyPairType::User {
-                return Err(invalid(
-                    "nats.nkey_seed",
-                    "must be a user seed (starting with SU)",
-                ));
-            }
+            check_user_seed("nats.nkey_seed", seed)?;
+        }
+        if let Some(path) = &self.nkey_seed_file {
+            let seed = read_seed_file(path).map_err(|e| invalid("nats.nkey_seed_file", e))?;
+            check_user_seed("nats.nkey_seed_file", &seed)?;
         }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return Err(invalid(
@@ -126,6 +127,11 @@ impl NatsSecurity {
         if let Some(seed) = &self.nkey_seed {
             options = options.nkey(seed.trim().to_owned());
         }
+        if let Some(path) = &self.nkey_seed_file {
+            let seed = read_seed_file(path)
+                .map_err(|e| std::io::Error::other(format!("nats.nkey_seed_file: {e}")))?;
+            options = options.nkey(seed);
+        }
         if self.tls_required {
             options = options.require_tls(true);
         }
@@ -146,6 +152,26 @@ impl NatsSecurity {
             }
         }
     }
+}
+
+fn check_user_seed(key: &'static str, seed: &str) -> Result<(), InvalidKey> {
+    let pair = nkeys::KeyPair::from_seed(seed.trim())
+        .map_err(|e| invalid(key, format!("not an NKEY seed: {e}")))?;
+    if pair.key_pair_type() != nkeys::KeyPairType::User {
+        return Err(invalid(key, "must be a user seed (starting with SU)"));
+    }
+    Ok(())
+}
+
+/// The seed in a seed file: its first non-empty line that is not a comment.
+fn read_seed_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .ok_or_else(|| format!("{} holds no seed", path.display()))
 }
 
 /// Whether retrying a failed first connection can help. A server that refused our
@@ -192,10 +218,10 @@ pub fn explain(err: &ConnectError) -> String {
     }
     match err.kind() {
         ConnectErrorKind::AuthorizationViolation => format!(
-            "NATS refused this client's credentials (authorization violation): check nats.creds_file, nats.nkey_seed, nats.user/nats.password or nats.token ({err})"
+            "NATS refused this client's credentials (authorization violation): check nats.creds_file, nats.nkey_seed, nats.nkey_seed_file, nats.user/nats.password or nats.token ({err})"
         ),
         ConnectErrorKind::Authentication => format!(
-            "cannot authenticate to NATS (signing the server's nonce failed): check nats.creds_file / nats.nkey_seed ({err})"
+            "cannot authenticate to NATS (signing the server's nonce failed): check nats.creds_file / nats.nkey_seed / nats.nkey_seed_file ({err})"
         ),
         ConnectErrorKind::Tls => format!(
             "TLS towards NATS failed: check nats.tls_ca_file, nats.tls_cert_file/nats.tls_key_file, nats.tls_required and that the URL's host name is in the server's certificate ({err})"

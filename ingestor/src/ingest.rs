@@ -367,6 +367,8 @@ async fn connect_nats(config: &Config, mqtt_id: u32) -> anyhow::Result<async_nat
     let n = &config.nats;
     let opts = async_nats::ConnectOptions::new()
         .name(format!("jetmq-ingestor-{mqtt_id}"))
+        // Its own inbox prefix, which the generated NATS permissions give only ingestors.
+        .custom_inbox_prefix(jetmq_common::natsauth::INGESTOR_INBOX_PREFIX)
         .connection_timeout(Duration::from_secs(n.connect_timeout_secs))
         .event_callback(|event| async move {
             match event {

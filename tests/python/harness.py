@@ -2,8 +2,9 @@
 
 Everything here starts real processes on loopback addresses only:
 
-* ``NatsServer``  - one nats-server with JetStream (config written here)
-* ``NatsCluster`` - N nats-server nodes with routes, cluster name ``jetmq``
+* ``NatsServer``  - one nats-server with JetStream (config written here), locked with the
+                    credentials of ``jetmq-broker nats-auth`` (the shipped auth.conf)
+* ``NatsCluster`` - N nats-server nodes with authenticated routes, cluster name ``jetmq``
 * ``BrokerNode``  - one jetmq-broker process
 * ``Mosquitto``   - a mosquitto broker, used to validate the tests themselves
 * ``Dnsmasq``     - a real DNS server answering names with loopback addresses
@@ -366,8 +367,71 @@ def subject_mapping_conf(ingestors: int = 1) -> str:
     return 'mappings = { "jetmq.in.>": "jetmq.s.0.>" }\n'
 
 
+# --------------------------------------------------------------------------- NATS credentials
+
+# Which credentials directory ("jetmq-broker nats-auth --out DIR") locks the NATS server at
+# "host:port". BrokerNode and kafka_harness.Ingestor look their seed up here, so every test
+# runs against the permissions that ship without knowing about them.
+_NATS_CREDENTIALS: dict[str, Path] = {}
+NATS_AUTH_KEYS = ("creds_file", "token", "user", "password", "nkey_seed", "nkey_seed_file")
+
+
+def generate_nats_auth(directory: Path, routes: Sequence[str] = ()) -> Path:
+    """``jetmq-broker nats-auth --out DIR [--routes host:port,...]``: the shipped generator."""
+    problem = broker_bin_problem()
+    if problem:
+        raise HarnessError(problem)
+    argv = [str(broker_bin()), "nats-auth", "--out", str(directory)]
+    if routes:
+        argv += ["--routes", ",".join(routes)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise HarnessError(f"{' '.join(argv)} failed ({r.returncode}): {r.stdout}{r.stderr}")
+    return Path(directory)
+
+
+def _host_port(url: str) -> str:
+    rest = url.split("://", 1)[-1]
+    return rest.rsplit("@", 1)[-1].split("/", 1)[0]
+
+
+def nats_credentials(urls: Iterable[str]) -> Path | None:
+    """The credentials directory of the first of ``urls`` that the harness locked."""
+    urls = list(urls)
+    for url in urls:
+        d = _NATS_CREDENTIALS.get(_host_port(url))
+        if d is not None:
+            return d
+    # A name (nats://nats.jetmq.test:PORT, resolved by DNS) stands for the servers on its port.
+    for url in urls:
+        port = _host_port(url).rsplit(":", 1)[-1]
+        found = {d for hp, d in _NATS_CREDENTIALS.items() if hp.rsplit(":", 1)[-1] == port}
+        if len(found) == 1:
+            return found.pop()
+    return None
+
+
+def nats_seed_env(urls: Iterable[str], role: str) -> dict[str, str]:
+    """``JETMQ_NATS__NKEY_SEED_FILE`` of ``role`` ("broker", "ingestor") for these servers."""
+    d = nats_credentials(urls)
+    return {"JETMQ_NATS__NKEY_SEED_FILE": str(d / f"{role}.nk")} if d else {}
+
+
+def has_nats_auth(config: dict | None, env: dict[str, str]) -> bool:
+    """Whether a test configured the NATS authentication itself (then the harness keeps out)."""
+    section = (config or {}).get("nats") or {}
+    return any(k in section for k in NATS_AUTH_KEYS) or any(
+        k.startswith("JETMQ_NATS__") and k[len("JETMQ_NATS__"):].lower() in NATS_AUTH_KEYS for k in env)
+
+
 class NatsServer(ManagedProcess):
-    """One nats-server node with JetStream, optionally part of a cluster."""
+    """One nats-server node with JetStream, optionally part of a cluster.
+
+    ``auth=True`` (the default) locks it like the shipped configs: ``include auth.conf`` from
+    ``jetmq-broker nats-auth`` (generated into the node's directory, or ``auth_dir``); a
+    cluster node's routes come from the generated ``routes.conf`` (route password).
+    ``auth=False``: no authentication at all (for tests that configure their own).
+    """
 
     kind = "nats"
 
@@ -382,6 +446,8 @@ class NatsServer(ManagedProcess):
         routes: Sequence[str] = (),
         cluster_name: str = "jetmq",
         mapping: str | None = None,
+        auth: bool = True,
+        auth_dir: Path | None = None,
     ):
         _check_loopback(host)
         super().__init__(f"nats-{server_name}", Path(workdir) / f"nats-{server_name}")
@@ -395,6 +461,12 @@ class NatsServer(ManagedProcess):
         self.store_dir = self.workdir / "jetstream"
         self.config_path = self.workdir / "nats.conf"
         self.mapping = mapping if mapping is not None else subject_mapping_conf()
+        self.auth_dir: Path | None = None
+        if auth:
+            self.auth_dir = Path(auth_dir) if auth_dir else generate_nats_auth(self.workdir / "auth")
+            _NATS_CREDENTIALS[f"{self.host}:{self.port}"] = self.auth_dir
+        else:
+            _NATS_CREDENTIALS.pop(f"{self.host}:{self.port}", None)
         self.write_config()
 
     @property
@@ -418,14 +490,23 @@ class NatsServer(ManagedProcess):
             "}",
         ]
         if self.cluster_port:
-            route_list = ", ".join(f'"{r}"' for r in self.routes)
+            routes_conf = self.auth_dir / "routes.conf" if self.auth_dir else None
+            if routes_conf and routes_conf.exists():
+                # the route password, and every route URL with it (as the shipped configs)
+                routes = [f'  include "{os.path.relpath(routes_conf, self.config_path.parent)}"']
+            else:
+                route_list = ", ".join(f'"{r}"' for r in self.routes)
+                routes = [f"  routes: [{route_list}]"]
             lines += [
                 "cluster {",
                 f'  name: "{self.cluster_name}"',
                 f'  listen: "{self.host}:{self.cluster_port}"',
-                f"  routes: [{route_list}]",
+                *routes,
                 "}",
             ]
+        if self.auth_dir:
+            # nats-server resolves an include against the including file's directory, always
+            lines.append(f'include "{os.path.relpath(self.auth_dir / "auth.conf", self.config_path.parent)}"')
         lines.append(self.mapping.strip())
         self.config_path.write_text("\n".join(lines) + "\n")
 
@@ -452,7 +533,8 @@ class NatsServer(ManagedProcess):
             return None
 
     def request(self, subject: str, payload: bytes = b"", timeout: float = 5.0) -> bytes:
-        """One NATS request over the text protocol (e.g. a JetStream API call): the reply's payload."""
+        """One NATS request over the text protocol (e.g. a JetStream API call): the reply's
+        payload. Made with the broker's credentials when the server is locked."""
         return nats_request(self.host, self.port, subject, payload, timeout)
 
     def stream_config(self, name: str) -> dict:
@@ -466,13 +548,20 @@ class NatsServer(ManagedProcess):
 
 
 def nats_request(host: str, port: int, subject: str, payload: bytes = b"", timeout: float = 5.0) -> bytes:
-    """Sends ``payload`` to ``subject`` with a reply inbox and returns the first reply's payload."""
-    inbox = f"_INBOX.harness{os.getpid()}{time.monotonic_ns()}"
+    """Sends ``payload`` to ``subject`` with a reply inbox and returns the first reply's payload.
+
+    On a server the harness locked, it signs in with the broker's NKEY (and its inbox prefix)."""
+    inbox = f"_INBOX.broker.harness{os.getpid()}{time.monotonic_ns()}"
     with socket.create_connection((host, port), timeout=timeout) as s:
         f = s.makefile("rb")
-        if not f.readline().startswith(b"INFO "):
+        info = f.readline()
+        if not info.startswith(b"INFO "):
             raise HarnessError(f"{host}:{port} does not speak NATS")
-        s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true}\r\n')
+        connect = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True}
+        creds = _NATS_CREDENTIALS.get(f"{host}:{port}")
+        if creds is not None:
+            connect.update(nkey_connect_fields(creds / "broker.nk", json.loads(info[5:]).get("nonce", "")))
+        s.sendall(b"CONNECT " + json.dumps(connect).encode() + b"\r\n")
         s.sendall(f"SUB {inbox} 1\r\nPUB {subject} {inbox} {len(payload)}\r\n".encode() + payload + b"\r\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -492,16 +581,35 @@ def nats_request(host: str, port: int, subject: str, payload: bytes = b"", timeo
         raise HarnessError(f"no reply to {subject} from {host}:{port} within {timeout} s")
 
 
+def nkey_connect_fields(seed_file: Path, nonce: str) -> dict[str, str]:
+    """The CONNECT fields that prove holding an NKEY: public key and signed server nonce."""
+    import base64
+
+    import nats_keys
+
+    if not nonce:
+        return {}  # the server asks for no authentication (it sent no nonce)
+    key = nats_keys.NKey.from_seed(seed_file.read_text().strip())
+    sig = base64.urlsafe_b64encode(key.sign(nonce.encode())).rstrip(b"=").decode()
+    return {"nkey": key.public_key, "sig": sig}
+
+
 class NatsCluster:
-    """``n`` routed nats-server nodes with JetStream, cluster name ``jetmq``."""
+    """``n`` routed nats-server nodes with JetStream, cluster name ``jetmq``; one set of
+    credentials (``jetmq-broker nats-auth --routes ...``) for all nodes, as on real hosts."""
 
     def __init__(self, workdir: Path, n: int = 3, hosts: Sequence[str] | None = None, mapping: str | None = None,
-                 ports: Sequence[int | None] | None = None):
+                 ports: Sequence[int | None] | None = None, auth: bool = True):
         hosts = list(hosts or (NODE_HOSTS[:n] if n <= len(NODE_HOSTS) else ["127.0.0.1"] * n))
         if len(hosts) != n:
             raise HarnessError("need one host per node")
         ports = list(ports or [None] * n)
         cluster_ports = [free_port(h) for h in hosts]
+        self.auth_dir: Path | None = None
+        if auth:
+            self.auth_dir = generate_nats_auth(
+                Path(tempfile.mkdtemp(prefix="nats-auth-", dir=str(workdir))),
+                [f"{h}:{p}" for h, p in zip(hosts, cluster_ports)])
         self.nodes: list[NatsServer] = []
         for i, host in enumerate(hosts):
             routes = [f"nats-route://{hosts[j]}:{cluster_ports[j]}" for j in range(n) if j != i]
@@ -514,6 +622,8 @@ class NatsCluster:
                     cluster_port=cluster_ports[i],
                     routes=routes,
                     mapping=mapping,
+                    auth=auth,
+                    auth_dir=self.auth_dir,
                 )
             )
 
@@ -649,6 +759,7 @@ class BrokerNode(ManagedProcess):
         self.node_id = node_id
         self.http_port = (http_port or free_port(host)) if http else None
         self.extra_env = dict(extra_env or {})
+        self.config = config
         self.config_path: Path | None = None
         if not shipped_defaults:
             config = with_test_defaults(config)
@@ -683,6 +794,8 @@ class BrokerNode(ManagedProcess):
         e.setdefault("RUST_LOG", os.environ.get("JETMQ_TEST_RUST_LOG", "info"))
         e.setdefault("RUST_BACKTRACE", "1")
         e.setdefault("NO_COLOR", "1")  # plain log files
+        if not has_nats_auth(self.config, self.extra_env):
+            e.update(nats_seed_env(self.nats_urls, "broker"))
         e.update(self.extra_env)
         return e
 
@@ -933,6 +1046,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
     ingestors = []
     try:
         print(f"[cluster] starting 3 NATS nodes (JetStream) in {workdir}", flush=True)
+        print(f"[cluster] NATS credentials (jetmq-broker nats-auth): {nats.auth_dir}", flush=True)
         nats.start()
         for i, host in enumerate(hosts):
             b = BrokerNode(workdir, nats.urls_from(i), node_id=f"b{i + 1}", host=host, port=args.mqtt_port,
@@ -956,6 +1070,8 @@ def _run_cluster(args: argparse.Namespace) -> int:
         print("\n[cluster] ready", flush=True)
         for n in nats.nodes:
             print(f"  NATS   {n.server_name}: {n.url}  monitor {n.monitor_url}  pid {n.pid}")
+        print(f"  NATS   keys: {nats.auth_dir}/broker.nk, ingestor.nk (nats.nkey_seed_file); "
+              f"no anonymous access")
         for b in brokers:
             print(f"  jetmq  {b.node_id}: mqtt://{b.host}:{b.port}  http://{b.host}:{b.http_port}  pid {b.pid}  log {b.log_path}")
         if tansu:

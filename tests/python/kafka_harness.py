@@ -9,6 +9,7 @@ listens on loopback only, logs to a file, and is stopped by PID.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -162,6 +163,13 @@ class Ingestor(ManagedProcess):
         e = {k: v for k, v in os.environ.items() if not k.startswith("JETMQ_")}
         e.setdefault("RUST_LOG", "info,jetmq_ingestor=debug,async_nats=warn")
         e["NO_COLOR"] = "1"
+        # The ingestor's NKEY of a NATS server the harness locked, unless the test set its own.
+        toml = self.config_path.read_text()
+        if not any(f"\n{k} =" in toml for k in harness.NATS_AUTH_KEYS) and \
+                not harness.has_nats_auth(None, self.extra_env):
+            urls = re.search(r'^urls\s*=\s*"([^"]*)"', toml, re.M)
+            if urls:
+                e.update(harness.nats_seed_env(urls.group(1).split(","), "ingestor"))
         e.update(self.extra_env)
         return e
 

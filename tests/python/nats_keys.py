@@ -69,6 +69,17 @@ class NKey:
     def generate(cls, kind: str) -> "NKey":
         return cls(kind, os.urandom(32))
 
+    @classmethod
+    def from_seed(cls, seed: str) -> "NKey":
+        """An NKEY from its seed string (``SU...``, as ``jetmq-broker nats-auth`` writes it)."""
+        raw = base64.b32decode(seed + "=" * (-len(seed) % 8))
+        body, crc = raw[:-2], int.from_bytes(raw[-2:], "little")
+        if crc16(body) != crc or body[0] & 0xF8 != PREFIX_SEED:
+            raise ValueError("not an NKEY seed")
+        prefix = ((body[0] & 7) << 5) | (body[1] >> 3)
+        kind = next(k for k, v in PREFIX.items() if v == prefix)
+        return cls(kind, body[2:34])
+
     def _with_key_file(self, fn):
         fd, path = tempfile.mkstemp(suffix=".der")
         try:

@@ -230,7 +230,23 @@ def hash_of(password: str) -> str:
     return r.stdout.strip()
 
 
-def test_broker_flags_in_the_compose_files_are_accepted_by_the_broker(stack, node, tmp_path):
+def seed_files_here(env: dict[str, str], svc: dict, credentials: Path) -> dict[str, str]:
+    """The service's JETMQ_NATS__NKEY_SEED_FILE (a path in the container, on the nats-auth
+    volume or NATS_AUTH_DIR) -> the same file of a freshly generated credentials directory."""
+    seed = env.get("JETMQ_NATS__NKEY_SEED_FILE")
+    if seed:
+        targets = [v.split(":")[1] if isinstance(v, str) else v.get("target", "") for v in svc.get("volumes", [])]
+        assert any(seed.startswith(t) for t in targets if t), f"{seed} is not mounted: {targets}"
+        env = {**env, "JETMQ_NATS__NKEY_SEED_FILE": str(credentials / Path(seed).name)}
+    return env
+
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory) -> Path:
+    return harness.generate_nats_auth(tmp_path_factory.mktemp("nats-auth") / "auth")
+
+
+def test_broker_flags_in_the_compose_files_are_accepted_by_the_broker(stack, node, credentials, tmp_path):
     problem = harness.broker_bin_problem()
     if problem:
         pytest.fail(problem, pytrace=False)
@@ -246,6 +262,8 @@ def test_broker_flags_in_the_compose_files_are_accepted_by_the_broker(stack, nod
                    **{k: str(v) for k, v in (cfg["services"][name].get("environment") or {}).items()}}
             assert flag(command, "--config"), f"{label} {name}: no --config: {command}"
             command = [a if not a.startswith("--config=") else f"--config={configs[label]}" for a in command]
+            assert env.get("JETMQ_NATS__NKEY_SEED_FILE", "").endswith("/broker.nk"), f"{label} {name}: no NATS key"
+            env = seed_files_here(env, cfg["services"][name], credentials)
             r = run([harness.broker_bin(), *command[1:], "--check-config"], env=env)
             assert r.returncode == 0, f"{label} {name}: {command}\n{r.stdout}{r.stderr}"
             assert f"node_id={flag(command, '--node-id')}" in r.stdout, r.stdout
@@ -264,12 +282,14 @@ def test_broker_flags_in_the_compose_files_are_accepted_by_the_broker(stack, nod
     assert bad.returncode == 2, bad.stdout + bad.stderr
 
 
-def test_ingestor_flags_and_environment_are_accepted_by_the_ingestor(stack, node):
+def test_ingestor_flags_and_environment_are_accepted_by_the_ingestor(stack, node, credentials):
     ids = []
     for label, cfg in (("docker-compose.yml", stack), ("node.yml", node)):
         for name, command in services_running(cfg, "jetmq-ingestor").items():
             svc_env = {k: str(v) for k, v in (cfg["services"][name].get("environment") or {}).items()}
             env = {**{k: v for k, v in os.environ.items() if not k.startswith("JETMQ_")}, **svc_env}
+            assert env.get("JETMQ_NATS__NKEY_SEED_FILE", "").endswith("/ingestor.nk"), f"{label} {name}: no NATS key"
+            env = seed_files_here(env, cfg["services"][name], credentials)
             r = run([ingestor_bin(), *command[1:], "--print-config"], env=env)
             assert r.returncode == 0, f"{label} {name}: {command}\n{r.stderr}"
             printed = json.loads(r.stdout)
@@ -287,15 +307,22 @@ def test_ingestor_flags_and_environment_are_accepted_by_the_ingestor(stack, node
         assert mapping == generated.stdout, f"nats-config/{conf_dir}/mappings.conf is not the generated block"
 
 
-def test_nats_configs_pass_nats_server_check(stack):
+def test_nats_configs_pass_nats_server_check(stack, tmp_path):
     nats = harness.nats_server_bin()
+    # The nats-auth volume (mounted at /etc/nats/auth) beside the config directory.
+    auth = stack["services"]["nats-auth"]
+    assert "nats-auth" in " ".join(auth["command"]) and "--if-missing" in " ".join(auth["command"])
+    harness.generate_nats_auth(tmp_path / "auth", ["nats-1:6222", "nats-2:6222", "nats-3:6222"])
     for name in ("nats-1", "nats-2", "nats-3"):
         svc = stack["services"][name]
-        conf = host_path(svc, flag(svc["command"], "-c"))
-        r = run([nats, "-c", conf, "-t"], env={**os.environ, **svc["environment"]})
+        targets = [v.get("target") if isinstance(v, dict) else v.split(":")[1] for v in svc["volumes"]]
+        assert "/etc/nats/auth" in targets, svc["volumes"]
+        conf_dir = tmp_path / "jetmq"
+        shutil.copytree(host_path(svc, flag(svc["command"], "-c")).parent, conf_dir, dirs_exist_ok=True)
+        r = run([nats, "-c", conf_dir / "nats.conf", "-t"], env={**os.environ, **svc["environment"]})
         assert r.returncode == 0, f"{name}: {r.stderr}"
     # Without its NATS_NAME the shared file must not silently start a nameless node.
-    r = run([nats, "-c", ROOT / "nats-config/compose/nats.conf", "-t"],
+    r = run([nats, "-c", tmp_path / "jetmq" / "nats.conf", "-t"],
             env={k: v for k, v in os.environ.items() if k != "NATS_NAME"})
     assert r.returncode != 0
 
@@ -434,6 +461,7 @@ def test_vps_nats_nodes_route_over_mutual_tls(tmp_path):
     r = run(["bash", COMPOSE / "route-certs.sh", certs, *hosts])
     assert r.returncode == 0, r.stderr
     route_port = harness.free_port(hosts[0])
+    harness.generate_nats_auth(tmp_path / "auth")  # NATS_AUTH_DIR: the include ../auth/auth.conf
     procs = []
     try:
         for i, host in enumerate(hosts):

@@ -51,7 +51,8 @@ def drain_command(node_id: str, nats_url: str, timeout: float = 30) -> subproces
     return subprocess.run(
         [str(harness.broker_bin()), "drain", "--node-id", node_id, "--nats", nats_url],
         capture_output=True, text=True, timeout=timeout,
-        env={k: v for k, v in os.environ.items() if not k.startswith("JETMQ_")},
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("JETMQ_")},
+             **harness.nats_seed_env([nats_url], "broker")},  # the broker's NATS key
     )
 
 

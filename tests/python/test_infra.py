@@ -1,5 +1,6 @@
 """The harness itself: NATS fixtures really run JetStream with our subject mapping."""
 
+import json
 import socket
 import time
 
@@ -16,7 +17,11 @@ def nats_roundtrip(url_host: str, port: int, sub: str, pub: str, payload: bytes 
         f = s.makefile("rb")
         info = f.readline()
         assert info.startswith(b"INFO "), info
-        s.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\n')
+        connect = {"verbose": False, "pedantic": False}
+        creds = harness.nats_credentials([f"{url_host}:{port}"])
+        if creds is not None:  # the harness locks NATS: sign in as a broker
+            connect.update(harness.nkey_connect_fields(creds / "broker.nk", json.loads(info[5:]).get("nonce", "")))
+        s.sendall(b"CONNECT " + json.dumps(connect).encode() + b"\r\n")
         s.sendall(f"SUB {sub} 1\r\nPING\r\n".encode())
         assert f.readline().strip() == b"PONG"
         s.sendall(f"PUB {pub} {len(payload)}\r\n".encode() + payload + b"\r\n")
@@ -58,6 +63,14 @@ def test_nats_single_node(nats):
     assert msg.split()[1] == b"jetmq.s.0.a.b.c", msg
 
 
+def broker_connect(node: harness.NatsServer, info: bytes) -> bytes:
+    """CONNECT line with the broker's NKEY of the node's (harness-generated) credentials."""
+    connect = {"verbose": False}
+    if node.auth_dir:
+        connect.update(harness.nkey_connect_fields(node.auth_dir / "broker.nk", json.loads(info[5:]).get("nonce", "")))
+    return b"CONNECT " + json.dumps(connect).encode() + b"\r\n"
+
+
 def test_nats_cluster(nats_cluster):
     leaders = set()
     for node in nats_cluster.nodes:
@@ -75,14 +88,12 @@ def test_nats_cluster(nats_cluster):
     n1, n3 = nats_cluster.nodes[0], nats_cluster.nodes[2]
     with socket.create_connection((n1.host, n1.port), timeout=5) as s:
         f = s.makefile("rb")
-        f.readline()
-        s.sendall(b'CONNECT {"verbose":false}\r\nSUB jetmq.s.0.> 1\r\nPING\r\n')
+        s.sendall(broker_connect(n1, f.readline()) + b'SUB jetmq.s.0.> 1\r\nPING\r\n')
         assert f.readline().strip() == b"PONG"
         time.sleep(0.3)  # let the subscription propagate over the routes
         with socket.create_connection((n3.host, n3.port), timeout=5) as p:
             pf = p.makefile("rb")
-            pf.readline()
-            p.sendall(b'CONNECT {"verbose":false}\r\nPUB jetmq.in.x.y 2\r\nok\r\nPING\r\n')
+            p.sendall(broker_connect(n3, pf.readline()) + b'PUB jetmq.in.x.y 2\r\nok\r\nPING\r\n')
             assert pf.readline().strip() == b"PONG"
         line = f.readline()
         assert line.split()[1] == b"jetmq.s.0.x.y", line

@@ -30,7 +30,8 @@ class ConfiguredNats(harness.NatsServer):
 
     def __init__(self, workdir: Path, extra: str, server_name: str, mapping: str | None = None):
         self.extra = extra
-        super().__init__(workdir, server_name=server_name, mapping=mapping)
+        # its own authorization below, instead of the harness's generated one
+        super().__init__(workdir, server_name=server_name, mapping=mapping, auth=False)
 
     def write_config(self) -> None:
         super().write_config()

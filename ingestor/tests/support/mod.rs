@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -147,6 +148,42 @@ pub fn tail(path: &Path, lines: usize) -> String {
 // ---------------------------------------------------------------------------------------
 // nats-server
 
+/// The credentials (`jetmq-broker nats-auth`, the same generator and permissions as what
+/// ships) that lock the nats-server on each port: test clients connect with the broker's
+/// key, ingestor processes get the ingestor's.
+fn credentials() -> &'static Mutex<HashMap<u16, PathBuf>> {
+    static CREDENTIALS: OnceLock<Mutex<HashMap<u16, PathBuf>>> = OnceLock::new();
+    CREDENTIALS.get_or_init(Default::default)
+}
+
+fn credentials_of(port: u16) -> Option<PathBuf> {
+    credentials()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&port)
+        .cloned()
+}
+
+/// Generates a cluster's NATS credentials into `dir` (routes: `host:port` of each node).
+pub fn generate_credentials(dir: &Path, routes: &[String]) -> PathBuf {
+    jetmq_common::natsauth::generate(&jetmq_common::natsauth::Options {
+        dir: dir.to_owned(),
+        force: true,
+        routes: routes.to_vec(),
+        ..Default::default()
+    })
+    .expect("generate NATS credentials");
+    dir.to_owned()
+}
+
+/// The seed file of `role` ("broker", "ingestor") for the first locked server among `urls`.
+pub fn seed_file(urls: &str, role: &str) -> Option<PathBuf> {
+    urls.split(',')
+        .filter_map(|u| u.rsplit(':').next()?.trim().parse::<u16>().ok())
+        .find_map(credentials_of)
+        .map(|d| d.join(format!("{role}.nk")))
+}
+
 pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
@@ -164,11 +201,30 @@ impl NatsServer {
     }
 
     pub fn start_on(dir: &Path, name: &str, port: u16, extra: &str) -> NatsServer {
+        let auth = generate_credentials(&dir.join(name).join("auth"), &[]);
+        Self::start_locked(dir, name, port, extra, &auth, "./auth")
+    }
+
+    /// A server that includes `auth.conf` of `auth` (no anonymous clients); `relative`: the
+    /// same directory relative to the server's own (nats-server resolves includes that way).
+    pub fn start_locked(
+        dir: &Path,
+        name: &str,
+        port: u16,
+        extra: &str,
+        auth: &Path,
+        relative: &str,
+    ) -> NatsServer {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).expect("nats dir");
+        credentials()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(port, auth.to_owned());
         let body = format!(
-            "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
-            dir.join("js").display()
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{extra}\ninclude \"{relative}/{}\"\n",
+            dir.join("js").display(),
+            jetmq_common::natsauth::AUTH_CONF
         );
         let mut server = NatsServer {
             child: None,
@@ -237,11 +293,12 @@ impl Drop for NatsServer {
 /// own directory.
 pub fn nats_cluster(dir: &Path, nodes: usize, mapping: &str) -> Vec<NatsServer> {
     let cluster_ports: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
-    let routes = cluster_ports
+    // One set of credentials for the cluster; routes.conf: the route password and routes.
+    let routes: Vec<String> = cluster_ports
         .iter()
-        .map(|p| format!("nats-route://127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let auth = generate_credentials(&dir.join("auth"), &routes);
     let mut servers = Vec::new();
     for (i, cport) in cluster_ports.iter().enumerate() {
         let name = format!("n{}", i + 1);
@@ -249,17 +306,37 @@ pub fn nats_cluster(dir: &Path, nodes: usize, mapping: &str) -> Vec<NatsServer> 
         std::fs::create_dir_all(&node_dir).expect("node dir");
         std::fs::write(node_dir.join("mappings.conf"), mapping).expect("mapping");
         let extra = format!(
-            "cluster {{ name: jetmq-test, listen: 127.0.0.1:{cport}, routes: [{routes}] }}\ninclude ./mappings.conf\n"
+            "cluster {{\n  name: jetmq-test\n  listen: 127.0.0.1:{cport}\n  include \"../auth/{}\"\n}}\ninclude ./mappings.conf\n",
+            jetmq_common::natsauth::ROUTES_CONF
         );
-        servers.push(NatsServer::start(dir, &name, &extra));
+        servers.push(NatsServer::start_locked(
+            dir,
+            &name,
+            free_port(),
+            &extra,
+            &auth,
+            "../auth",
+        ));
     }
     servers
 }
 
+/// A client with the broker's identity (what the tests publish is what brokers publish).
 pub async fn connect(url: &str) -> async_nats::Client {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let seed = seed_file(url, "broker").map(|p| {
+        std::fs::read_to_string(&p)
+            .expect("broker seed")
+            .trim()
+            .to_owned()
+    });
     loop {
-        match async_nats::connect(url).await {
+        let mut options = async_nats::ConnectOptions::new()
+            .custom_inbox_prefix(jetmq_common::natsauth::BROKER_INBOX_PREFIX);
+        if let Some(seed) = &seed {
+            options = options.nkey(seed.clone());
+        }
+        match options.connect(url).await {
             Ok(c) => return c,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("connect {url}: {e}, retrying");
@@ -533,7 +610,18 @@ impl IngestorProc {
         let log = dir.join(format!("ingestor-{tag}.log"));
         let out = std::fs::File::create(&log).expect("ingestor log");
         let metrics_port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_jetmq-ingestor"))
+        // The ingestor's identity on a locked server, unless the test chose the credentials.
+        let seed = toml
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("urls = \""))
+            .and_then(|rest| rest.split('"').next())
+            .filter(|_| !toml.contains("nkey_seed") && !toml.contains("creds_file"))
+            .and_then(|urls| seed_file(urls, "ingestor"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_jetmq-ingestor"));
+        if let Some(seed) = seed {
+            command.env("JETMQ_NATS__NKEY_SEED_FILE", seed);
+        }
+        let child = command
             .arg("--mqtt-id")
             .arg(mqtt_id.to_string())
             .arg("--config")
