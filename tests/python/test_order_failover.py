@@ -139,23 +139,27 @@ def order_violations(observed) -> dict[str, list[int]]:
 
 def read_stream_marks(node, stream: str = "JETMQ_MSGS", timeout: float = 60.0) -> list[tuple[str, int]]:
     """Every (publisher, number) mark stored in the stream, in stream order (bundles in their
-    order), read through an ephemeral push consumer over the NATS text protocol."""
+    order): one `STREAM.MSG.GET` per stored message, pipelined over one NATS connection."""
     import socket
 
+    info = json.loads(node.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=10))
+    assert "error" not in info, info
+    first, last = info["state"]["first_seq"], info["state"]["last_seq"]
     inbox = f"_INBOX.readback{time.monotonic_ns()}"
-    marks = []
+    bodies: dict[int, bytes] = {}
     with socket.create_connection((node.host, node.port), timeout=timeout) as s:
         f = s.makefile("rb")
         assert f.readline().startswith(b"INFO ")
-        config = {"stream_name": stream, "config": {
-            "deliver_subject": f"{inbox}.d", "ack_policy": "none", "deliver_policy": "all",
-            "mem_storage": True, "num_replicas": 1, "inactive_threshold": 30_000_000_000}}
-        body = json.dumps(config).encode()
-        s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true}\r\n'
-                  + f"SUB {inbox}.> 1\r\nPUB $JS.API.CONSUMER.CREATE.{stream} {inbox}.api {len(body)}\r\n".encode()
-                  + body + b"\r\n")
+        out = [b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true}\r\n',
+               f"SUB {inbox}.* 1\r\n".encode()]
+        for seq in range(first, last + 1):
+            body = json.dumps({"seq": seq}).encode()
+            out.append(f"PUB $JS.API.STREAM.MSG.GET.{stream} {inbox}.{seq} {len(body)}\r\n".encode() + body + b"\r\n")
+        s.sendall(b"".join(out))
+        answered = 0
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while answered < last + 1 - first:
+            assert time.monotonic() < deadline, f"stream read-back: {answered} of {last + 1 - first} answers"
             line = f.readline()
             if not line:
                 raise AssertionError("NATS closed the read-back connection")
@@ -170,22 +174,11 @@ def read_stream_marks(node, stream: str = "JETMQ_MSGS", timeout: float = 60.0) -
             total = int(parts[-1])
             header_size = int(parts[-2]) if line.startswith(b"HMSG ") else 0
             data = f.read(total + 2)[header_size:total]
-            subject = parts[1].decode()
-            if subject == f"{inbox}.api":
-                answer = json.loads(data)
-                assert "error" not in answer, answer
-                continue
-            if header_size and not data:
-                continue  # heartbeat or flow control
-            marks += [(m.group(1).decode(), int(m.group(2))) for m in MARK.finditer(data)]
-            has_reply = len(parts) == (6 if line.startswith(b"HMSG ") else 5)
-            tokens = parts[3].decode().split(".") if has_reply else []
-            # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or with
-            # domain and account hash in front and a token behind.
-            pending = tokens[8] if len(tokens) == 9 else tokens[10] if len(tokens) >= 11 else None
-            if pending == "0":
-                return marks
-        raise AssertionError(f"stream read-back did not finish within {timeout}s ({len(marks)} marks)")
+            answered += 1
+            answer = json.loads(data)
+            if "message" in answer:  # else: deleted or never stored (a gap in the sequence)
+                bodies[answer["message"]["seq"]] = base64.b64decode(answer["message"].get("data") or "")
+    return [(m.group(1).decode(), int(m.group(2))) for seq in sorted(bodies) for m in MARK.finditer(bodies[seq])]
 
 
 class MarkCollector:

@@ -39,6 +39,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::order::SUSPECT_AFTER;
+
 /// Messages the server should confirm at once; it may choose fewer.
 const REQUESTED_FLOW: u64 = 200;
 /// Unconfirmed flow windows per batch before the batch is committed and a new one opened.
@@ -499,6 +501,13 @@ impl Book {
             return None;
         }
         self.resume_at = None;
+        if self.suspect(now) {
+            // Something sent a while ago has no answer: it may have been lost with a stream
+            // leader, and what goes out now could reach the next leader and be stored before
+            // it. Nothing new goes until it is answered or times out (and then everything
+            // goes again in order); an open batch is committed so that the server answers.
+            return self.commit_open(now);
+        }
         while let Some(message) = self.queue.pop_front() {
             if message.give_up_at.is_some_and(|at| at <= now) {
                 self.give_up(message);
@@ -571,6 +580,21 @@ impl Book {
             return self.commit_open(now);
         }
         None
+    }
+
+    /// The oldest single or batch in flight has had no answer for [`SUSPECT_AFTER`].
+    /// JetStream answers within milliseconds when it works, and a stream leader election
+    /// takes seconds: messages sent between a silent loss and this hold find no leader and
+    /// fail, which puts everything back in order ([`Book::requeue_in_flight`]).
+    fn suspect(&self, now: Instant) -> bool {
+        let single = self
+            .singles
+            .front()
+            .is_some_and(|single| single.sent_at + SUSPECT_AFTER <= now);
+        single
+            || self.batches.iter().any(|batch| {
+                !batch.unacked.is_empty() && batch.waiting_since + SUSPECT_AFTER <= now
+            })
     }
 
     fn commit_open(&mut self, now: Instant) -> Option<Wire> {
@@ -1107,6 +1131,43 @@ mod tests {
         book.on_reply(&reply(reply_b, Some(503), ""), now);
         let again = drain(&mut book, now + BACKOFF_FIRST, true);
         assert_eq!(bodies(&again), ["a", "b"]);
+    }
+
+    #[test]
+    fn nothing_new_goes_while_the_oldest_in_flight_has_no_answer_for_long() {
+        let now = Instant::now();
+        let mut book = book_with_singles();
+        let (first, mut r_first) = from(5, "s.x", "1", now);
+        book.enqueue(std::iter::once(first), now);
+        let sent = drain(&mut book, now, true);
+        let later = now + SUSPECT_AFTER;
+        let (second, _r) = from(5, "s.x", "2", later);
+        book.enqueue(std::iter::once(second), later);
+        assert!(drain(&mut book, later, true).is_empty(), "held back");
+        book.on_reply(
+            &reply(&sent[0].reply, None, r#"{"stream":"S","seq":1}"#),
+            later,
+        );
+        assert_eq!(state(&mut r_first), Some(Ok(())));
+        assert_eq!(bodies(&drain(&mut book, later, true)), ["2"]);
+    }
+
+    #[test]
+    fn a_suspect_open_batch_is_committed_and_nothing_new_goes() {
+        let now = Instant::now();
+        let mut book = book();
+        let (first, _r1) = from(5, "s.x", "1", now);
+        book.enqueue(std::iter::once(first), now);
+        assert_eq!(drain(&mut book, now, false).len(), 1, "open, not committed");
+        let later = now + SUSPECT_AFTER;
+        let (second, _r2) = from(5, "s.x", "2", later);
+        book.enqueue(std::iter::once(second), later);
+        let wires = drain(&mut book, later, false);
+        assert_eq!(wires.len(), 1);
+        assert!(
+            wires[0].reply.ends_with(".3.$FI"),
+            "only the commit: {wires:?}"
+        );
     }
 
     #[test]

@@ -8,14 +8,28 @@
 //! an earlier one still pausing (issue 19). [`PublishOrder`] makes a message that must go
 //! again wait for the outcome of the publisher's previous message, and holds the
 //! publisher's new messages back while any of its messages waits to go again.
+//!
+//! A message can also be lost without an answer (sent to a stream leader that died): its
+//! acknowledgement times out after seconds, while the publisher's later messages may reach
+//! the new leader and be stored first. So new messages are also held back while the oldest
+//! unanswered one has waited longer than [`SUSPECT_AFTER`]: JetStream answers within
+//! milliseconds when it works, and a stream leader election takes seconds, so the messages
+//! sent between a silent loss and the hold get "no responders" and wait for it (above).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::future::{FutureExt, Shared};
 use tokio::sync::{oneshot, Notify};
 
 type Outcome = Shared<oneshot::Receiver<bool>>;
+
+/// How long the oldest unanswered message may wait before the publisher's next ones are held.
+pub const SUSPECT_AFTER: Duration = Duration::from_secs(1);
 
 /// Per publisher (connection); cheap to clone.
 #[derive(Clone, Default)]
@@ -31,6 +45,9 @@ struct Inner {
     calm: Notify,
     /// The outcome of the publisher's latest message (true: stored).
     last: Mutex<Option<Outcome>>,
+    /// Messages sent and not settled: (ticket, sent at), oldest first.
+    unsettled: Mutex<VecDeque<(u64, Instant)>>,
+    next_ticket: AtomicU64,
 }
 
 /// The outcome of the message before this one.
@@ -49,12 +66,22 @@ impl Earlier {
 }
 
 /// Reports this message's outcome to the next one.
-pub struct Settle(oneshot::Sender<bool>);
+pub struct Settle {
+    outcome: oneshot::Sender<bool>,
+    ticket: u64,
+    inner: Arc<Inner>,
+}
 
 impl Settle {
     pub fn settle(self, stored: bool) {
+        self.inner
+            .unsettled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(ticket, _)| *ticket != self.ticket);
+        self.inner.calm.notify_waiters();
         // Nobody waits if no later message needed to be sent again.
-        let _ = self.0.send(stored);
+        let _ = self.outcome.send(stored);
     }
 }
 
@@ -80,7 +107,18 @@ impl PublishOrder {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .replace(rx.shared());
-        (Earlier(earlier), Settle(tx))
+        let ticket = self.inner.next_ticket.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .unsettled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back((ticket, Instant::now()));
+        let settle = Settle {
+            outcome: tx,
+            ticket,
+            inner: self.inner.clone(),
+        };
+        (Earlier(earlier), settle)
     }
 
     /// Marks a message of this publisher as waiting to be sent again, until dropped.
@@ -89,11 +127,21 @@ impl PublishOrder {
         Retrying(self.inner.clone())
     }
 
-    /// Returns once none of this publisher's messages waits to be sent again.
+    /// Returns once none of this publisher's messages waits to be sent again and none has
+    /// waited for its answer longer than [`SUSPECT_AFTER`].
     pub async fn wait_until_no_retry(&self) {
         loop {
+            // Registered before the checks: a settle or a retry ending in between wakes it.
             let calm = self.inner.calm.notified();
-            if self.inner.retrying.load(Ordering::SeqCst) == 0 {
+            let retrying = self.inner.retrying.load(Ordering::SeqCst) > 0;
+            let oldest = self
+                .inner
+                .unsettled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .front()
+                .map(|(_, sent_at)| *sent_at);
+            if !retrying && oldest.is_none_or(|at| at + SUSPECT_AFTER > Instant::now()) {
                 return;
             }
             calm.await;
@@ -116,6 +164,25 @@ mod tests {
         assert!(second_earlier.stored().await);
         second.settle(false);
         assert!(!third_earlier.stored().await);
+    }
+
+    #[tokio::test]
+    async fn new_messages_wait_while_the_oldest_has_no_answer_for_long() {
+        let order = PublishOrder::default();
+        let (_, first) = order.take_turn();
+        order.wait_until_no_retry().await;
+        tokio::time::sleep(SUSPECT_AFTER + Duration::from_millis(20)).await;
+        let waiting = tokio::spawn({
+            let order = order.clone();
+            async move { order.wait_until_no_retry().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "held while the first is suspect");
+        first.settle(false);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .expect("released")
+            .expect("joined");
     }
 
     #[tokio::test]
