@@ -40,6 +40,8 @@ SCENARIO_TITLES = {
     "idle10k": "idle connections",
     "reconnect": "reconnect storm",
     "failover": "node failure (kill -9)",
+    "failover-stream": "message stream leader failure (NATS kill -9)",
+    "failover-sessions": "sessions bucket leader failure (NATS kill -9)",
     "kafka": "MQTT to Kafka",
 }
 
@@ -152,6 +154,10 @@ METRICS = [
     ("failover", "lost (acked, not delivered)", lambda d, t: get(d, "result", "receive", "lost"), "lower", "{:,.0f}"),
     ("failover", "QoS 2 duplicates", lambda d, t: get(d, "result", "receive", "duplicates_qos2"), "lower", "{:,.0f}"),
     ("failover", "QoS 1 duplicates", lambda d, t: get(d, "result", "receive", "duplicates_qos1"), "lower", "{:,.0f}"),
+    ("failover", "order violations (must be 0)", lambda d, t: get(d, "result", "receive", "order_violations"), "lower", "{:,.0f}"),
+    ("failover", "resume, broker's part p50 ms", lambda d, t: get(d, "result", "kill", "resume_connect_ms", "p50"), "lower", "{:,.0f}"),
+    ("failover", "resume, broker's part max ms", lambda d, t: get(d, "result", "kill", "resume_connect_ms", "max"), "lower", "{:,.0f}"),
+    ("failover", "clients' detection p50 ms", lambda d, t: get(d, "result", "kill", "detection_ms", "p50"), "lower", "{:,.0f}"),
     ("failover", "latency p99 ms", lambda d, t: get(d, "result", "receive", "latency_ms", "p99"), "lower", "{:,.1f}"),
     ("failover", "latency max ms", lambda d, t: get(d, "result", "receive", "latency_ms", "max"), "lower", "{:,.1f}"),
     # MQTT to Kafka (bench/kafka_bench.py): steady-state records/s into one tansu through K
@@ -185,6 +191,10 @@ def log_lines(d, t):
 
 
 # Appended to every load scenario.
+# The NATS-node kills (scripts/bench failover-stream, failover-sessions) report as "failover".
+METRICS += [(variant, *rest) for (scenario, *rest) in METRICS if scenario == "failover"
+            for variant in ("failover-stream", "failover-sessions")]
+
 COMMON_METRICS = [
     ("CPU s (broker+NATS)", system_cpu, "lower", "{:,.1f}"),
     ("load generator CPU s", loadgen_cpu, "lower", "{:,.1f}"),
@@ -578,7 +588,13 @@ def failover_md(d, plot):
             f"- sent {get(r, 'publish', 'sent')}, acknowledged {get(r, 'publish', 'acked')}, "
             f"unacknowledged at the end {get(r, 'publish', 'unacked_at_end')}; received {rec.get('received')} "
             f"({rec.get('unique')} unique); **lost {rec.get('lost')}**, QoS 2 duplicates {rec.get('duplicates_qos2')}, "
-            f"QoS 1 duplicates {rec.get('duplicates_qos1')}",
+            f"QoS 1 duplicates {rec.get('duplicates_qos1')}, **order violations {rec.get('order_violations')}** "
+            f"(QoS 1 {rec.get('order_violations_qos1')}, QoS 2 {rec.get('order_violations_qos2')})",
+            f"- resume after the kill: the clients' detection (kill until the drop was noticed) p50 "
+            f"{fmt(get(k, 'detection_ms', 'p50'), '{:,.0f}')} ms, max {fmt(get(k, 'detection_ms', 'max'), '{:,.0f}')} ms; "
+            f"the broker's part (TCP connect until CONNACK with session present) p50 "
+            f"{fmt(get(k, 'resume_connect_ms', 'p50'), '{:,.0f}')} ms, p99 {fmt(get(k, 'resume_connect_ms', 'p99'), '{:,.0f}')} ms, "
+            f"max {fmt(get(k, 'resume_connect_ms', 'max'), '{:,.0f}')} ms",
             f"- errors seen by the clients: " + ("; ".join(f"{e} x{n}" for e, n in (r.get("errors") or {}).items()) or "none")]
     if plot:
         out += ["", f"![node failure timeline]({plot})"]

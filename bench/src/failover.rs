@@ -6,7 +6,15 @@
 //!
 //! Measured: time from the kill until every client is connected again with its session
 //! resumed; messages lost (acknowledged with PUBACK / PUBCOMP and never delivered); QoS 2 and
-//! QoS 1 duplicates; a per-second timeline of connected clients and message rates.
+//! QoS 1 duplicates; order violations (a message of a publisher delivered for the first time
+//! after a later one of the same publisher and QoS, which MQTT forbids for one topic); a
+//! per-second timeline of connected clients and message rates. Of a resume after the kill,
+//! the clients' part (kill until the client noticed its connection was gone) and the
+//! broker's part (TCP connect of the successful attempt until CONNACK with session present)
+//! are reported apart, so a slow detection by the clients is not taken for a slow broker.
+//!
+//! The process killed may be a broker node, or (with `scripts/bench`'s `failover-stream` and
+//! `failover-sessions`) the NATS node leading the message stream or the sessions bucket.
 //!
 //! Every client keeps its MQTT session state across reconnects the way the specification
 //! asks of a client: unacknowledged PUBLISHes are resent with DUP, PUBREL is resent for
@@ -165,6 +173,10 @@ struct ClientStats {
     dup_qos1: u64,
     dup_qos2: u64,
     foreign: u64,
+    /// Highest sequence received so far, per QoS (index 0: QoS 1, 1: QoS 2).
+    received_high: [Option<u64>; 2],
+    /// First deliveries below `received_high` of their QoS, per QoS.
+    order_violations: [u64; 2],
 }
 
 struct Shared {
@@ -173,6 +185,11 @@ struct Shared {
     timeline: Timeline,
     latency: Recorder,
     outage: Recorder,
+    /// After the kill: kill until a client noticed that its connection was gone.
+    detection: Recorder,
+    /// After the kill: the successful reconnect's TCP connect until CONNACK with session
+    /// present (the broker's part of a resume).
+    resume_connect: Recorder,
     errors: ErrorLog,
     /// DNS-like rotation: every reconnect attempt takes the next address.
     rotation: AtomicUsize,
@@ -257,12 +274,16 @@ pub async fn run(args: FailoverArgs, run_id: &str) -> Result<serde_json::Value> 
                     dup_qos1: 0,
                     dup_qos2: 0,
                     foreign: 0,
+                    received_high: [None; 2],
+                    order_violations: [0; 2],
                 })
             })
             .collect(),
         timeline: Timeline::new(timeline_secs),
         latency: Recorder::new(16),
         outage: Recorder::new(16),
+        detection: Recorder::new(16),
+        resume_connect: Recorder::new(16),
         errors: ErrorLog::default(),
         rotation: AtomicUsize::new(0),
         connected: AtomicU64::new(0),
@@ -407,11 +428,14 @@ pub async fn run(args: FailoverArgs, run_id: &str) -> Result<serde_json::Value> 
         }
         unacked_delivered += received.saturating_sub(p.acked.unique.saturating_sub(missing));
     }
+    let mut order_violations = [0u64; 2];
     for st in &shared.stats {
         if let Ok(s) = st.lock() {
             dup1 += s.dup_qos1;
             dup2 += s.dup_qos2;
             foreign += s.foreign;
+            order_violations[0] += s.order_violations[0];
+            order_violations[1] += s.order_violations[1];
         }
     }
 
@@ -435,6 +459,7 @@ pub async fn run(args: FailoverArgs, run_id: &str) -> Result<serde_json::Value> 
         && ld(&shared.setup_failed) == 0
         && lost == 0
         && dup2 == 0
+        && order_violations == [0, 0]
         && all_back
         && session_lost == 0
         && (args.kill.is_none() || killed.is_some());
@@ -480,6 +505,10 @@ pub async fn run(args: FailoverArgs, run_id: &str) -> Result<serde_json::Value> 
                 "resume_secs": resume_secs,
                 "last_resume_secs": last_resume_secs,
                 "outage_ms": shared.outage.summary(),
+                // The clients' part: kill until the dropped connection was noticed.
+                "detection_ms": shared.detection.summary(),
+                // The broker's part: TCP connect until CONNACK with session present.
+                "resume_connect_ms": shared.resume_connect.summary(),
             },
             "reconnects": {
                 "attempts": ld(&shared.reconnect_attempts),
@@ -500,6 +529,9 @@ pub async fn run(args: FailoverArgs, run_id: &str) -> Result<serde_json::Value> 
                 "clients_with_loss": lost_clients,
                 "duplicates_qos1": dup1,
                 "duplicates_qos2": dup2,
+                "order_violations": order_violations[0] + order_violations[1],
+                "order_violations_qos1": order_violations[0],
+                "order_violations_qos2": order_violations[1],
                 "delivered_without_ack": unacked_delivered,
                 "foreign": foreign,
                 "latency_ms": shared.latency.summary(),
@@ -705,6 +737,10 @@ impl Client {
                 self.shared
                     .dropped_after_kill
                     .fetch_add(1, Ordering::Relaxed);
+                let k = self.shared.kill_ns.load(Ordering::Relaxed);
+                self.shared
+                    .detection
+                    .record_ns(self.idx, down_ns.saturating_sub(k));
             }
             avoid.clear();
             avoid.push(self.opts.target);
@@ -750,7 +786,9 @@ impl Client {
     /// TCP connect, CONNECT, CONNACK; subscribes when there is no session (first time, or a
     /// session the broker lost), and resends what was in flight.
     async fn connect(&mut self, first: bool) -> Result<Conn> {
+        let opened_at = Instant::now();
         let (mut conn, ack) = Conn::open(&self.opts).await?;
+        let open_ns = opened_at.elapsed().as_nanos() as u64;
         // Held PUBACKs belonged to the old connection; the broker sends those messages again.
         self.delayed_acks.clear();
         let now = payload::now_ns();
@@ -765,6 +803,7 @@ impl Client {
                     self.shared
                         .resumed_after_kill
                         .fetch_add(1, Ordering::Relaxed);
+                    self.shared.resume_connect.record_ns(self.idx, open_ns);
                     stamp(&self.shared.last_resume_ns, now);
                 } else {
                     self.shared
@@ -997,6 +1036,12 @@ impl Client {
             .record_ns(self.idx, now.saturating_sub(h.sent_ns));
         if st.received.record(h.seq) {
             shared.unique_received.fetch_add(1, Ordering::Relaxed);
+            // MQTT keeps order per topic and QoS: each QoS has its own high-water mark.
+            let q = usize::from(p.qos == QoS::ExactlyOnce);
+            match st.received_high[q] {
+                Some(high) if h.seq < high => st.order_violations[q] += 1,
+                _ => st.received_high[q] = Some(h.seq),
+            }
         } else if p.qos == QoS::ExactlyOnce {
             st.dup_qos2 += 1;
         } else {

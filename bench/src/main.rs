@@ -179,7 +179,7 @@ fn summary_line(v: &serde_json::Value) -> String {
             g("/result/offline/expected"),
         ),
         Some("failover") => format!(
-            "[{}] failover ok={} dropped={} resumed={} absent={} resume={}s sent={} acked={} lost={} dup1={} dup2={} all_back={}",
+            "[{}] failover ok={} dropped={} resumed={} absent={} resume={}s sent={} acked={} lost={} dup1={} dup2={} order={} all_back={}",
             g("/label"),
             g("/ok"),
             g("/result/kill/clients_dropped"),
@@ -191,6 +191,7 @@ fn summary_line(v: &serde_json::Value) -> String {
             g("/result/receive/lost"),
             g("/result/receive/duplicates_qos1"),
             g("/result/receive/duplicates_qos2"),
+            g("/result/receive/order_violations"),
             g("/result/kill/all_connected_at_end"),
         ),
         _ => format!("[{}] error: {}", g("/label"), g("/error")),

@@ -224,7 +224,13 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         match self
             .node
             .ingress
-            .publish(&topic, &envelope, payload, msg_id)
+            .publish_in_order(
+                &topic,
+                &envelope,
+                payload,
+                msg_id,
+                Some(&self.publish_order),
+            )
             .await
         {
             Ok(ack) => {

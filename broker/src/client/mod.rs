@@ -100,6 +100,8 @@ pub(crate) struct Client<R, W> {
 
     // PUBLISHes from the client.
     acks: FuturesOrdered<PendingAck>,
+    /// Keeps this client's messages published one by one in order when some go again.
+    publish_order: crate::ingress::PublishOrder,
     inbound_unacked: usize,
     aliases_in: HashMap<u16, String>,
     qos2_publishing: HashSet<u16>,
@@ -312,6 +314,7 @@ async fn handshake<S: Transport>(
         alias_out_max: connect.properties.topic_alias_maximum.unwrap_or(0),
         fresh_retained: None,
         acks: FuturesOrdered::new(),
+        publish_order: Default::default(),
         inbound_unacked: 0,
         aliases_in: HashMap::new(),
         qos2_publishing: HashSet::new(),

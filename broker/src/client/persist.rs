@@ -83,7 +83,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             None
         };
         self.record.cursor = cursor;
-        self.record.released = self.delivery.released_sorted();
+        self.record.released = self.delivery.released_in_order();
         self.record_dirty = false;
         self.delivery.released_changed = false;
         self.delivery.delivered_since_persist = false;

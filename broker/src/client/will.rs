@@ -128,7 +128,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.record.will_due_ms = None;
         self.record.disconnected_at_ms = Some(now_ms());
         self.record.cursor = self.delivery.durable_cursor();
-        self.record.released = self.delivery.released_sorted();
+        self.record.released = self.delivery.released_in_order();
         self.record.sent_upto = Some(self.delivery.sent_upto());
         match self
             .node
@@ -203,7 +203,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.record.owner = None;
         self.record.disconnected_at_ms = Some(now);
         self.record.cursor = self.delivery.durable_cursor();
-        self.record.released = self.delivery.released_sorted();
+        self.record.released = self.delivery.released_in_order();
         self.record.sent_upto = Some(self.delivery.sent_upto());
         let result = Box::pin(store.save(&self.record, self.revision)).await;
         match &result {

@@ -39,6 +39,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::order::SUSPECT_AFTER;
+
 /// Messages the server should confirm at once; it may choose fewer.
 const REQUESTED_FLOW: u64 = 200;
 /// Unconfirmed flow windows per batch before the batch is committed and a new one opened.
@@ -93,6 +95,9 @@ pub struct Outgoing {
     pub done: Completion,
     /// Set by [`Book::enqueue`].
     pub give_up_at: Option<Instant>,
+    /// Set by [`Book::enqueue`]: the order the node took messages in, which is each
+    /// publisher's order. Messages put back after a failure go out again in this order.
+    pub taken: u64,
 }
 
 impl Outgoing {
@@ -156,6 +161,7 @@ impl BatchPublisher {
             done,
             // Set when the batch task takes it: one clock read per handful of messages.
             give_up_at: None,
+            taken: 0,
         };
         if let Err(mpsc::error::SendError(message)) = self.tx.send(message).await {
             message.complete(Err(BatchError::Unsupported));
@@ -365,6 +371,8 @@ struct Book {
     max_bundle_bytes: usize,
     backoff: Duration,
     resume_at: Option<Instant>,
+    /// Next [`Outgoing::taken`].
+    next_taken: u64,
     available: Arc<AtomicBool>,
     metrics: Arc<crate::telemetry::Metrics>,
 }
@@ -389,6 +397,7 @@ impl Book {
             max_bundle_bytes: MAX_BUNDLE_BYTES,
             backoff: BACKOFF_FIRST,
             resume_at: None,
+            next_taken: 1,
             available,
             metrics,
         }
@@ -406,8 +415,11 @@ impl Book {
             return;
         }
         let give_up_at = Some(now + GIVE_UP_AFTER);
+        let next_taken = &mut self.next_taken;
         self.queue.extend(messages.map(|mut m| {
             m.give_up_at = m.give_up_at.or(give_up_at);
+            m.taken = *next_taken;
+            *next_taken += 1;
             m
         }));
     }
@@ -489,11 +501,16 @@ impl Book {
             return None;
         }
         self.resume_at = None;
+        if self.suspect(now) {
+            // Something sent a while ago has no answer: it may have been lost with a stream
+            // leader, and what goes out now could reach the next leader and be stored before
+            // it. Nothing new goes until it is answered or times out (and then everything
+            // goes again in order); an open batch is committed so that the server answers.
+            return self.commit_open(now);
+        }
         while let Some(message) = self.queue.pop_front() {
             if message.give_up_at.is_some_and(|at| at <= now) {
-                message.complete(Err(BatchError::Failed(
-                    "not stored in time (JetStream unavailable)".into(),
-                )));
+                self.give_up(message);
                 continue;
             }
             if self.batches.is_empty() && self.singles.len() < self.max_singles {
@@ -565,6 +582,21 @@ impl Book {
         None
     }
 
+    /// The oldest single or batch in flight has had no answer for [`SUSPECT_AFTER`].
+    /// JetStream answers within milliseconds when it works, and a stream leader election
+    /// takes seconds: messages sent between a silent loss and this hold find no leader and
+    /// fail, which puts everything back in order ([`Book::requeue_in_flight`]).
+    fn suspect(&self, now: Instant) -> bool {
+        let single = self
+            .singles
+            .front()
+            .is_some_and(|single| single.sent_at + SUSPECT_AFTER <= now);
+        single
+            || self.batches.iter().any(|batch| {
+                !batch.unacked.is_empty() && batch.waiting_since + SUSPECT_AFTER <= now
+            })
+    }
+
     fn commit_open(&mut self, now: Instant) -> Option<Wire> {
         let inbox = &self.inbox;
         let batch = self.batches.back_mut().filter(|b| !b.committed)?;
@@ -590,9 +622,7 @@ impl Book {
         if batch == 0 {
             if let Some(at) = self.singles.iter().position(|single| single.id == seq) {
                 if let Some(single) = self.singles.remove(at) {
-                    single
-                        .message
-                        .complete(Err(BatchError::Failed(error.to_owned())));
+                    self.fail_with_publisher(single.message, error);
                 }
             }
             return;
@@ -683,7 +713,8 @@ impl Book {
                 self.backoff = BACKOFF_FIRST;
                 if !batch.unacked.is_empty() {
                     self.metrics.publish_batch_failures.inc();
-                    self.requeue(batch, now);
+                    self.batches.push_front(batch);
+                    self.requeue_in_flight(now);
                 }
             }
             (Some(kind), None) => {
@@ -730,15 +761,12 @@ impl Book {
                 Err(_) => false,
             },
         };
-        let Some(single) = self.singles.remove(at) else {
-            return;
-        };
         if transient {
             // No stream leader right now: nothing was stored; send again after a pause.
             self.resume_at = Some(now + self.backoff);
             self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         }
-        self.requeue_one(single.message, now);
+        self.requeue_in_flight(now);
     }
 
     /// Index of the batch a reply subject belongs to.
@@ -751,17 +779,15 @@ impl Book {
     }
 
     fn on_timeout(&mut self, now: Instant) {
-        while let Some(at) = self
+        if self
             .singles
             .iter()
-            .position(|single| now >= single.sent_at + ACK_TIMEOUT)
+            .any(|single| now >= single.sent_at + ACK_TIMEOUT)
         {
             tracing::warn!("QoS 1 publish: no answer from JetStream; publishing again");
-            if let Some(single) = self.singles.remove(at) {
-                self.requeue_one(single.message, now);
-            }
+            self.requeue_in_flight(now);
         }
-        while let Some(index) = self
+        if let Some(index) = self
             .batches
             .iter()
             .position(|b| now >= b.waiting_since + ACK_TIMEOUT)
@@ -780,33 +806,74 @@ impl Book {
         timeouts.chain(singles).chain(self.resume_at).min()
     }
 
-    /// Gives a batch up: what it did not confirm is sent again, first, in a new batch.
+    /// Gives a batch up: what it did not confirm is sent again, first, in a new batch,
+    /// together with everything else in flight ([`Book::requeue_in_flight`]).
     fn fail(&mut self, index: usize, failure: Failure, now: Instant) {
-        let Some(batch) = self.batches.remove(index) else {
+        if index >= self.batches.len() {
             return;
-        };
+        }
         self.metrics.publish_batch_failures.inc();
         if failure == Failure::BackOff {
             self.resume_at = Some(now + self.backoff);
             self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         }
-        self.requeue(batch, now);
+        self.requeue_in_flight(now);
     }
 
-    fn requeue(&mut self, batch: Batch, now: Instant) {
-        for (_, message) in batch.unacked.into_iter().rev() {
-            self.requeue_one(message, now);
+    /// After a failure (no stream leader, a gap, a timeout, a lost connection): gives up
+    /// every single and batch in flight and puts their unconfirmed messages back at the
+    /// front of the queue in the order the node took them, to go out again before anything
+    /// newer.
+    ///
+    /// Why all of them and not just the one that failed: a publisher has several messages
+    /// in flight, in singles and batches that succeed or fail independently. Putting back
+    /// only the failed one let the publisher's later messages, still in flight or sent
+    /// meanwhile, be stored before it (issue 19: "46, 45, 44 stored after 47"), and putting
+    /// failed messages back one by one at the front reversed them. Messages given up that
+    /// JetStream did store are stored twice, which QoS 1 allows.
+    fn requeue_in_flight(&mut self, now: Instant) {
+        let mut unconfirmed: Vec<Outgoing> = self
+            .singles
+            .drain(..)
+            .map(|single| single.message)
+            .chain(
+                self.batches
+                    .drain(..)
+                    .flat_map(|batch| batch.unacked.into_iter().map(|(_, message)| message)),
+            )
+            .collect();
+        unconfirmed.sort_by_key(|message| message.taken);
+        let mut expired = Vec::new();
+        for message in unconfirmed.into_iter().rev() {
+            if message.give_up_at.is_some_and(|at| at <= now) {
+                expired.push(message);
+            } else {
+                self.queue.push_front(message);
+            }
+        }
+        for message in expired.into_iter().rev() {
+            self.give_up(message);
         }
     }
 
-    /// Puts a message back at the front of the queue, or fails it if its time is up.
-    fn requeue_one(&mut self, message: Outgoing, now: Instant) {
-        if message.give_up_at.is_some_and(|at| at <= now) {
+    /// A message not stored in time fails, and with it the queued messages of its
+    /// publisher: they would otherwise be stored before it once the client sends it again
+    /// (its connection is closed without a PUBACK for it).
+    fn give_up(&mut self, message: Outgoing) {
+        self.fail_with_publisher(message, "not stored in time (JetStream unavailable)");
+    }
+
+    fn fail_with_publisher(&mut self, message: Outgoing, error: &str) {
+        let source = message.source;
+        message.complete(Err(BatchError::Failed(error.to_owned())));
+        let (failed, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|queued| queued.source == source);
+        self.queue = kept;
+        for message in failed {
             message.complete(Err(BatchError::Failed(
-                "not stored in time (JetStream unavailable)".into(),
+                "an earlier message of this publisher was not stored in time".into(),
             )));
-        } else {
-            self.queue.push_front(message);
         }
     }
 
@@ -960,12 +1027,19 @@ mod tests {
         book.on_reply(&reply("_INBOX.node._s1", Some(503), ""), now);
         assert_eq!(state(&mut r1), None);
         assert!(drain(&mut book, now, true).is_empty(), "backing off");
+        // The second single was given up with the first: both go again, in their order.
         let again = drain(&mut book, now + BACKOFF_FIRST, true);
-        assert_eq!(again.len(), 1);
-        assert_eq!(again[0].reply, "_INBOX.node._s3");
+        let replies: Vec<&str> = again.iter().map(|w| w.reply.as_str()).collect();
+        assert_eq!(replies, ["_INBOX.node._s3", "_INBOX.node._s4"]);
+        // A late answer for a single given up is ignored.
+        book.on_reply(
+            &reply("_INBOX.node._s2", None, r#"{"stream":"S","seq":9}"#),
+            now,
+        );
+        assert_eq!(state(&mut r2), None);
         book.on_reply(
             &reply(
-                "_INBOX.node._s2",
+                "_INBOX.node._s4",
                 None,
                 r#"{"error":{"code":400,"err_code":10054,"description":"maximum payload exceeded"}}"#,
             ),
@@ -976,12 +1050,146 @@ mod tests {
         book.on_timeout(now + BACKOFF_FIRST + ACK_TIMEOUT);
         assert!(book.singles.is_empty());
         let last = drain(&mut book, now + BACKOFF_FIRST + ACK_TIMEOUT, true);
-        assert_eq!(last[0].reply, "_INBOX.node._s4");
+        assert_eq!(last[0].reply, "_INBOX.node._s5");
         book.on_reply(
-            &reply("_INBOX.node._s4", None, r#"{"stream":"S","seq":7}"#),
+            &reply("_INBOX.node._s5", None, r#"{"stream":"S","seq":7}"#),
             now,
         );
         assert_eq!(state(&mut r1), Some(Ok(())));
+    }
+
+    /// The bodies a list of wires carries, bundles split.
+    fn bodies(wires: &[Wire]) -> Vec<Bytes> {
+        wires
+            .iter()
+            .filter(|w| !w.body.is_empty())
+            .flat_map(parts)
+            .collect()
+    }
+
+    #[test]
+    fn singles_that_time_out_go_again_in_their_order_not_reversed() {
+        let now = Instant::now();
+        let mut book = book_with_singles();
+        for body in ["44", "45", "46"] {
+            let (m, _r) = from(8, "s.x", body, now);
+            book.enqueue(std::iter::once(m), now);
+        }
+        assert_eq!(drain(&mut book, now, true).len(), 3);
+        // The stream leader died: no answers at all.
+        book.on_timeout(now + ACK_TIMEOUT);
+        let again = drain(&mut book, now + ACK_TIMEOUT, true);
+        assert_eq!(bodies(&again), ["44", "45", "46"]);
+    }
+
+    #[test]
+    fn a_failed_batch_takes_the_later_batches_in_flight_with_it_and_all_go_again_in_order() {
+        let now = Instant::now();
+        let mut book = book();
+        let mut receivers = Vec::new();
+        let mut sent = Vec::new();
+        // Batch 1 with two messages, committed; then batch 2 with two more.
+        for (body, idle) in [("1", false), ("2", true), ("3", false), ("4", true)] {
+            let (m, r) = from(8, "s.x", body, now);
+            book.enqueue(std::iter::once(m), now);
+            receivers.push(r);
+            sent.extend(drain(&mut book, now, idle));
+        }
+        assert_eq!(book.batches.len(), 2, "{sent:?}");
+        assert_eq!(bodies(&sent), ["1", "2", "3", "4"]);
+        // Batch 1 hears nothing (its stream leader died); batch 2 is still in flight.
+        let later = now + ACK_TIMEOUT;
+        book.batches[1].waiting_since = later;
+        book.on_timeout(later);
+        assert!(book.batches.is_empty(), "batch 2 is given up too");
+        let again = drain(&mut book, later, true);
+        assert_eq!(bodies(&again), ["1", "2", "3", "4"], "not 3, 4 before 1, 2");
+        let commit = again.last().expect("commit");
+        answer(
+            &mut book,
+            commit,
+            r#"{"stream":"S","seq":9,"count":4}"#,
+            later,
+        );
+        assert!(receivers.iter_mut().all(|r| state(r) == Some(Ok(()))));
+    }
+
+    #[test]
+    fn batches_that_fail_one_after_the_other_keep_their_order() {
+        let now = Instant::now();
+        let mut book = book();
+        let mut sent = Vec::new();
+        for (body, idle) in [("a", true), ("b", true)] {
+            let (m, _r) = from(3, "s.x", body, now);
+            book.enqueue(std::iter::once(m), now);
+            sent.extend(drain(&mut book, now, idle));
+        }
+        // Singles are off in `book()`: two batches in flight.
+        assert_eq!(book.batches.len(), 2);
+        // The later batch finds no stream leader first.
+        let reply_b = &sent.iter().find(|w| w.body == "b").expect("b").reply;
+        book.on_reply(&reply(reply_b, Some(503), ""), now);
+        let again = drain(&mut book, now + BACKOFF_FIRST, true);
+        assert_eq!(bodies(&again), ["a", "b"]);
+    }
+
+    #[test]
+    fn nothing_new_goes_while_the_oldest_in_flight_has_no_answer_for_long() {
+        let now = Instant::now();
+        let mut book = book_with_singles();
+        let (first, mut r_first) = from(5, "s.x", "1", now);
+        book.enqueue(std::iter::once(first), now);
+        let sent = drain(&mut book, now, true);
+        let later = now + SUSPECT_AFTER;
+        let (second, _r) = from(5, "s.x", "2", later);
+        book.enqueue(std::iter::once(second), later);
+        assert!(drain(&mut book, later, true).is_empty(), "held back");
+        book.on_reply(
+            &reply(&sent[0].reply, None, r#"{"stream":"S","seq":1}"#),
+            later,
+        );
+        assert_eq!(state(&mut r_first), Some(Ok(())));
+        assert_eq!(bodies(&drain(&mut book, later, true)), ["2"]);
+    }
+
+    #[test]
+    fn a_suspect_open_batch_is_committed_and_nothing_new_goes() {
+        let now = Instant::now();
+        let mut book = book();
+        let (first, _r1) = from(5, "s.x", "1", now);
+        book.enqueue(std::iter::once(first), now);
+        assert_eq!(drain(&mut book, now, false).len(), 1, "open, not committed");
+        let later = now + SUSPECT_AFTER;
+        let (second, _r2) = from(5, "s.x", "2", later);
+        book.enqueue(std::iter::once(second), later);
+        let wires = drain(&mut book, later, false);
+        assert_eq!(wires.len(), 1);
+        assert!(
+            wires[0].reply.ends_with(".3.$FI"),
+            "only the commit: {wires:?}"
+        );
+    }
+
+    #[test]
+    fn a_message_given_up_fails_the_queued_messages_of_its_publisher() {
+        let now = Instant::now();
+        let mut book = book_with_singles();
+        let (first, mut r_first) = from(5, "s.x", "1", now);
+        book.enqueue(std::iter::once(first), now);
+        drain(&mut book, now, true);
+        let later = now + GIVE_UP_AFTER - Duration::from_millis(1);
+        let (second, mut r_second) = from(5, "s.x", "2", later);
+        let (other, mut r_other) = from(6, "s.x", "x", later);
+        book.enqueue([second, other].into_iter(), later);
+        // The first one's ack never comes and its time runs out.
+        book.on_timeout(now + GIVE_UP_AFTER);
+        assert!(matches!(state(&mut r_first), Some(Err(_))));
+        assert!(
+            matches!(state(&mut r_second), Some(Err(_))),
+            "would be stored before the first once the client sends that again"
+        );
+        assert_eq!(state(&mut r_other), None, "other publishers go on");
+        assert_eq!(bodies(&drain(&mut book, now + GIVE_UP_AFTER, true)), ["x"]);
     }
 
     fn message(now: Instant) -> (Outgoing, oneshot::Receiver<Result<(), BatchError>>) {
@@ -994,6 +1202,7 @@ mod tests {
                 source: 1,
                 done,
                 give_up_at: Some(now + GIVE_UP_AFTER),
+                taken: 0,
             },
             rx,
         )

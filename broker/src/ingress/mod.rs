@@ -6,6 +6,9 @@
 //! each acknowledged.
 
 pub mod batch;
+mod order;
+
+pub use order::PublishOrder;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -135,6 +138,21 @@ impl Ingress {
         payload: Bytes,
         msg_id: Option<&str>,
     ) -> Result<AckFuture, PublishError> {
+        self.publish_in_order(topic, envelope, payload, msg_id, None)
+            .await
+    }
+
+    /// [`Ingress::publish`] for a publisher whose messages published one by one (QoS 2, QoS
+    /// 1 outside batches) must be stored in the order they come: `order` is that
+    /// publisher's ([`PublishOrder`]).
+    pub async fn publish_in_order(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+        payload: Bytes,
+        msg_id: Option<&str>,
+        order: Option<&PublishOrder>,
+    ) -> Result<AckFuture, PublishError> {
         let body = envelope.encode(&payload)?;
         let retained_body = envelope.retain.then(|| body.clone());
         let subject = subject::publish_subject(topic);
@@ -183,7 +201,7 @@ impl Ingress {
                                 let first =
                                     send_on(&js, &subject, body.clone(), None, headers.as_ref())
                                         .await?;
-                                stored_alone(first, js, subject, body, None, headers).await
+                                stored_alone(first, js, subject, body, None, headers, None).await
                             }
                             Ok(Err(err)) => Err(err.into()),
                             Err(_) => {
@@ -194,10 +212,22 @@ impl Ingress {
                 }
                 None => {
                     let slot = self.alone_slot().await?;
+                    // Not while an earlier message of this publisher waits to be sent
+                    // again: this one would be stored before it.
+                    if let Some(order) = order {
+                        order.wait_until_no_retry().await;
+                    }
                     let msg_id = msg_id.map(str::to_owned);
                     let first = self
                         .send(&subject, body.clone(), msg_id.as_deref(), headers)
                         .await?;
+                    let (in_order, settle) = match order {
+                        Some(order) => {
+                            let (earlier, settle) = order.take_turn();
+                            (Some((order.clone(), earlier)), Some(settle))
+                        }
+                        None => (None, None),
+                    };
                     let stored = stored_alone(
                         first,
                         self.js.clone(),
@@ -205,13 +235,18 @@ impl Ingress {
                         body,
                         msg_id,
                         headers.cloned(),
+                        in_order,
                     );
                     // The slot is freed when the ack arrives, whoever waits for it: a
                     // connection that is itself waiting for a slot must not hold up the
                     // release of the slots its earlier messages took.
                     let (done, result) = tokio::sync::oneshot::channel();
                     tokio::spawn(async move {
-                        let _ = done.send(stored.await);
+                        let stored = stored.await;
+                        if let Some(settle) = settle {
+                            settle.settle(stored.is_ok());
+                        }
+                        let _ = done.send(stored);
                         drop(slot);
                     });
                     Box::pin(async move {
@@ -258,6 +293,12 @@ impl Ingress {
 
 /// Waits for one message's publish acknowledgement, sending it again while JetStream has
 /// no stream leader ("no responders": nothing was stored, so this cannot duplicate).
+///
+/// With `order` (the publisher's [`PublishOrder`] and the outcome of its previous message):
+/// while this one waits to go again, the publisher sends nothing new, and it goes again
+/// only once the previous message is stored, so the publisher's messages are stored in
+/// order. If the previous one failed (its client is being disconnected and will send both
+/// again), this one fails too rather than be stored before it.
 async fn stored_alone(
     first: jetstream::context::PublishAckFuture,
     js: Arc<jetstream::Context>,
@@ -265,9 +306,11 @@ async fn stored_alone(
     body: Bytes,
     msg_id: Option<String>,
     headers: Option<async_nats::HeaderMap>,
+    order: Option<(PublishOrder, order::Earlier)>,
 ) -> Result<(), PublishError> {
     let mut ack = first;
     let mut attempt = 0u32;
+    let mut retrying = None;
     loop {
         match ack.await {
             Ok(_) => return Ok(()),
@@ -275,6 +318,16 @@ async fn stored_alone(
                 if err.kind() == jetstream::context::PublishErrorKind::StreamNotFound
                     && attempt < NO_RESPONDERS_RETRIES =>
             {
+                if retrying.is_none() {
+                    if let Some((order, earlier)) = &order {
+                        retrying = Some(order.retrying());
+                        if !earlier.clone().stored().await {
+                            return Err(PublishError::Store(
+                                "an earlier message of this publisher was not stored".to_owned(),
+                            ));
+                        }
+                    }
+                }
                 attempt += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(attempt))).await;
                 ack = send_on(

@@ -107,7 +107,8 @@ pub struct DeliveryState {
     pub position: u64,
     /// Messages in (position, replay_upto] must come from a replay, not the router queue.
     pub replay_upto: Option<u64>,
-    released: HashSet<u64>,
+    /// In the order their PUBRECs arrived: a resume sends PUBREL in that order.
+    released: Released,
     /// Released messages whose PUBCOMP arrived while the cursor was still below them. They
     /// stay in `released` until the cursor covers them: dropping them earlier would leave a
     /// stored record in which they are neither below the cursor nor released, and a resume
@@ -147,7 +148,7 @@ impl DeliveryState {
             next_extra_packet_id: FIRST_EXTRA_PACKET_ID,
             position: cursor,
             replay_upto: None,
-            released: released.iter().copied().collect(),
+            released: Released::from_stored(released),
             completed: HashSet::new(),
             sent_upto: if maybe_sent_before.is_empty() {
                 cursor
@@ -362,25 +363,28 @@ impl DeliveryState {
         }
         let cursor = self.durable_cursor();
         let before = self.completed.len();
-        let released = &mut self.released;
+        let mut covered = HashSet::new();
         self.completed.retain(|&seq| {
             if seq <= cursor {
-                released.remove(&seq);
+                covered.insert(seq);
                 false
             } else {
                 true
             }
         });
         if self.completed.len() != before {
+            self.released.retain(|seq| !covered.contains(&seq));
             self.released_changed = true;
         }
     }
 
     /// After a resume: the packet ids of QoS 2 messages whose PUBREC arrived before the
-    /// break. They are in flight again, waiting for PUBCOMP; the caller sends PUBREL.
+    /// break, in the order the PUBRECs arrived ([MQTT-4.6.0-4]: PUBRELs go out in that order;
+    /// packet ids wrap, so their numeric order is not it). They are in flight again,
+    /// waiting for PUBCOMP; the caller sends PUBREL.
     pub fn resume_released(&mut self) -> Vec<u16> {
         let mut ids = Vec::new();
-        for &seq in &self.released {
+        for &seq in self.released.in_order() {
             let id = stream_packet_id(seq);
             self.inflight.insert(
                 id,
@@ -392,7 +396,6 @@ impl DeliveryState {
             );
             ids.push(id);
         }
-        ids.sort_unstable();
         ids
     }
 
@@ -415,10 +418,55 @@ impl DeliveryState {
         }
     }
 
-    pub fn released_sorted(&self) -> Vec<u64> {
-        let mut released: Vec<u64> = self.released.iter().copied().collect();
-        released.sort_unstable();
+    /// The released positions for the session record, in the order their PUBRECs arrived.
+    pub fn released_in_order(&self) -> Vec<u64> {
+        self.released.in_order().copied().collect()
+    }
+}
+
+/// Positions of released QoS 2 messages, in the order they were released (their PUBRECs
+/// arrived), with a set beside the order for the per-message `contains` of the router.
+#[derive(Default)]
+struct Released {
+    order: VecDeque<u64>,
+    members: HashSet<u64>,
+}
+
+impl Released {
+    /// From a session record: its list is in release order (records of builds that sorted
+    /// it by position hold the same order, since a session's messages go out in position
+    /// order and the client answers PUBREC in the order of the PUBLISHes).
+    fn from_stored(stored: &[u64]) -> Released {
+        let mut released = Released::default();
+        for &seq in stored {
+            released.insert(seq);
+        }
         released
+    }
+
+    fn contains(&self, seq: &u64) -> bool {
+        self.members.contains(seq)
+    }
+
+    fn insert(&mut self, seq: u64) {
+        if self.members.insert(seq) {
+            self.order.push_back(seq);
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(u64) -> bool) {
+        let members = &mut self.members;
+        self.order.retain(|&seq| {
+            let kept = keep(seq);
+            if !kept {
+                members.remove(&seq);
+            }
+            kept
+        });
+    }
+
+    fn in_order(&self) -> impl Iterator<Item = &u64> {
+        self.order.iter()
     }
 }
 
@@ -509,7 +557,7 @@ mod tests {
         );
         // PUBREC'd messages no longer hold the cursor back; they are in `released`.
         assert_eq!(s.durable_cursor(), 5);
-        assert_eq!(s.released_sorted(), vec![5]);
+        assert_eq!(s.released_in_order(), vec![5]);
 
         // A new connection resumes from cursor 5 with 5 released.
         let mut resumed = DeliveryState::new(100, 1 << 20, 2, 5, &[5], RangeInclusive::new(6, 9));
@@ -523,7 +571,51 @@ mod tests {
             AckOutcome::Finished
         );
         assert!(resumed.released_changed);
-        assert!(resumed.released_sorted().is_empty());
+        assert!(resumed.released_in_order().is_empty());
+    }
+
+    #[test]
+    fn pubrels_after_a_resume_follow_the_pubrec_order_across_a_packet_id_wrap() {
+        // Positions around the point where packet ids wrap (32767 -> 1).
+        let seqs: Vec<u64> = (STREAM_PACKET_IDS - 3..STREAM_PACKET_IDS + 3).collect();
+        let mut s = DeliveryState::new(
+            100,
+            1 << 20,
+            16,
+            seqs[0] - 1,
+            &[],
+            RangeInclusive::new(1, 0),
+        );
+        for &seq in &seqs {
+            s.accept_live(delivery(seq, QoS::ExactlyOnce));
+        }
+        let mut ids = Vec::new();
+        while let Some((d, id, _)) = s.next_to_send() {
+            s.sent(d, id);
+            ids.push(id);
+        }
+        assert!(ids.windows(2).any(|w| w[1] < w[0]), "ids wrap: {ids:?}");
+        for &id in &ids {
+            s.acked(id, AckKind::PubRec, ReasonCode::SUCCESS);
+        }
+        let stored = s.released_in_order();
+        assert_eq!(stored, seqs, "the record keeps the PUBREC order");
+
+        let json = serde_json::to_vec(&stored).expect("serializes");
+        let loaded: Vec<u64> = serde_json::from_slice(&json).expect("parses");
+        let mut resumed = DeliveryState::new(
+            100,
+            1 << 20,
+            16,
+            *seqs.last().expect("some"),
+            &loaded,
+            RangeInclusive::new(1, 0),
+        );
+        assert_eq!(resumed.resume_released(), ids, "PUBRELs in PUBREC order");
+
+        // Completing the first one keeps the rest in order.
+        resumed.acked(ids[0], AckKind::PubComp, ReasonCode::SUCCESS);
+        assert_eq!(resumed.released_in_order(), seqs[1..].to_vec());
     }
 
     #[test]
@@ -604,7 +696,7 @@ mod tests {
         let cursor = s.durable_cursor();
         assert_eq!(cursor, 9);
         // What a periodic write would store; then the node dies.
-        let released = s.released_sorted();
+        let released = s.released_in_order();
         let mut resumed = DeliveryState::new(
             100,
             1 << 20,
@@ -628,7 +720,7 @@ mod tests {
         // Once the QoS 1 message is acknowledged the cursor covers 11 and it is forgotten.
         s.acked(id10, AckKind::PubAck, ReasonCode::SUCCESS);
         assert_eq!(s.durable_cursor(), 11);
-        assert!(s.released_sorted().is_empty());
+        assert!(s.released_in_order().is_empty());
         assert!(s.released_changed);
     }
 }
