@@ -98,6 +98,10 @@ pub(super) async fn admit(node: &Node, connect: &Connect) -> Result<Admission, R
             Refusal::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
             Refusal::Busy => ReasonCode::SERVER_BUSY,
         })?;
+    if let Some(username) = &identity.username {
+        // Publish limits across all of this user's connections on the node.
+        peer.attach_user(username);
+    }
     Ok(Admission {
         client_id,
         assigned_client_id: assigned,
