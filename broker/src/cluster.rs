@@ -144,12 +144,30 @@ pub async fn connect(config: &Config) -> anyhow::Result<Cluster> {
         replicas,
         max_age: Duration::from_secs(config.nats.message_max_age_secs),
         max_bytes: config.nats.message_max_bytes,
+        max_message_size: config
+            .nats
+            .effective_message_max_msg_size(config.limits.max_packet_size),
         ..MessageStreamSettings::default()
     };
-    let messages = with_retries("message stream", || {
-        streams::ensure_message_stream(&js, &settings)
+    // The server refuses a stream whose max_bytes (x replicas) it cannot reserve in its
+    // store: no retry helps, so that one stops the start-up at once, saying what to change.
+    let messages = with_retries("message stream", || async {
+        match streams::ensure_message_stream(&js, &settings).await {
+            Err(err) if err.to_string().contains("insufficient storage") => Ok(Err(err)),
+            other => other.map(Ok),
+        }
     })
-    .await?;
+    .await?
+    .map_err(|err| {
+        anyhow::anyhow!(
+            "{err}: the NATS server cannot reserve nats.message_max_bytes = {} bytes (x {replicas} \
+             replicas) in its JetStream store; lower nats.message_max_bytes or raise the \
+             server's jetstream max_file_store (keep the stream at most half of it: \
+             docs/security.md, \"Quotas\")",
+            settings.max_bytes
+        )
+    })?;
+    let messages = streams::apply_message_limits(&js, messages, &settings).await;
     let retained = with_retries("retained stream", || {
         streams::ensure_retained_stream(&js, replicas)
     })

@@ -67,8 +67,12 @@ pub struct NatsConfig {
     pub replicas: Option<usize>,
     /// How long stored messages are kept for offline sessions, seconds.
     pub message_max_age_secs: u64,
-    /// Upper bound on the message stream's size in bytes (-1: unlimited).
+    /// Upper bound on the message stream's size in bytes (-1: unlimited). When it is
+    /// reached, new messages are refused (MQTT 5: reason 0x97) instead of old ones deleted.
     pub message_max_bytes: i64,
+    /// Largest message the message stream takes, bytes (0: `limits.max_packet_size` plus
+    /// 64 KiB for jetmq's envelope; -1: the NATS server's `max_payload`).
+    pub message_max_msg_size: i32,
     /// Messages kept in memory per node for fast session resume and catch-up.
     pub replay_buffer_messages: usize,
     /// Upper bound on that buffer's memory, bytes.
@@ -131,6 +135,12 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// New connections per second from one source address (IPv6: one /64); 0: no limit.
     pub max_connect_rate_per_ip: u32,
+    /// PUBLISH packets per second read from all connections of one username on this node
+    /// together (0: no limit).
+    pub max_user_publish_rate: u32,
+    /// Bytes per second read from all connections of one username on this node together
+    /// (0: no limit).
+    pub max_user_inbound_bytes_rate: u64,
 }
 
 /// Graceful drain (SIGTERM, SIGINT, `jetmq-broker drain`): see docs/drain.md.
@@ -214,7 +224,8 @@ impl Default for NatsConfig {
             urls: vec!["nats://127.0.0.1:4222".to_owned()],
             replicas: None,
             message_max_age_secs: 7 * 24 * 3600,
-            message_max_bytes: -1,
+            message_max_bytes: DEFAULT_MESSAGE_MAX_BYTES,
+            message_max_msg_size: 0,
             replay_buffer_messages: 32_768,
             replay_buffer_bytes: 8 * 1024 * 1024,
             batch_publish: true,
@@ -246,10 +257,31 @@ impl Default for Limits {
             max_write_buffer: 4 * 1024 * 1024,
             max_connections: 100_000,
             max_connect_rate: 0,
-            max_publish_rate: 0,
-            max_inbound_bytes_rate: 0,
+            max_publish_rate: 50_000,
+            max_inbound_bytes_rate: 16 * 1024 * 1024,
+            max_user_publish_rate: 100_000,
+            max_user_inbound_bytes_rate: 32 * 1024 * 1024,
             max_connections_per_ip: 0,
             max_connect_rate_per_ip: 0,
+        }
+    }
+}
+
+/// 2 GiB: half of the smallest `max_file_store` jetmq ships (compose, tests: 4 GB), so the
+/// session and retained buckets always keep the other half (see docs/security.md, "Quotas").
+pub const DEFAULT_MESSAGE_MAX_BYTES: i64 = 2 * 1024 * 1024 * 1024;
+
+/// Room for jetmq's envelope (publisher id, MQTT 5 properties) above the MQTT packet size.
+const ENVELOPE_ALLOWANCE: i32 = 64 * 1024;
+
+impl NatsConfig {
+    /// The message stream's `max_msg_size` this configuration asks for.
+    pub fn effective_message_max_msg_size(&self, max_packet_size: u32) -> i32 {
+        match self.message_max_msg_size {
+            0 => i32::try_from(max_packet_size)
+                .unwrap_or(i32::MAX)
+                .saturating_add(ENVELOPE_ALLOWANCE),
+            size => size,
         }
     }
 }
@@ -401,6 +433,16 @@ impl Config {
             self.nats.replicas.is_none_or(|r| (1..=5).contains(&r)),
             "nats.replicas",
             "must be between 1 and 5",
+        )?;
+        check(
+            self.nats.message_max_bytes == -1 || self.nats.message_max_bytes >= 1024 * 1024,
+            "nats.message_max_bytes",
+            "must be -1 (no limit) or at least 1048576",
+        )?;
+        check(
+            self.nats.message_max_msg_size >= -1,
+            "nats.message_max_msg_size",
+            "must be -1 (no limit), 0 (max_packet_size + 64 KiB) or a size in bytes",
         )?;
         check(
             (1..=1 << 24).contains(&self.nats.max_publishes_alone),

@@ -641,6 +641,7 @@ const JETSTREAM_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// a node out.
 async fn probe_jetstream(node: Arc<Node>) {
     let mut failures = 0u32;
+    let mut refusals_seen = node.metrics.publish_store_full.get();
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
@@ -650,10 +651,12 @@ async fn probe_jetstream(node: Arc<Node>) {
             .cluster
             .js
             .get_stream(jetmq_common::streams::MESSAGE_STREAM);
-        let ok = matches!(
-            tokio::time::timeout(JETSTREAM_PROBE_INTERVAL, probe).await,
-            Ok(Ok(_))
-        ) && node.store_write_failures.load(Ordering::Acquire) < 2;
+        let answer = tokio::time::timeout(JETSTREAM_PROBE_INTERVAL, probe).await;
+        if let Ok(Ok(stream)) = &answer {
+            refusals_seen = watch_store_room(&node, stream.cached_info(), refusals_seen);
+        }
+        let ok =
+            matches!(answer, Ok(Ok(_))) && node.store_write_failures.load(Ordering::Acquire) < 2;
         failures = if ok { 0 } else { failures + 1 };
         let healthy = failures < 2;
         if node.jetstream_ok.swap(healthy, Ordering::AcqRel) != healthy {
@@ -664,6 +667,32 @@ async fn probe_jetstream(node: Arc<Node>) {
             }
         }
     }
+}
+
+/// A full message store does not make the node unready: logins, session claims,
+/// subscriptions and delivery of stored messages all still work, and another node would be
+/// just as full (the stream is shared). It shows in metrics and the log instead: the flag
+/// set by the first refused publish is cleared, with a log line, once no publish was
+/// refused since the last probe and the stream has room for a message of the largest size.
+/// Returns the refusal count seen now.
+fn watch_store_room(node: &Node, info: &async_nats::jetstream::stream::Info, seen: u64) -> u64 {
+    let metrics = &node.metrics;
+    metrics
+        .message_stream_bytes
+        .set(i64::try_from(info.state.bytes).unwrap_or(i64::MAX));
+    metrics.message_stream_max_bytes.set(info.config.max_bytes);
+    let refusals = metrics.publish_store_full.get();
+    let largest = i64::from(info.config.max_message_size.max(64 * 1024));
+    let has_room = info.config.max_bytes < 0
+        || (info.state.bytes as i64).saturating_add(largest) <= info.config.max_bytes;
+    if refusals == seen && has_room && metrics.message_store_full.swap(0) == 1 {
+        tracing::info!(
+            stream_bytes = info.state.bytes,
+            max_bytes = info.config.max_bytes,
+            "message store has room again; publishes are accepted"
+        );
+    }
+    refusals
 }
 
 async fn serve_kicks(node: Arc<Node>, mut kicks: async_nats::Subscriber) {

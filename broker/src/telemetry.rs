@@ -122,6 +122,11 @@ impl Gauge {
     pub fn set(&self, value: i64) {
         self.0.store(value, Ordering::Relaxed);
     }
+
+    /// Sets the value; returns the previous one.
+    pub fn swap(&self, value: i64) -> i64 {
+        self.0.swap(value, Ordering::Relaxed)
+    }
 }
 
 /// One counter per MQTT QoS level, exported with a `qos` label.
@@ -196,6 +201,13 @@ pub struct Metrics {
     pub publishes_alone_in_flight: Gauge,
     /// Messages that had to wait for a slot among those (see [`crate::ingress`]).
     pub publishes_alone_waits: Counter,
+    /// QoS 1/2 messages JetStream refused for lack of room (see [`crate::ingress`]).
+    pub publish_store_full: Counter,
+    /// 1 from a refusal for lack of room until the message stream has room again.
+    pub message_store_full: Gauge,
+    /// The message stream's size and limit, as last seen by the readiness probe.
+    pub message_stream_bytes: Gauge,
+    pub message_stream_max_bytes: Gauge,
     /// 1 while the node drains (see [`crate::server`]).
     pub draining: Gauge,
     pub drain_disconnects: Counter,
@@ -329,6 +341,30 @@ impl Metrics {
             "counter",
             "Messages that waited for a free slot because nats.max_publishes_alone were waiting for acks.",
             self.publishes_alone_waits.get().to_string(),
+        );
+        line(
+            "jetmq_publish_store_full_total",
+            "counter",
+            "QoS 1/2 messages refused because JetStream had no room for them (MQTT 5: quota exceeded 0x97; 3.1.1: disconnected).",
+            self.publish_store_full.get().to_string(),
+        );
+        line(
+            "jetmq_message_store_full",
+            "gauge",
+            "1 from a publish refused for lack of room until the message stream has room again.",
+            self.message_store_full.get().to_string(),
+        );
+        line(
+            "jetmq_message_stream_bytes",
+            "gauge",
+            "Bytes in the message stream (JETMQ_MSGS), as last probed.",
+            self.message_stream_bytes.get().to_string(),
+        );
+        line(
+            "jetmq_message_stream_max_bytes",
+            "gauge",
+            "The message stream's max_bytes (-1: none), as last probed.",
+            self.message_stream_max_bytes.get().to_string(),
         );
         line(
             "jetmq_draining",

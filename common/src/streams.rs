@@ -34,10 +34,24 @@ pub struct MessageStreamSettings {
     pub replicas: usize,
     /// Messages older than this are dropped: bounds how long an offline session can be away.
     pub max_age: Duration,
-    /// Upper bound on the stream's size (-1: unlimited).
+    /// Upper bound on the stream's size (-1: unlimited). The server reserves it out of its
+    /// JetStream store, so it also keeps the other streams and buckets from being starved.
     pub max_bytes: i64,
+    /// Largest stream message accepted (-1: the server's `max_payload`).
+    pub max_message_size: i32,
     /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate.
     pub duplicate_window: Duration,
+}
+
+impl MessageStreamSettings {
+    /// NATS refuses a duplicate window longer than the stream's max age.
+    fn duplicate_window(&self) -> Duration {
+        if self.max_age.is_zero() {
+            self.duplicate_window
+        } else {
+            self.duplicate_window.min(self.max_age)
+        }
+    }
 }
 
 impl Default for MessageStreamSettings {
@@ -46,6 +60,7 @@ impl Default for MessageStreamSettings {
             replicas: 1,
             max_age: Duration::from_secs(24 * 3600),
             max_bytes: -1,
+            max_message_size: -1,
             duplicate_window: Duration::from_secs(120),
         }
     }
@@ -66,8 +81,12 @@ pub async fn ensure_message_stream(
         num_replicas: settings.replicas,
         max_age: settings.max_age,
         max_bytes: settings.max_bytes,
-        duplicate_window: settings.duplicate_window,
-        discard: stream::DiscardPolicy::Old,
+        max_message_size: settings.max_message_size,
+        duplicate_window: settings.duplicate_window(),
+        // A full stream refuses new messages (their publishers are told, nothing
+        // acknowledged is lost) rather than deleting stored ones that offline sessions and
+        // ingestors still have to read.
+        discard: stream::DiscardPolicy::New,
         allow_batch_publish: true,
         ..Default::default()
     };
@@ -153,5 +172,78 @@ pub async fn ensure_kv_bucket(
             })
             .await
             .map_err(|e| err(Box::new(e))),
+    }
+}
+
+/// JetStream API error codes that say the store has no room for a message. Checked against
+/// nats-server 2.15.1: a stream at its `max_bytes` / `max_msgs` with discard "new" answers
+/// 10077 ("maximum bytes exceeded", "maximum messages exceeded"); a server whose
+/// `max_file_store` is used up answers 10023 ("insufficient resources"); 10047 ("insufficient
+/// storage resources available") is the account's limit; 10054 ("message size exceeds
+/// maximum allowed") is the stream's `max_msg_size`. All are 503 except 10054 (400).
+pub const STORE_FULL_ERRORS: [u64; 4] = [10077, 10023, 10047, 10054];
+
+/// Whether a JetStream API error code means the message was refused for lack of room (the
+/// message was not stored; sending it again only helps once space frees).
+pub fn is_store_full(err_code: u64) -> bool {
+    STORE_FULL_ERRORS.contains(&err_code)
+}
+
+/// The limits the broker configures on the message stream, applied to a stream that exists
+/// with others (created by an older jetmq, an ingestor with defaults, or an operator): the
+/// stream is updated in place and the change logged. Returns the stream as it is now. A
+/// refused update (e.g. the server cannot reserve the new `max_bytes`) is logged and the
+/// stream kept as it was: the node still serves.
+pub async fn apply_message_limits(
+    js: &jetstream::Context,
+    stream: stream::Stream,
+    settings: &MessageStreamSettings,
+) -> stream::Stream {
+    let current = stream.cached_info().config.clone();
+    let wanted = stream::Config {
+        max_bytes: settings.max_bytes,
+        max_age: settings.max_age,
+        max_message_size: settings.max_message_size,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: if settings.max_age.is_zero() {
+            current.duplicate_window
+        } else {
+            current.duplicate_window.min(settings.max_age)
+        },
+        ..current.clone()
+    };
+    if wanted.max_bytes == current.max_bytes
+        && wanted.max_age == current.max_age
+        && wanted.max_message_size == current.max_message_size
+        && wanted.discard == current.discard
+    {
+        return stream;
+    }
+    match js.update_stream(wanted.clone()).await {
+        Ok(_) => {
+            tracing::warn!(
+                stream = MESSAGE_STREAM,
+                old_max_bytes = current.max_bytes,
+                max_bytes = wanted.max_bytes,
+                old_max_age_secs = current.max_age.as_secs(),
+                max_age_secs = wanted.max_age.as_secs(),
+                old_max_msg_size = current.max_message_size,
+                max_msg_size = wanted.max_message_size,
+                old_discard = ?current.discard,
+                "message stream limits updated in place to this node's configuration"
+            );
+            js.get_stream(MESSAGE_STREAM).await.unwrap_or(stream)
+        }
+        Err(err) => {
+            tracing::error!(
+                stream = MESSAGE_STREAM,
+                error = %err,
+                max_bytes = current.max_bytes,
+                wanted_max_bytes = wanted.max_bytes,
+                discard = ?current.discard,
+                "cannot update the message stream's limits; it keeps its old ones (check the NATS server's max_file_store against nats.message_max_bytes x replicas)"
+            );
+            stream
+        }
     }
 }

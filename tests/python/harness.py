@@ -448,9 +448,11 @@ class NatsServer(ManagedProcess):
         mapping: str | None = None,
         auth: bool = True,
         auth_dir: Path | None = None,
+        max_file_store: str = "4GB",
     ):
         _check_loopback(host)
         super().__init__(f"nats-{server_name}", Path(workdir) / f"nats-{server_name}")
+        self.max_file_store = max_file_store
         self.host = host
         self.port = port or free_port(host)
         self.http_port = http_port or free_port(host)
@@ -486,7 +488,7 @@ class NatsServer(ManagedProcess):
             "jetstream {",
             f'  store_dir: "{self.store_dir}"',
             "  max_memory_store: 256MB",
-            "  max_file_store: 4GB",
+            f"  max_file_store: {self.max_file_store}",
             "}",
         ]
         if self.cluster_port:

@@ -111,6 +111,10 @@ pub(super) async fn admit(node: &Node, connect: &Connect) -> Result<Admission, R
             "identity is missing, empty or holds + # / or NUL: ACL allow rules with its placeholder do not apply, deny rules with it cover every topic"
         );
     }
+    if let Some(username) = &identity.username {
+        // Publish limits across all of this user's connections on the node.
+        peer.attach_user(username);
+    }
     Ok(Admission {
         client_id,
         assigned_client_id: assigned,

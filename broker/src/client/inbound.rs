@@ -262,6 +262,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
 
     pub(super) fn publish_acknowledged(&mut self, done: InboundDone) -> Result<(), Exit> {
         if let Err(err) = &done.result {
+            if err.is_store_full() {
+                return self.store_full(done.packet_id, done.qos, err);
+            }
             return Err(self.store_failed(err));
         }
         let ack = PubResp::new(done.packet_id, ReasonCode::SUCCESS);
@@ -274,6 +277,41 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 self.qos2_publishing.remove(&done.packet_id);
                 self.qos2_stored.insert(done.packet_id);
                 let _ = self.writer.queue(&Packet::PubRec(ack));
+            }
+        }
+        Ok(())
+    }
+
+    /// JetStream had no room for the message: it is not stored. MQTT 5 publishers get
+    /// PUBACK / PUBREC 0x97 (quota exceeded) and stay connected; a 3.1.1 publisher, which
+    /// cannot be told, is disconnected without an acknowledgement and sends the message again
+    /// when it reconnects (acknowledging it would lose it). See docs/security.md, "Quotas".
+    fn store_full(&mut self, packet_id: u16, qos: QoS, err: &PublishError) -> Result<(), Exit> {
+        self.node.metrics.publish_store_full.inc();
+        if self.node.metrics.message_store_full.swap(1) == 0 {
+            tracing::warn!(error = %err, "message store full: publishes are refused (MQTT 5: quota exceeded 0x97; 3.1.1: disconnected) until space frees");
+        }
+        if !self.v5 {
+            tracing::info!(client_id = %self.client_id, error = %err, "message store full; disconnecting the MQTT 3.1.1 publisher without an acknowledgement");
+            self.send_disconnect(ReasonCode::SERVER_UNAVAILABLE);
+            return Err(Exit::Abnormal);
+        }
+        tracing::debug!(client_id = %self.client_id, packet_id, "message store full; quota exceeded");
+        self.inbound_unacked = self.inbound_unacked.saturating_sub(1);
+        let refusal = PubResp::new(packet_id, ReasonCode::QUOTA_EXCEEDED);
+        match qos {
+            QoS::AtLeastOnce => {
+                let _ = self.writer.queue(&Packet::PubAck(refusal));
+            }
+            _ => {
+                // A PUBREC with a failure code ends the exchange: the packet id is free again,
+                // and its de-duplication id must go before the client reuses the id (or a
+                // new message would be dropped as a duplicate of this unstored one).
+                self.qos2_publishing.remove(&packet_id);
+                self.record
+                    .inbound_qos2
+                    .retain(|e| e.packet_id != packet_id);
+                self.after_persist(AfterPersist::Send(Packet::PubRec(refusal)));
             }
         }
         Ok(())

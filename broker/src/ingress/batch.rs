@@ -81,6 +81,10 @@ pub enum BatchError {
     Unsupported,
     #[error("{0}")]
     Failed(String),
+    /// JetStream has no room for the message (stream or store full, message too large): it
+    /// was not stored, and sending it again at once would be refused too.
+    #[error("{0}")]
+    StoreFull(String),
 }
 
 pub type Completion = oneshot::Sender<Result<(), BatchError>>;
@@ -693,6 +697,13 @@ impl Book {
                     self.abandon_with(BatchError::Unsupported);
                     return;
                 }
+                if error
+                    .err_code
+                    .is_some_and(jetmq_common::streams::is_store_full)
+                {
+                    self.refuse_batch(index, &error.to_string(), now);
+                    return;
+                }
                 if let (Some("err"), Some(seq)) = (reply.kind.as_deref(), reply.seq) {
                     // This message was refused: it alone fails, the rest is sent again.
                     if let Some(batch) = self.batches.get_mut(index) {
@@ -744,6 +755,19 @@ impl Book {
                         single.message.complete(Ok(()));
                     }
                     self.backoff = BACKOFF_FIRST;
+                    return;
+                }
+                Ok(Reply {
+                    error: Some(error), ..
+                }) if error
+                    .err_code
+                    .is_some_and(jetmq_common::streams::is_store_full) =>
+                {
+                    if let Some(single) = self.singles.remove(at) {
+                        single
+                            .message
+                            .complete(Err(BatchError::StoreFull(error.to_string())));
+                    }
                     return;
                 }
                 Ok(Reply {
@@ -818,6 +842,21 @@ impl Book {
             self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         }
         self.requeue_in_flight(now);
+    }
+
+    /// The store is full: every unconfirmed message of the batch fails with
+    /// [`BatchError::StoreFull`] (none of them is acknowledged, so none is lost: their
+    /// publishers are told), and the next batch waits a little, as after a refusal.
+    fn refuse_batch(&mut self, index: usize, error: &str, now: Instant) {
+        let Some(batch) = self.batches.remove(index) else {
+            return;
+        };
+        self.metrics.publish_batch_failures.inc();
+        self.resume_at = Some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        for (_, message) in batch.unacked {
+            message.complete(Err(BatchError::StoreFull(error.to_owned())));
+        }
     }
 
     /// After a failure (no stream leader, a gap, a timeout, a lost connection): gives up
@@ -1045,7 +1084,10 @@ mod tests {
             ),
             now,
         );
-        assert!(matches!(state(&mut r2), Some(Err(BatchError::Failed(_)))));
+        assert!(matches!(
+            state(&mut r2),
+            Some(Err(BatchError::StoreFull(_)))
+        ));
         // Silence: sent again after the timeout.
         book.on_timeout(now + BACKOFF_FIRST + ACK_TIMEOUT);
         assert!(book.singles.is_empty());
@@ -1559,5 +1601,47 @@ mod tests {
         let (m3, mut r3) = message(now);
         book.enqueue(std::iter::once(m3), now);
         assert_eq!(state(&mut r3), Some(Err(BatchError::Unsupported)));
+    }
+
+    #[test]
+    fn a_full_store_fails_the_whole_batch_and_a_full_single_is_not_retried() {
+        let now = Instant::now();
+        let mut book = book();
+        let (m1, mut r1) = message(now);
+        let (m2, mut r2) = message(now);
+        let (m3, mut r3) = message(now);
+        book.enqueue([m1, m2, m3].into_iter(), now);
+        let wires = drain(&mut book, now, false);
+        // nats-server 2.15.1, stream at max_bytes with discard "new".
+        answer(
+            &mut book,
+            &wires[1],
+            r#"{"type":"err","seq":2,"error":{"code":503,"err_code":10077,"description":"maximum bytes exceeded"}}"#,
+            now,
+        );
+        for r in [&mut r1, &mut r2, &mut r3] {
+            assert!(matches!(state(r), Some(Err(BatchError::StoreFull(_)))));
+        }
+        assert!(book.queue.is_empty(), "nothing is sent again");
+        assert!(book.batches.is_empty());
+
+        let mut book = book_with_singles();
+        let (m4, mut r4) = message(now);
+        book.enqueue(std::iter::once(m4), now);
+        drain(&mut book, now, true);
+        // A server whose max_file_store is used up: 503 too, but not "no leader".
+        book.on_reply(
+            &reply(
+                "_INBOX.node._s1",
+                None,
+                r#"{"error":{"code":503,"err_code":10023,"description":"insufficient resources"},"stream":"S","seq":0}"#,
+            ),
+            now,
+        );
+        assert!(matches!(
+            state(&mut r4),
+            Some(Err(BatchError::StoreFull(_)))
+        ));
+        assert!(book.singles.is_empty() && book.queue.is_empty());
     }
 }

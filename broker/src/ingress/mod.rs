@@ -60,6 +60,34 @@ pub enum PublishError {
     Batch(#[from] batch::BatchError),
     #[error("message envelope: {0}")]
     Envelope(#[from] jetmq_common::envelope::EnvelopeError),
+    /// JetStream refused the message for lack of room (see
+    /// [`jetmq_common::streams::is_store_full`]).
+    #[error("message store full: {0}")]
+    StoreFull(String),
+}
+
+impl PublishError {
+    /// The message was refused because the store has no room for it: the publisher is told
+    /// (MQTT 5: reason 0x97, quota exceeded) rather than disconnected to send it again.
+    pub fn is_store_full(&self) -> bool {
+        matches!(
+            self,
+            PublishError::StoreFull(_) | PublishError::Batch(batch::BatchError::StoreFull(_))
+        )
+    }
+
+    /// From a JetStream publish acknowledgement that did not come.
+    fn from_ack(err: &jetstream::context::PublishError) -> PublishError {
+        let code = std::error::Error::source(err)
+            .and_then(|source| source.downcast_ref::<jetstream::Error>())
+            .map(|api| api.error_code().0);
+        match code {
+            Some(code) if jetmq_common::streams::is_store_full(code) => {
+                PublishError::StoreFull(err.to_string())
+            }
+            _ => PublishError::Store(err.to_string()),
+        }
+    }
 }
 
 /// Publishes messages for one node.
@@ -286,7 +314,7 @@ impl Ingress {
             retained_ack
                 .await
                 .map(|_| ())
-                .map_err(|e| PublishError::Store(e.to_string()))
+                .map_err(|e| PublishError::from_ack(&e))
         }))
     }
 }
@@ -339,7 +367,7 @@ async fn stored_alone(
                 )
                 .await?;
             }
-            Err(err) => return Err(PublishError::Store(err.to_string())),
+            Err(err) => return Err(PublishError::from_ack(&err)),
         }
     }
 }

@@ -6,10 +6,15 @@
 //! back, so TCP flow control slows the client down. A connection that is not read cannot
 //! cost the node anything but its socket, and no well-behaved client is ever cut off for a
 //! burst.
+//!
+//! The per-user budget is the same pair of buckets shared by every connection of one
+//! username on this node ([`UserBudgets`]): a user who opens many connections gets no more
+//! than one user's rate in all. It is attached once CONNECT is authenticated; until then
+//! only the connection's own budget applies.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -343,21 +348,128 @@ pub const MIN_LIMITED_READ: usize = 512;
 /// Largest read while a byte rate applies (the size of the bounce buffer).
 pub const MAX_LIMITED_READ: usize = 8192;
 
-/// Per-connection read budget: PUBLISH packets per second and bytes per second.
+/// The read budget all connections of one username on this node share.
+#[derive(Debug)]
+pub struct UserBudget {
+    publishes: Option<Mutex<Bucket>>,
+    bytes: Option<Mutex<Bucket>>,
+}
+
+impl UserBudget {
+    /// Charges what one of the user's connections read; returns how long it waits.
+    fn charge(&self, now: Instant, bytes: f64, publishes: f64) -> Option<Duration> {
+        let charge = |bucket: &Option<Mutex<Bucket>>, n: f64| {
+            bucket.as_ref().and_then(|b| {
+                let mut b = b.lock().unwrap_or_else(|p| p.into_inner());
+                b.charge(now, n);
+                b.debt_delay()
+            })
+        };
+        charge(&self.bytes, bytes).max(charge(&self.publishes, publishes))
+    }
+}
+
+/// The node's per-username budgets (`limits.max_user_publish_rate`,
+/// `limits.max_user_inbound_bytes_rate`). An entry lives as long as one of the user's
+/// connections holds it, so the table is bounded by the open connections: dead entries are
+/// swept whenever it has doubled since the last sweep.
+#[derive(Debug)]
+pub struct UserBudgets {
+    publish_rate: u32,
+    bytes_rate: u64,
+    table: Mutex<UserTable>,
+}
+
+#[derive(Debug, Default)]
+struct UserTable {
+    budgets: HashMap<String, Weak<UserBudget>>,
+    sweep_at: usize,
+}
+
+/// Entries below which the table is not swept.
+const USER_TABLE_MIN_SWEEP: usize = 1024;
+
+impl UserBudgets {
+    pub fn new(publish_rate: u32, bytes_rate: u64) -> UserBudgets {
+        UserBudgets {
+            publish_rate,
+            bytes_rate,
+            table: Mutex::new(UserTable::default()),
+        }
+    }
+
+    /// Whether any per-user limit is set.
+    pub fn enabled(&self) -> bool {
+        self.publish_rate > 0 || self.bytes_rate > 0
+    }
+
+    /// The budget of `username`, shared with its other connections on this node.
+    pub fn budget(&self, username: &str) -> Option<Arc<UserBudget>> {
+        if !self.enabled() {
+            return None;
+        }
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(budget) = table.budgets.get(username).and_then(Weak::upgrade) {
+            return Some(budget);
+        }
+        if table.budgets.len() >= table.sweep_at.max(USER_TABLE_MIN_SWEEP) {
+            table.budgets.retain(|_, budget| budget.strong_count() > 0);
+            table.sweep_at = table.budgets.len() * 2;
+        }
+        // One second's worth of burst, as for a connection.
+        let bucket = |rate: f64| (rate > 0.0).then(|| Mutex::new(Bucket::new(rate, rate)));
+        let budget = Arc::new(UserBudget {
+            publishes: bucket(f64::from(self.publish_rate)),
+            bytes: bucket(self.bytes_rate as f64),
+        });
+        table
+            .budgets
+            .insert(username.to_owned(), Arc::downgrade(&budget));
+        Some(budget)
+    }
+
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .budgets
+            .len()
+    }
+}
+
+/// Where a connection's per-user budget goes once its username is known (set at most once,
+/// by the CONNECT handling, read by the connection's reads).
+pub type UserSlot = Arc<OnceLock<Arc<UserBudget>>>;
+
+/// Per-connection read budget: PUBLISH packets per second and bytes per second, and the
+/// user's shared budget once attached.
 #[derive(Debug)]
 pub struct ReadLimiter {
     publishes: Option<Bucket>,
     bytes: Option<Bucket>,
     scanner: PacketScanner,
+    user: Option<UserSlot>,
 }
 
 impl ReadLimiter {
     /// None when both limits are off (0).
     pub fn new(publishes_per_second: u32, bytes_per_second: u64) -> Option<ReadLimiter> {
-        if publishes_per_second == 0 && bytes_per_second == 0 {
+        Self::with_user(publishes_per_second, bytes_per_second, None)
+    }
+
+    /// With `user`, the per-user budget put there later applies too. None when no limit
+    /// is on at all.
+    pub fn with_user(
+        publishes_per_second: u32,
+        bytes_per_second: u64,
+        user: Option<UserSlot>,
+    ) -> Option<ReadLimiter> {
+        if publishes_per_second == 0 && bytes_per_second == 0 && user.is_none() {
             return None;
         }
         Some(ReadLimiter {
+            user,
             publishes: (publishes_per_second > 0).then(|| {
                 let rate = f64::from(publishes_per_second);
                 Bucket::new(rate, rate)
@@ -370,14 +482,19 @@ impl ReadLimiter {
         })
     }
 
-    /// How many bytes the next read may bring in, of `want` (at most [`MAX_LIMITED_READ`]):
-    /// with a byte rate, no more than the budget (but at least [`MIN_LIMITED_READ`]), so a
-    /// large packet is read at the rate rather than in one go.
+    /// How many bytes the next read may bring in, of `want`: all of it within the budget;
+    /// else no more than the budget (but at least [`MIN_LIMITED_READ`], at most
+    /// [`MAX_LIMITED_READ`]), so a large packet is read at the rate rather than in one go.
     pub fn allowance(&mut self, want: usize) -> usize {
         let Some(bytes) = &mut self.bytes else {
             return want;
         };
         let budget = bytes.available(Instant::now()).max(MIN_LIMITED_READ as f64);
+        if budget >= want as f64 {
+            // Within budget: the whole read, straight into the caller's buffer (the limits
+            // are on by default, so the usual case must cost nothing extra).
+            return want;
+        }
         // `budget` is at least MIN_LIMITED_READ and capped below, so the cast is exact enough.
         want.min(budget.min(MAX_LIMITED_READ as f64) as usize)
     }
@@ -401,11 +518,19 @@ impl ReadLimiter {
             bytes.charge(now, data.len() as f64);
             delay = bytes.debt_delay();
         }
+        let user = self.user.as_ref().and_then(|slot| slot.get());
+        let n = if self.publishes.is_some() || user.is_some() {
+            self.scanner.scan(data)
+        } else {
+            0
+        };
         if let Some(publishes) = &mut self.publishes {
-            let n = self.scanner.scan(data);
             // Charging 0 still brings the bucket up to date.
             publishes.charge(now, n as f64);
             delay = delay.max(publishes.debt_delay());
+        }
+        if let Some(user) = user {
+            delay = delay.max(user.charge(now, data.len() as f64, n as f64));
         }
         delay
     }
@@ -556,5 +681,50 @@ mod tests {
         let later = start + Duration::from_millis(400);
         assert_eq!((0..10).filter(|_| rate.admit_at(later)).count(), 2);
         assert!(ConnectRate::new(0).admit());
+    }
+
+    #[test]
+    fn connections_of_one_user_share_its_budget_and_the_table_forgets_closed_ones() {
+        let budgets = UserBudgets::new(10, 0);
+        let start = Instant::now();
+        let slot = |name: &str| {
+            let slot: UserSlot = Arc::default();
+            let _ = slot.set(budgets.budget(name).expect("enabled"));
+            slot
+        };
+        let mut a = ReadLimiter::with_user(0, 0, Some(slot("alice"))).expect("limited");
+        let mut b = ReadLimiter::with_user(0, 0, Some(slot("alice"))).expect("limited");
+        let mut c = ReadLimiter::with_user(0, 0, Some(slot("carol"))).expect("limited");
+        let five: Vec<u8> = [0x30u8, 0x00].iter().copied().cycle().take(10).collect();
+        // alice's two connections: 10 publishes are her burst, 5 more are half a second.
+        assert_eq!(a.account_at(start, &five), None);
+        assert_eq!(b.account_at(start, &five), None);
+        let delay = a.account_at(start, &five).expect("alice in debt");
+        assert!(delay > Duration::from_millis(490) && delay <= Duration::from_millis(500));
+        // carol is not held up by alice.
+        assert_eq!(c.account_at(start, &five), None);
+        assert_eq!(budgets.entries(), 2);
+        drop((a, b, c));
+        assert!(budgets.budget("alice").is_some());
+        assert!(UserBudgets::new(0, 0).budget("alice").is_none());
+        // Closed users' entries are swept once the table has grown.
+        let live: Vec<_> = (0..USER_TABLE_MIN_SWEEP)
+            .map(|i| budgets.budget(&format!("u{i}")))
+            .collect();
+        assert!(budgets.entries() <= USER_TABLE_MIN_SWEEP + 1);
+        drop(live);
+        for i in 0..3 * USER_TABLE_MIN_SWEEP {
+            let _ = budgets.budget(&format!("v{i}"));
+            assert!(budgets.entries() <= 2 * USER_TABLE_MIN_SWEEP);
+        }
+    }
+
+    #[test]
+    fn an_unattached_user_slot_limits_nothing() {
+        let slot: UserSlot = Arc::default();
+        let mut limiter = ReadLimiter::with_user(0, 0, Some(slot)).expect("limited");
+        let many = [0x30u8, 0x00].repeat(1000);
+        assert_eq!(limiter.account(&many), None);
+        assert_eq!(limiter.allowance(100_000), 100_000);
     }
 }

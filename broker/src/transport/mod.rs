@@ -86,6 +86,28 @@ pub struct PeerInfo {
     pub transport: Option<Kind>,
     /// From a client certificate that passed verification (`tls.username_from_cert`).
     pub cert_username: Option<String>,
+    /// Where the authenticated username's shared read budget goes (None: no per-user
+    /// limits configured).
+    pub user_limit: Option<UserLimit>,
+}
+
+/// A connection's hook into the per-username read budgets (see [`limit::UserBudgets`]).
+#[derive(Debug, Clone)]
+pub struct UserLimit {
+    budgets: Arc<limit::UserBudgets>,
+    slot: limit::UserSlot,
+}
+
+impl PeerInfo {
+    /// From now on, reads of this connection also count against `username`'s budget.
+    pub fn attach_user(&self, username: &str) {
+        if let Some(limit) = &self.user_limit {
+            if let Some(budget) = limit.budgets.budget(username) {
+                // Set once per connection: CONNECT comes once.
+                let _ = limit.slot.set(budget);
+            }
+        }
+    }
 }
 
 tokio::task_local! {
@@ -113,6 +135,7 @@ pub struct Edge {
     publish_rate: u32,
     bytes_rate: u64,
     per_ip: Option<Arc<limit::PerIp>>,
+    users: Arc<limit::UserBudgets>,
 }
 
 impl Edge {
@@ -138,6 +161,10 @@ impl Edge {
                 limits.max_connections_per_ip,
                 limits.max_connect_rate_per_ip,
             ),
+            users: Arc::new(limit::UserBudgets::new(
+                limits.max_user_publish_rate,
+                limits.max_user_inbound_bytes_rate,
+            )),
         }))
     }
 
@@ -262,6 +289,7 @@ impl Edge {
         let mut info = PeerInfo {
             transport: Some(kind),
             cert_username: None,
+            user_limit: None,
         };
         let inner = match kind {
             Kind::Tcp => Inner::Tcp(stream),
@@ -279,12 +307,21 @@ impl Edge {
                 ))
             }
         };
-        let limited = limit::ReadLimiter::new(self.publish_rate, self.bytes_rate).map(|limiter| {
-            Box::new(Limited {
-                limiter,
-                sleep: None,
-            })
+        let user_slot = self.users.enabled().then(|| {
+            let slot = limit::UserSlot::default();
+            info.user_limit = Some(UserLimit {
+                budgets: self.users.clone(),
+                slot: slot.clone(),
+            });
+            slot
         });
+        let limited = limit::ReadLimiter::with_user(self.publish_rate, self.bytes_rate, user_slot)
+            .map(|limiter| {
+                Box::new(Limited {
+                    limiter,
+                    sleep: None,
+                })
+            });
         Ok((
             Stream {
                 inner,
@@ -459,10 +496,14 @@ impl AsyncRead for Stream {
             return this.inner.io().poll_read(cx, buf);
         };
         let before = buf.filled().len();
-        if limited.limiter.limits_bytes() {
+        let allowance = if limited.limiter.limits_bytes() {
+            limited.limiter.allowance(buf.remaining())
+        } else {
+            buf.remaining()
+        };
+        if allowance < buf.remaining() {
             // Read no more than the byte budget, through a bounce buffer.
             let mut bounce = [0u8; limit::MAX_LIMITED_READ];
-            let allowance = limited.limiter.allowance(buf.remaining());
             let mut part = ReadBuf::new(&mut bounce[..allowance]);
             ready!(this.inner.io().poll_read(cx, &mut part))?;
             buf.put_slice(part.filled());
