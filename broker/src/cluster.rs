@@ -10,7 +10,7 @@ use jetmq_common::streams::{self, MessageStreamSettings};
 
 use crate::config::{Config, NatsConfig};
 use crate::dns::{DnsConfig, NatsAddresses};
-use crate::session::SessionStore;
+use crate::session::{OutagePolicy, SessionStore};
 
 /// Largest session record we write; also the bucket's value limit.
 pub const MAX_SESSION_RECORD: usize = 256 * 1024;
@@ -187,7 +187,14 @@ pub async fn connect(config: &Config) -> anyhow::Result<Cluster> {
         js,
         messages,
         retained,
-        sessions: SessionStore::new(sessions_kv, MAX_SESSION_RECORD),
+        sessions: SessionStore::new(
+            sessions_kv,
+            MAX_SESSION_RECORD,
+            OutagePolicy::new(
+                Duration::from_millis(config.session.store_outage_grace_ms),
+                config.session.store_outage_max_waiting,
+            ),
+        ),
     })
 }
 

@@ -31,6 +31,7 @@ pub struct Config {
     pub log: LogConfig,
     pub drain: DrainConfig,
     pub telemetry: jetmq_common::otel::TelemetryConfig,
+    pub session: SessionConfig,
 }
 
 /// Each listener is an `IP:port`, or `"off"` (also `""`): plain TCP is on by default, and
@@ -161,6 +162,19 @@ pub struct DrainConfig {
     pub will_delay_secs: u32,
 }
 
+/// How session records ride out trouble in the `JETMQ_SESSIONS` bucket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// How long a session write (and a CONNECT's claim) waits out a session store that does
+    /// not answer, e.g. during the bucket's leader election, before the connection is given
+    /// up, milliseconds.
+    pub store_outage_grace_ms: u64,
+    /// Session writes per node that may wait out an outage at once; a write beyond them
+    /// fails at once (its connection closes), so an outage cannot pile up unbounded work.
+    pub store_outage_max_waiting: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -183,6 +197,7 @@ impl Default for Config {
             log: LogConfig::default(),
             drain: DrainConfig::default(),
             telemetry: Default::default(),
+            session: SessionConfig::default(),
         }
     }
 }
@@ -298,6 +313,17 @@ impl Default for DrainConfig {
     }
 }
 
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            // A bucket leader election measured 3-7 s here (nats-server draws its election
+            // timeout from 4-9 s); two of them back to back still fit.
+            store_outage_grace_ms: 15_000,
+            store_outage_max_waiting: 100_000,
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
@@ -324,7 +350,7 @@ fn default_node_id() -> String {
 /// Others (`JETMQ_LOG`, read by the logger; the test harness's `JETMQ_BROKER_BIN`, ...)
 /// are not, and must not fail the start-up as unknown keys.
 fn is_config_env(key: &str) -> bool {
-    const SECTIONS: [&str; 10] = [
+    const SECTIONS: [&str; 11] = [
         "listen",
         "nats",
         "limits",
@@ -335,6 +361,7 @@ fn is_config_env(key: &str) -> bool {
         "dns",
         "drain",
         "telemetry",
+        "session",
     ];
     let key = key.to_ascii_lowercase();
     key == "node_id"
@@ -518,6 +545,16 @@ impl Config {
             "must be between 1 and 255",
         )?;
         check(self.drain.waves > 0, "drain.waves", "must be at least 1")?;
+        check(
+            (1..=3_600_000).contains(&self.session.store_outage_grace_ms),
+            "session.store_outage_grace_ms",
+            "must be between 1 and 3600000",
+        )?;
+        check(
+            self.session.store_outage_max_waiting > 0,
+            "session.store_outage_max_waiting",
+            "must be at least 1",
+        )?;
         check(
             self.drain.timeout_ms > self.drain.duration_ms,
             "drain.timeout_ms",

@@ -98,6 +98,15 @@ pub async fn run(node: Arc<Node>, nodes_kv: kv::Store, shutdown: CancellationTok
                 }
             }
         }
+        if index
+            .as_ref()
+            .is_some_and(|index| index._watcher.is_finished())
+        {
+            // Its watch ended (an error, see below): read the bucket afresh next round.
+            tracing::info!("janitor's session watch ended; restarting it");
+            index = None;
+            continue;
+        }
         if let Some(index) = index.as_mut() {
             index.drain_updates();
             let alive = live_nodes(&nodes_kv).await;
@@ -183,7 +192,15 @@ impl SessionIndex {
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
         let watcher = tokio::spawn(async move {
             while let Some(entry) = watch.next().await {
-                let Ok(entry) = entry else { continue };
+                // An error ends the watch: its ordered consumer must not be polled again
+                // (see `routing::stall::open_ordered`); the janitor starts a new one.
+                let entry = match entry {
+                    Ok(entry) => entry,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "janitor's session watch failed");
+                        return;
+                    }
+                };
                 let record = match entry.operation {
                     Operation::Put => crate::session::SessionRecord::from_json(&entry.value).ok(),
                     Operation::Delete | Operation::Purge => None,

@@ -130,13 +130,9 @@ async fn read_retained(
         let Some(message) = next else {
             anyhow::bail!("retained reader ended");
         };
-        let message = match message {
-            Ok(m) => m,
-            Err(err) => {
-                tracing::warn!(error = %err, "retained reader: transient error");
-                continue;
-            }
-        };
+        // An error ends this consumer: it must not be polled again (see
+        // [`stall::open_ordered`]). Re-reading the last message per topic is idempotent.
+        let message = message.map_err(|err| anyhow::anyhow!("retained reader: {err}"))?;
         let (pending, seq) = message
             .info()
             .map(|i| (i.pending, i.stream_sequence))

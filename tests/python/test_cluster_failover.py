@@ -72,9 +72,10 @@ def reconnect(client: Client, targets, timeout: float = 60.0) -> Client:
     while time.monotonic() < deadline:
         for t in targets:
             try:
-                # Longer than a CONNECT can wait out a session-store election (10 s): a
-                # client that gives up earlier and retries takes its own session over.
-                client.connect(host=t.host, port=t.port, clean=False, timeout=12)
+                # Longer than a CONNECT can wait out a session-store election
+                # (session.store_outage_grace_ms, 15 s): a client that gives up earlier and
+                # retries takes its own session over.
+                client.connect(host=t.host, port=t.port, clean=False, timeout=17)
                 return client
             except (AssertionError, OSError) as e:
                 last = e

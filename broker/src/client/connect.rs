@@ -1,9 +1,5 @@
 //! CONNECT: validation, the session claim, CONNACK.
 
-use std::time::Duration;
-
-use tokio::time::Instant;
-
 use jetmq_codec::{
     ConnAck, ConnAckProperties, Connect, LastWill, Packet, ProtocolVersion, ReasonCode,
 };
@@ -184,20 +180,16 @@ pub(super) async fn claim_session(
     let mut handed_over_by = None;
     // The previous owner's node did not answer the hand-over: its connection is gone with it.
     let mut owner_unreachable = false;
-    let mut outage = StoreOutage::new(CLAIM_OUTAGE_BUDGET);
+    // A claim waits out a store that does not answer (a bucket leader election) as long
+    // as a session write does, in all its reads and writes together; the client waits for
+    // its CONNACK meanwhile.
+    let deadline = store.outage_deadline();
     let this_connection = Owner {
         node: node.config.node_id.clone(),
         connection,
     };
     loop {
-        let (existing, revision) = match store.load(&admission.client_id).await {
-            Ok(loaded) => loaded,
-            Err(err @ StoreError::Unavailable(_)) => {
-                outage.wait_or_give_up(err, &admission.client_id).await?;
-                continue;
-            }
-            Err(err) => return Err(err),
-        };
+        let (existing, revision) = store.load_until(&admission.client_id, deadline).await?;
         let now = now_ms();
         // A save that timed out may still have landed: the record is then ours already.
         let previous_owner = existing
@@ -249,7 +241,7 @@ pub(super) async fn claim_session(
         record.will_due_ms = None;
         record.protocol_v5 = connect.protocol == ProtocolVersion::V5;
         record.username = admission.username.clone();
-        match store.save(&record, revision).await {
+        match store.save_until(&record, revision, deadline).await {
             Ok(revision) => {
                 count_claim(
                     node,
@@ -286,48 +278,8 @@ pub(super) async fn claim_session(
                 });
             }
             Err(StoreError::Conflict) if conflicts < 7 => conflicts += 1,
-            Err(err @ StoreError::Unavailable(_)) => {
-                outage.wait_or_give_up(err, &admission.client_id).await?
-            }
             Err(err) => return Err(err),
         }
-    }
-}
-
-/// How long a CONNECT waits out a session store that does not answer before it is refused
-/// with 0x88. It covers one JetStream leader election after a NATS node died (nats-server's
-/// election timeout is drawn from 4-9 s; killing the bucket leader measured 6-7 s of
-/// outage here), and stays below the 30 s CONNACK timeout of common clients.
-const CLAIM_OUTAGE_BUDGET: Duration = Duration::from_secs(10);
-
-/// Bounded, growing pauses while the session store is unavailable.
-struct StoreOutage {
-    deadline: Instant,
-    pause: Duration,
-}
-
-impl StoreOutage {
-    fn new(budget: Duration) -> StoreOutage {
-        StoreOutage {
-            deadline: Instant::now() + budget,
-            pause: Duration::from_millis(50),
-        }
-    }
-
-    /// Sleeps before the next try, or gives `err` back once the budget is spent.
-    async fn wait_or_give_up(
-        &mut self,
-        err: StoreError,
-        client_id: &str,
-    ) -> Result<(), StoreError> {
-        let now = Instant::now();
-        if now + self.pause > self.deadline {
-            return Err(err);
-        }
-        tracing::debug!(client_id, error = %err, pause_ms = self.pause.as_millis() as u64, "session store unavailable; retrying the claim");
-        tokio::time::sleep(self.pause).await;
-        self.pause = (self.pause * 2).min(Duration::from_secs(1));
-        Ok(())
     }
 }
 

@@ -374,8 +374,11 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 && self.delivery.replay_upto.is_none()
                 && !self.delivery.is_full()
                 && self.writer.pending() < WRITE_SOFT_LIMIT;
+            // While writes are stuck (a session store election), a client that keeps asking
+            // for things that need one is not read from: the queue stays bounded.
+            let reads_paused = self.waiting_for_persist.len() >= persist::MAX_WAITING_FOR_PERSIST;
             tokio::select! {
-                read = self.reader.fill() => {
+                read = self.reader.fill(), if !reads_paused => {
                     if let Err(err) = read {
                         return self.read_failed(err);
                     }
@@ -461,6 +464,11 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     return Exit::Abnormal;
                 }
                 _ = &mut keep_alive_timer, if !self.keep_alive.is_zero() => {
+                    if reads_paused {
+                        // The client's PINGREQs wait unread while this side does not read:
+                        // its silence is ours. Counted from when reading resumes.
+                        self.last_packet_at = Instant::now();
+                    }
                     let deadline = self.keep_alive_deadline();
                     if Instant::now() >= deadline {
                         tracing::info!(client_id = %self.client_id, "keep alive expired");

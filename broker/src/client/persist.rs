@@ -1,5 +1,11 @@
 //! Writing the session record back: batched, one write in flight, compare-and-set.
 //!
+//! A write waits out a session store that does not answer (a bucket leader election) for
+//! up to `session.store_outage_grace_ms`, retrying in place (see [`crate::session`]'s
+//! store); the connection meanwhile goes on serving its client, and what needs the write
+//! queues behind it, bounded by [`MAX_WAITING_FOR_PERSIST`]. Only a store gone for longer
+//! than that closes the connection.
+//!
 //! Actions that must not happen before the record is durable (SUBACK, PUBREL, PUBCOMP, the
 //! JetStream publish of a QoS 2 message) wait in `waiting_for_persist` and run when the
 //! write that covers them has been acknowledged.
@@ -21,6 +27,11 @@ const IDLE_CURSOR_SLACK: u64 = 100_000;
 
 /// Consecutive failed writes after which the connection gives up.
 const MAX_PERSIST_FAILURES: u32 = 5;
+
+/// Actions waiting for the next write (SUBACKs, PUBCOMPs, QoS 2 publishes) above which the
+/// connection stops reading its socket until a write lands: while the store is away, a
+/// client that keeps subscribing must not grow the queue without bound.
+pub(super) const MAX_WAITING_FOR_PERSIST: usize = 1024;
 
 pub(super) enum AfterPersist {
     Send(Packet),
@@ -92,7 +103,8 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         let record = self.record.clone();
         let revision = self.revision;
         self.persist = Some(Box::pin(async move {
-            let result = store.save(&record, revision).await;
+            let deadline = store.outage_deadline();
+            let result = store.save_until(&record, revision, deadline).await;
             drop(permit);
             result
         }));
@@ -113,6 +125,15 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 Ok(())
             }
             Err(StoreError::Conflict) => self.revision_conflict().await,
+            Err(err @ StoreError::Unavailable(_)) => {
+                // The write already waited the whole grace: the store is gone for good, as
+                // far as this connection can tell. The client reconnects, and its claim
+                // waits for the store in turn.
+                tracing::warn!(client_id = %self.client_id, error = %err, grace_ms = self.node.config.session.store_outage_grace_ms, "session store unavailable for longer than the grace; disconnecting");
+                self.write_again();
+                self.send_disconnect(jetmq_codec::ReasonCode::SERVER_UNAVAILABLE);
+                Err(Exit::Abnormal)
+            }
             Err(err) => {
                 self.persist_failures += 1;
                 tracing::warn!(client_id = %self.client_id, error = %err, failures = self.persist_failures, "session write failed");
@@ -145,7 +166,10 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     /// whose acknowledgement was lost and that landed anyway, or a stale read). Then the
     /// connection keeps the session and writes its state again on the newer revision.
     async fn revision_conflict(&mut self) -> Result<(), Exit> {
-        let stored = self.node.cluster.sessions.load(&self.client_id).await;
+        let sessions = &self.node.cluster.sessions;
+        let stored = sessions
+            .load_until(&self.client_id, sessions.outage_deadline())
+            .await;
         match stored {
             Ok((Some(stored), revision))
                 if stored.owner.is_some()

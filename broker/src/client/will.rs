@@ -130,11 +130,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.record.cursor = self.delivery.durable_cursor();
         self.record.released = self.delivery.released_in_order();
         self.record.sent_upto = Some(self.delivery.sent_upto());
-        match self
-            .node
-            .cluster
-            .sessions
-            .save(&self.record, self.revision)
+        let sessions = &self.node.cluster.sessions;
+        match sessions
+            .save_until(&self.record, self.revision, sessions.outage_deadline())
             .await
         {
             Ok(_) => false,
@@ -172,7 +170,12 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             // The session ends with the connection, and a pending will goes out with it.
             // (Boxed, here and below: only the step in progress takes memory. At a mass
             // disconnect every closing connection waits here at once.)
-            let result = Box::pin(store.delete(&self.client_id, self.revision)).await;
+            let result = Box::pin(store.delete_until(
+                &self.client_id,
+                self.revision,
+                store.outage_deadline(),
+            ))
+            .await;
             match &result {
                 Ok(()) | Err(StoreError::Conflict) => {}
                 Err(err) => {
@@ -205,7 +208,8 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.record.cursor = self.delivery.durable_cursor();
         self.record.released = self.delivery.released_in_order();
         self.record.sent_upto = Some(self.delivery.sent_upto());
-        let result = Box::pin(store.save(&self.record, self.revision)).await;
+        let result =
+            Box::pin(store.save_until(&self.record, self.revision, store.outage_deadline())).await;
         match &result {
             Ok(_) => {
                 if let Some(due) = due {

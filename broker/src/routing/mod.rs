@@ -463,10 +463,6 @@ pub async fn run_stream_reader(
     }
 }
 
-/// Consecutive consumer errors after which the reader is rebuilt rather than trusted to
-/// recover by itself.
-const MAX_READER_ERRORS: u32 = 3;
-
 async fn read_stream(
     router: &Router,
     stream: &async_nats::jetstream::stream::Stream,
@@ -488,7 +484,6 @@ async fn read_stream(
     )
     .await?;
     let mut checks = stall::check_interval();
-    let mut errors = 0;
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -503,18 +498,10 @@ async fn read_stream(
         let Some(message) = next else {
             anyhow::bail!("message stream reader ended");
         };
-        let message = match message {
-            Ok(message) => message,
-            Err(err) => {
-                errors += 1;
-                if errors >= MAX_READER_ERRORS {
-                    anyhow::bail!("message stream reader: {err}");
-                }
-                tracing::warn!(error = %err, "message stream reader: transient error");
-                continue;
-            }
-        };
-        errors = 0;
+        // An error ends this consumer: it must not be polled again (see
+        // [`stall::open_ordered`]); the reader is rebuilt from the router's position, so
+        // nothing is skipped or delivered twice.
+        let message = message.map_err(|err| anyhow::anyhow!("message stream reader: {err}"))?;
         let Some(seq) = message.reply.as_deref().and_then(stream_sequence) else {
             tracing::warn!(reply = ?message.reply, "message without JetStream metadata");
             continue;

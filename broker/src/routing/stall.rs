@@ -70,6 +70,14 @@ impl StallWatch {
 }
 
 /// Creates an ordered push consumer and its message stream within [`OPEN_TIMEOUT`].
+///
+/// The stream it returns must be dropped after its first error, never polled again. An
+/// async-nats 0.51 `Ordered` that has yielded an error may hold a future that already
+/// completed: when the client's connection-state channel closes (the client shut down, as
+/// at SIGTERM) it yields "Connection state watcher dropped" and keeps the finished watcher,
+/// and the next poll panics with "`async fn` resumed after completion" (push.rs:619). A
+/// reader that treated that error as transient and read on was the panic seen at shutdown.
+/// Every reader of this kind therefore rebuilds its consumer after any error.
 pub async fn open_ordered(
     stream: &Stream,
     config: push::OrderedConfig,

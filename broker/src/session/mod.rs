@@ -10,7 +10,7 @@ mod store;
 use serde::{Deserialize, Serialize};
 
 pub(crate) use store::{is_in_flight, InFlightWait};
-pub use store::{SessionStore, StoreError};
+pub use store::{OutagePolicy, SessionStore, StoreError};
 
 use jetmq_codec::QoS;
 
