@@ -256,7 +256,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         // Not acknowledging and closing makes the client send the message again, to
         // whichever node it reaches next: nothing acknowledged is lost.
         tracing::warn!(client_id = %self.client_id, error = %err, "message not stored; disconnecting so the client retries");
-        self.send_disconnect(ReasonCode::SERVER_UNAVAILABLE);
+        self.send_disconnect(ReasonCode::SERVER_BUSY);
         Exit::Abnormal
     }
 
@@ -293,7 +293,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         }
         if !self.v5 {
             tracing::info!(client_id = %self.client_id, error = %err, "message store full; disconnecting the MQTT 3.1.1 publisher without an acknowledgement");
-            self.send_disconnect(ReasonCode::SERVER_UNAVAILABLE);
+            self.send_disconnect(ReasonCode::SERVER_BUSY);
             return Err(Exit::Abnormal);
         }
         tracing::debug!(client_id = %self.client_id, packet_id, "message store full; quota exceeded");

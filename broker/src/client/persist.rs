@@ -131,7 +131,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 // waits for the store in turn.
                 tracing::warn!(client_id = %self.client_id, error = %err, grace_ms = self.node.config.session.store_outage_grace_ms, "session store unavailable for longer than the grace; disconnecting");
                 self.write_again();
-                self.send_disconnect(jetmq_codec::ReasonCode::SERVER_UNAVAILABLE);
+                self.send_disconnect(jetmq_codec::ReasonCode::SERVER_BUSY);
                 Err(Exit::Abnormal)
             }
             Err(err) => {
@@ -139,7 +139,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 tracing::warn!(client_id = %self.client_id, error = %err, failures = self.persist_failures, "session write failed");
                 self.write_again();
                 if self.persist_failures >= MAX_PERSIST_FAILURES {
-                    self.send_disconnect(jetmq_codec::ReasonCode::SERVER_UNAVAILABLE);
+                    self.send_disconnect(jetmq_codec::ReasonCode::SERVER_BUSY);
                     return Err(Exit::Abnormal);
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(
