@@ -33,7 +33,7 @@ use argon2::Argon2;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Let in clients that do not authenticate. Off by default: a node that faces the
@@ -41,16 +41,6 @@ pub struct AuthConfig {
     pub allow_anonymous: bool,
     pub users: Vec<UserConfig>,
     pub jwt: JwtConfig,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            allow_anonymous: false,
-            users: Vec::new(),
-            jwt: JwtConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

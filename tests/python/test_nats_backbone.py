@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import select
 import socket
 import subprocess
 import time
@@ -56,7 +57,10 @@ class RawNats:
         if seed_file is not None:
             connect.update(harness.nkey_connect_fields(seed_file, json.loads(info[5:]).get("nonce", "")))
         self.sock.sendall(b"CONNECT " + json.dumps(connect).encode() + b"\r\n")
-        self.connect_error = self._sync()
+        # A refused CONNECT gets -ERR and the socket closed at once. A PING sent on its heels
+        # would still be unread when the server closes, and the kernel then answers with a
+        # reset that can discard the -ERR: so wait a moment for a refusal before the PING.
+        self.connect_error = self._refusal(0.5) or self._sync()
 
     def close(self) -> None:
         try:
@@ -84,6 +88,20 @@ class RawNats:
             hdr, total = (int(x) for x in text.split()[-2:])
             return (text, self.f.read(total + 2)[hdr:total])
         return (text, b"")
+
+    def _refusal(self, within: float) -> str | None:
+        """An -ERR (or the close) that comes without being asked for, within ``within`` s."""
+        # select, not a socket timeout: a timed-out read leaves the buffered reader unusable.
+        readable, _, _ = select.select([self.sock], [], [], within)
+        if not readable:
+            return None
+        got = self._read(time.monotonic() + self.timeout)
+        if got is None:
+            return None
+        line, _ = got
+        if line.startswith("-ERR"):
+            return line
+        return "connection closed" if line == "EOF" else None
 
     def _sync(self) -> str | None:
         """PING and wait for PONG: returns the first -ERR the server sent before it."""
