@@ -65,9 +65,12 @@ def limits_toml(**overrides) -> str:
 
 
 def start_broker(workdir: Path, nats_url: str, toml: str, node_id: str) -> harness.BrokerNode:
-    """A broker with a hand-written TOML file (harness.to_toml has no nested tables)."""
+    """A broker with a hand-written TOML file (harness.to_toml has no nested tables). Without
+    an [auth] section it lets anonymous clients in, like every harness broker."""
     b = harness.BrokerNode(workdir, [nats_url], node_id=node_id)
     b.config_path = b.workdir / "jetmq.toml"
+    if "[auth]" not in toml:
+        toml += "\n" + harness.to_toml({"auth": harness.TEST_DEFAULTS["auth"]})
     b.config_path.write_text(toml)
     b.start()
     return b
