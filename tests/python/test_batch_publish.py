@@ -90,10 +90,13 @@ def test_message_stream_of_an_older_jetmq_is_upgraded(fresh_nats, broker_factory
     reply = json.loads(fresh_nats.request(f"$JS.API.STREAM.CREATE.{MESSAGE_STREAM}", json.dumps(config).encode()))
     assert "error" not in reply, reply
     assert not fresh_nats.stream_config(MESSAGE_STREAM).get("allow_batched")
-    b = broker_factory(nats_urls=[fresh_nats.url], extra_env=ALWAYS_BATCH)
+    # The limits are the node's configuration (applied in place since issue 15): an operator
+    # who keeps messages for an hour says so in jetmq's configuration.
+    b = broker_factory(nats_urls=[fresh_nats.url], extra_env={**ALWAYS_BATCH, "JETMQ_NATS__MESSAGE_MAX_AGE_SECS": "3600"})
     stream = fresh_nats.stream_config(MESSAGE_STREAM)
     assert stream.get("allow_batched") is True
-    assert stream.get("max_age") == 3600 * 10**9, "the operator's settings stay"
+    assert stream.get("max_age") == 3600 * 10**9, "the configured age stays"
+    assert stream.get("discard") == "new", "a full store refuses instead of deleting acknowledged messages"
     publish_and_receive(b, 100)
     assert metric(b, "jetmq_publish_batches_total") >= 1
 
