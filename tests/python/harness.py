@@ -559,11 +559,7 @@ def nats_request(host: str, port: int, subject: str, payload: bytes = b"", timeo
         info = f.readline()
         if not info.startswith(b"INFO "):
             raise HarnessError(f"{host}:{port} does not speak NATS")
-        connect = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True}
-        creds = _NATS_CREDENTIALS.get(f"{host}:{port}")
-        if creds is not None:
-            connect.update(nkey_connect_fields(creds / "broker.nk", json.loads(info[5:]).get("nonce", "")))
-        s.sendall(b"CONNECT " + json.dumps(connect).encode() + b"\r\n")
+        s.sendall(nats_connect_line(host, port, info))
         s.sendall(f"SUB {inbox} 1\r\nPUB {subject} {inbox} {len(payload)}\r\n".encode() + payload + b"\r\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -581,6 +577,16 @@ def nats_request(host: str, port: int, subject: str, payload: bytes = b"", timeo
             elif line.startswith(b"-ERR"):
                 raise HarnessError(f"NATS {host}:{port}: {line.decode().strip()}")
         raise HarnessError(f"no reply to {subject} from {host}:{port} within {timeout} s")
+
+
+def nats_connect_line(host: str, port: int, info: bytes) -> bytes:
+    """The CONNECT of a raw-protocol client of the harness (after the server's INFO line): on a
+    server the harness locked, signed with the broker's NKEY (use the `_INBOX.broker.` prefix)."""
+    connect = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True}
+    creds = _NATS_CREDENTIALS.get(f"{host}:{port}")
+    if creds is not None:
+        connect.update(nkey_connect_fields(creds / "broker.nk", json.loads(info[5:]).get("nonce", "")))
+    return b"CONNECT " + json.dumps(connect).encode() + b"\r\n"
 
 
 def nkey_connect_fields(seed_file: Path, nonce: str) -> dict[str, str]:

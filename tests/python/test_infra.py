@@ -17,11 +17,7 @@ def nats_roundtrip(url_host: str, port: int, sub: str, pub: str, payload: bytes 
         f = s.makefile("rb")
         info = f.readline()
         assert info.startswith(b"INFO "), info
-        connect = {"verbose": False, "pedantic": False}
-        creds = harness.nats_credentials([f"{url_host}:{port}"])
-        if creds is not None:  # the harness locks NATS: sign in as a broker
-            connect.update(harness.nkey_connect_fields(creds / "broker.nk", json.loads(info[5:]).get("nonce", "")))
-        s.sendall(b"CONNECT " + json.dumps(connect).encode() + b"\r\n")
+        s.sendall(harness.nats_connect_line(url_host, port, info))  # the harness locks NATS
         s.sendall(f"SUB {sub} 1\r\nPING\r\n".encode())
         assert f.readline().strip() == b"PONG"
         s.sendall(f"PUB {pub} {len(payload)}\r\n".encode() + payload + b"\r\n")

@@ -137,9 +137,10 @@ def order_violations(observed) -> dict[str, list[int]]:
     return dict(late)
 
 
-# The most messages the known silent-loss gap put out of order in one run here (5); the
-# reversal this file was written for put 28-56 out of order in every run.
-KNOWN_GAP_MAX = 10
+# The known silent-loss gap put 5 and 8 messages out of order in the runs where it showed
+# here (one publisher's window at most); the reversal this file was written for put 28-56 out
+# of order in every run.
+KNOWN_GAP_MAX = 20
 
 
 def read_stream_marks(node, stream: str = "JETMQ_MSGS", timeout: float = 60.0) -> list[tuple[str, int]]:
@@ -157,12 +158,7 @@ def read_stream_marks(node, stream: str = "JETMQ_MSGS", timeout: float = 60.0) -
         f = s.makefile("rb")
         info = f.readline()
         assert info.startswith(b"INFO ")
-        connect = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True}
-        creds = harness._NATS_CREDENTIALS.get(f"{node.host}:{node.port}")
-        if creds is not None:
-            connect.update(harness.nkey_connect_fields(creds / "broker.nk", json.loads(info[5:]).get("nonce", "")))
-        out = [b"CONNECT " + json.dumps(connect).encode() + b"\r\n",
-               f"SUB {inbox}.* 1\r\n".encode()]
+        out = [harness.nats_connect_line(node.host, node.port, info), f"SUB {inbox}.* 1\r\n".encode()]
         for seq in range(first, last + 1):
             body = json.dumps({"seq": seq}).encode()
             out.append(f"PUB $JS.API.STREAM.MSG.GET.{stream} {inbox}.{seq} {len(body)}\r\n".encode() + body + b"\r\n")
@@ -344,7 +340,7 @@ def test_stream_leader_kill_during_a_burst_keeps_each_publishers_order(request, 
         # reversed, later ones overtaking). What is left is the gap architecture.md names: a
         # message lost silently with the dying leader, overtaken by messages sent in the
         # second before the hold starts; seen in about a third of the runs on a loaded
-        # 2-core machine, a handful of messages each time. More than that is a regression.
+        # 2-core machine, up to one publisher's window each time. More is a regression.
         assert stored_late <= KNOWN_GAP_MAX, report
         if stored_late:
             pytest.xfail(f"known gap of issue 19 (still open): {report}")
