@@ -1072,7 +1072,10 @@ def _run_cluster(args: argparse.Namespace) -> int:
                 tansu.create_topic(topic, 3)
             for mqtt_id in range(1, args.ingestors + 1):
                 toml = kafka.ingestor_toml([n.url for n in nats.nodes], tansu.bootstrap)
-                ing = kafka.Ingestor(workdir, mqtt_id, toml)
+                # Its key from this module: run as a script, harness.py is __main__, and
+                # kafka_harness's own `import harness` does not see the credentials made here.
+                ing = kafka.Ingestor(workdir, mqtt_id, toml,
+                                     extra_env=nats_seed_env([n.url for n in nats.nodes], "ingestor"))
                 ingestors.append(ing)
                 ing.start(timeout=60)
         print("\n[cluster] ready", flush=True)
