@@ -19,11 +19,13 @@
 //!
 //! Password hashes are checked on a blocking thread, a few at a time: argon2 is meant to be
 //! slow, and a flood of wrong passwords must not stall the node's event loop. Successful
-//! checks are remembered for a while (a salted SHA-256 of the password, in memory), so a
-//! reconnect storm of legitimate devices does not cost an argon2 run each.
+//! checks are remembered for a while (a salted SHA-256 of the password, in memory), and the
+//! checks of one username take turns, so a reconnect storm of devices sharing a login costs
+//! one argon2 run, not one per device (each also holds argon2's 19 MiB while it runs).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -245,6 +247,8 @@ pub struct Credentials<'a> {
 
 /// Concurrent password hash checks per node.
 const VERIFY_SLOTS: usize = 4;
+/// Usernames whose password checks may run side by side (more are striped over these).
+const USER_TURNS: usize = 64;
 /// How long a CONNECT waits for a free slot before being refused as busy.
 const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a successful password check is remembered.
@@ -261,6 +265,11 @@ pub struct Authenticator {
     slots: Semaphore,
     cache: Mutex<HashMap<String, ([u8; 32], Instant)>>,
     cache_salt: [u8; 16],
+    /// argon2 runs so far (each costs tens of milliseconds and its working memory).
+    hash_checks: AtomicU64,
+    /// Password checks of one username take turns (striped by a keyed hash of the name).
+    user_turns: Vec<tokio::sync::Mutex<()>>,
+    turn_hasher: std::collections::hash_map::RandomState,
 }
 
 struct Jwt {
@@ -376,6 +385,11 @@ impl Authenticator {
             slots: Semaphore::new(VERIFY_SLOTS),
             cache: Mutex::new(HashMap::new()),
             cache_salt,
+            hash_checks: AtomicU64::new(0),
+            user_turns: (0..USER_TURNS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            turn_hasher: std::collections::hash_map::RandomState::new(),
         })
     }
 
@@ -450,12 +464,29 @@ impl Authenticator {
         }
     }
 
+    /// Which of [`Authenticator::user_turns`] a username waits on.
+    fn turn_of(&self, username: &str) -> usize {
+        use std::hash::BuildHasher;
+        (self.turn_hasher.hash_one(username) % USER_TURNS as u64) as usize
+    }
+
     fn cache_key(&self, password: &[u8]) -> [u8; 32] {
         use sha2::Digest;
         let mut hasher = sha2::Sha256::new();
         hasher.update(self.cache_salt);
         hasher.update(password);
         hasher.finalize().into()
+    }
+
+    /// This user logged in with this password recently.
+    fn remembered(&self, username: &str, key: &[u8; 32]) -> bool {
+        if username.is_empty() {
+            return false;
+        }
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(username)
+            .is_some_and(|(known, at)| known == key && at.elapsed() < CACHE_TTL)
     }
 
     async fn check_password(
@@ -465,19 +496,26 @@ impl Authenticator {
         password: &[u8],
     ) -> Result<bool, Refusal> {
         let key = self.cache_key(password);
-        if !username.is_empty() {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((known, at)) = cache.get(username) {
-                if *known == key && at.elapsed() < CACHE_TTL {
-                    return Ok(true);
-                }
-            }
+        if self.remembered(username, &key) {
+            return Ok(true);
         }
-        let _slot = tokio::time::timeout(VERIFY_QUEUE_TIMEOUT, self.slots.acquire())
-            .await
-            .map_err(|_| Refusal::Busy)?
-            .map_err(|_| Refusal::Busy)?;
+        let waited = tokio::time::timeout(VERIFY_QUEUE_TIMEOUT, async {
+            // One check per username at a time: in a reconnect storm every login of a user
+            // misses the cache before the first check ends; the others wait for it and find
+            // the answer remembered (argon2 also holds 19 MiB while it runs).
+            let turn = self.user_turns[self.turn_of(username)].lock().await;
+            let slot = self.slots.acquire().await;
+            (turn, slot)
+        })
+        .await;
+        let Ok((_turn, Ok(_slot))) = waited else {
+            return Err(Refusal::Busy);
+        };
+        if self.remembered(username, &key) {
+            return Ok(true);
+        }
         let password = password.to_vec();
+        self.hash_checks.fetch_add(1, Ordering::Relaxed);
         let ok = tokio::task::spawn_blocking(move || verify_hash(&hash, &password))
             .await
             .unwrap_or(false);
@@ -629,6 +667,35 @@ mod tests {
             open.authenticate(creds(Some("alice"), None)).await,
             Err(Refusal::BadCredentials)
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_login_storm_of_one_user_costs_few_hash_checks() {
+        let auth = Arc::new(
+            Authenticator::new(&config_with(&[("fleet", "s3cret")], false)).expect("auth"),
+        );
+        let logins: Vec<_> = (0..64)
+            .map(|_| {
+                let auth = auth.clone();
+                tokio::spawn(async move {
+                    auth.authenticate(creds(Some("fleet"), Some("s3cret")))
+                        .await
+                        .is_ok()
+                })
+            })
+            .collect();
+        for login in logins {
+            assert!(login.await.expect("joined"));
+        }
+        let runs = auth.hash_checks.load(Ordering::Relaxed);
+        // The others waited for the first check and found its answer remembered.
+        assert_eq!(runs, 1, "{runs} argon2 runs for 64 logins of one user");
+        // A wrong password is never served from the cache.
+        assert_eq!(
+            auth.authenticate(creds(Some("fleet"), Some("guess"))).await,
+            Err(Refusal::BadCredentials)
+        );
+        assert_eq!(auth.hash_checks.load(Ordering::Relaxed), runs + 1);
     }
 
     #[tokio::test]

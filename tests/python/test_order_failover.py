@@ -137,10 +137,18 @@ def order_violations(observed) -> dict[str, list[int]]:
     return dict(late)
 
 
-# The known silent-loss gap put 5 and 8 messages out of order in the runs where it showed
-# here (one publisher's window at most); the reversal this file was written for put 28-56 out
-# of order in every run.
-KNOWN_GAP_MAX = 20
+def known_gap_shape(late: dict[str, list[int]], window: int) -> str | None:
+    """What the known silent-loss gap of issue 19 can look like, checked: messages in flight to
+    a stream leader that died without answering are stored again after the publisher's later
+    messages. So per publisher at most one window is late, and the late ones are still in their
+    own order. The reversal this test was written for (whole batches put back one message at a
+    time) broke both. Returns what does not fit, or None."""
+    for pub, numbers in late.items():
+        if len(numbers) > window:
+            return f"{pub}: {len(numbers)} late, more than its window of {window}: {numbers[:20]}"
+        if any(a >= b for a, b in zip(numbers, numbers[1:])):
+            return f"{pub}: late ones reversed among themselves: {numbers[:20]}"
+    return None
 
 
 def read_stream_marks(node, stream: str = "JETMQ_MSGS", timeout: float = 60.0) -> list[tuple[str, int]]:
@@ -240,6 +248,8 @@ def publish_marks(pub: Client, name: str, topic: str, n: int, qos: int, window: 
             i += 1
             progress()
             continue
+        if not inflight:
+            continue
         info = inflight[0][1]
         with info._condition:
             info._condition.wait(0.1)
@@ -318,6 +328,7 @@ def test_stream_leader_kill_during_a_burst_keeps_each_publishers_order(request, 
         problems = []
         late = order_violations(stored)
         stored_late = sum(map(len, late.values()))
+        misfit = known_gap_shape(late, window)
         if late:
             problems.append(f"stream: {stored_late} stored out of publisher order: "
                             f"{ {k: v[:8] for k, v in late.items()} }")
@@ -340,8 +351,8 @@ def test_stream_leader_kill_during_a_burst_keeps_each_publishers_order(request, 
         # reversed, later ones overtaking). What is left is the gap architecture.md names: a
         # message lost silently with the dying leader, overtaken by messages sent in the
         # second before the hold starts; seen in about a third of the runs on a loaded
-        # 2-core machine, up to one publisher's window each time. More is a regression.
-        assert stored_late <= KNOWN_GAP_MAX, report
+        # 2-core machine (2-21 messages, one or more publishers). Anything else is a regression.
+        assert misfit is None, f"{misfit}; {report}"
         if stored_late:
             pytest.xfail(f"known gap of issue 19 (still open): {report}")
     finally:
