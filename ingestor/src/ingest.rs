@@ -503,6 +503,8 @@ pub async fn run(
         let listener = metrics::bind(addr)
             .await
             .with_context(|| format!("metrics.listen {addr}"))?;
+        // The bound address: with port 0 the system chose it.
+        let addr = listener.local_addr().unwrap_or(addr);
         info!(%addr, "metrics endpoint on /metrics");
         background.push(tokio::spawn(metrics::serve(
             listener,

@@ -578,7 +578,9 @@ impl Drop for Tansu {
 pub struct IngestorProc {
     child: Option<Child>,
     pub log: PathBuf,
-    pub metrics_port: u16,
+    /// Learnt from the log: the ingestor binds port 0, so no other process can take the
+    /// port between our choosing it and the ingestor binding it.
+    metrics_port: std::sync::OnceLock<u16>,
 }
 
 /// Test defaults: short timers so redelivery and takeover happen within a test.
@@ -609,7 +611,6 @@ impl IngestorProc {
         std::fs::write(&conf, toml).expect("write ingestor config");
         let log = dir.join(format!("ingestor-{tag}.log"));
         let out = std::fs::File::create(&log).expect("ingestor log");
-        let metrics_port = free_port();
         // The ingestor's identity on a locked server, unless the test chose the credentials.
         let seed = toml
             .lines()
@@ -627,7 +628,7 @@ impl IngestorProc {
             .arg("--config")
             .arg(&conf)
             .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{metrics_port}"))
+            .arg("127.0.0.1:0")
             .env(
                 "RUST_LOG",
                 "info,jetmq_ingestor=debug,async_nats=warn,rdkafka=info",
@@ -640,7 +641,7 @@ impl IngestorProc {
         IngestorProc {
             child: Some(child),
             log,
-            metrics_port,
+            metrics_port: std::sync::OnceLock::new(),
         }
     }
 
@@ -675,11 +676,33 @@ impl IngestorProc {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// The metrics port the ingestor logged once it bound it.
+    pub fn metrics_port(&self) -> Option<u16> {
+        if let Some(port) = self.metrics_port.get() {
+            return Some(*port);
+        }
+        const MARK: &str = "metrics endpoint on /metrics addr=";
+        let log = std::fs::read_to_string(&self.log).ok()?;
+        let port = log.lines().find_map(|line| {
+            let rest = &line[line.find(MARK)? + MARK.len()..];
+            rest.split_whitespace()
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })?;
+        Some(*self.metrics_port.get_or_init(|| port))
+    }
+
     /// Counters from the Prometheus endpoint (name without prefix -> value).
     pub fn metrics(&self) -> HashMap<String, f64> {
         use std::io::{Read, Write};
         let mut out = HashMap::new();
-        let Ok(mut conn) = TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
+        let Some(port) = self.metrics_port() else {
+            return out;
+        };
+        let Ok(mut conn) = TcpStream::connect(("127.0.0.1", port)) else {
             return out;
         };
         let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
