@@ -1,6 +1,7 @@
 //! Logs, traces and counters.
 
 use std::fmt::Write as _;
+use std::io::IsTerminal as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use jetmq_common::envelope::Envelope;
@@ -15,8 +16,11 @@ use crate::config::Config;
 pub fn init_logging(config: &Config) {
     let filter =
         EnvFilter::try_from_env("JETMQ_LOG").unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    // Colours only on a terminal (and without NO_COLOR): container logs and log files get
+    // plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_target(false);
     if config.log.json || config.telemetry.log_format == LogFormat::Json {
         builder.json().init();
