@@ -90,6 +90,7 @@ class Collector:
         self.client = client
         self.counts: collections.Counter = collections.Counter()
         self.order: list[int] = []
+        self.received: list = []  # the messages themselves (arrival time, DUP flag), in order
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -103,6 +104,7 @@ class Collector:
             n = int(m.payload)
             self.counts[n] += 1
             self.order.append(n)
+            self.received.append(m)
 
     def missing(self, n: int) -> list[int]:
         return [i for i in range(n) if self.counts[i] == 0]
@@ -120,18 +122,24 @@ def _published(info) -> bool:
     return bool(getattr(info, "_published", False))
 
 
-def publish_sequence(pub: Client, topic: str, n: int, qos: int, on_progress, targets, deadline_s: float):
+def publish_sequence(pub: Client, topic: str, n: int, qos: int, on_progress, targets, deadline_s: float,
+                     await_connection=None):
     """Publish 0..n-1 with QoS, 8 at a time, following the publisher through disconnects.
 
     The publisher keeps its session (clean start 0), so paho resends unacknowledged messages
     itself after a reconnect. Returns (set of acknowledged numbers, number published).
+    ``await_connection(pub)``, if given, replaces the reconnect to ``targets`` (for clients
+    that something else reconnects).
     """
     acked = set()
     deadline = time.monotonic() + deadline_s
 
     def ensure_connected():
         if not pub.connected:
-            reconnect(pub, targets)
+            if await_connection is not None:
+                await_connection(pub)
+            else:
+                reconnect(pub, targets)
 
     def settle(window):
         for num, info in window:
