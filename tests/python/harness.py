@@ -1029,6 +1029,27 @@ def _run_proxy(listen: str, upstream: str) -> int:
 
 # --------------------------------------------------------------------------- scripts/cluster
 
+# Restarts of a process of the local cluster that dies: after 1, 2, 4, 8, 16 s; a process that
+# ran at least RESTART_RESET_S seconds starts counting afresh; after RESTART_MAX restarts in a
+# row it is left dead.
+RESTART_MAX = 5
+RESTART_RESET_S = 60.0
+RESTART_READY_S = 60.0
+
+
+class _Stopped(Exception):
+    """A signal arrived while the cluster was starting."""
+
+
+def _relaunch(p: ManagedProcess) -> None:
+    """``p.start()`` without its wait for readiness: the supervision loop watches that, so a
+    signal never waits for a restart to finish."""
+    p.wait_ready = lambda timeout: None  # type: ignore[method-assign]
+    try:
+        p.start()
+    finally:
+        del p.wait_ready
+
 
 def _run_cluster(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="jetmq-cluster-"))
@@ -1036,27 +1057,36 @@ def _run_cluster(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def on_signal(signum, _frame):
-        print(f"\n[cluster] got signal {signum}, stopping ...", flush=True)
+        if stop.is_set():
+            print(f"\n[cluster] got signal {signum}, already stopping ...", flush=True)
+        else:
+            print(f"\n[cluster] got signal {signum}, stopping ...", flush=True)
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
 
+    def check_stop() -> None:
+        if stop.is_set():
+            raise _Stopped()
+
     hosts = list(NODE_HOSTS)
     kafka = None  # the Kafka leg (tansu and the ingestors) comes from kafka_harness
-    if not args.no_kafka:
-        import kafka_harness as kafka
-    nats = NatsCluster(workdir, n=3, hosts=hosts,
-                       mapping=kafka.mapping_block(args.ingestors) if kafka else None)
     brokers: list[BrokerNode] = []
+    nats: NatsCluster | None = None
     tansu = None
     ingestors = []
     try:
+        if not args.no_kafka:
+            import kafka_harness as kafka
+        nats = NatsCluster(workdir, n=3, hosts=hosts,
+                           mapping=kafka.mapping_block(args.ingestors) if kafka else None)
         print(f"[cluster] starting 3 NATS nodes (JetStream) in {workdir}", flush=True)
         print(f"[cluster] NATS credentials (jetmq-broker nats-auth): {nats.auth_dir}", flush=True)
         nats.start()
         for i, host in enumerate(hosts):
+            check_stop()
             b = BrokerNode(workdir, nats.urls_from(i), node_id=f"b{i + 1}", host=host, port=args.mqtt_port,
                            http_port=args.http_port)
             if args.config:
@@ -1064,6 +1094,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
             brokers.append(b)
             b.start()
         if kafka:
+            check_stop()
             print(f"[cluster] starting tansu (Kafka API) on 127.0.0.1:{args.kafka_port} and "
                   f"{args.ingestors} ingestors", flush=True)
             tansu = kafka.Tansu(workdir, port=args.kafka_port)
@@ -1071,6 +1102,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
             for topic in ("mqtt", "mqtt-dead-letter"):
                 tansu.create_topic(topic, 3)
             for mqtt_id in range(1, args.ingestors + 1):
+                check_stop()
                 toml = kafka.ingestor_toml([n.url for n in nats.nodes], tansu.bootstrap)
                 # Its key from this module: run as a script, harness.py is __main__, and
                 # kafka_harness's own `import harness` does not see the credentials made here.
@@ -1078,6 +1110,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
                                      extra_env=nats_seed_env([n.url for n in nats.nodes], "ingestor"))
                 ingestors.append(ing)
                 ing.start(timeout=60)
+        check_stop()
         print("\n[cluster] ready", flush=True)
         for n in nats.nodes:
             print(f"  NATS   {n.server_name}: {n.url}  monitor {n.monitor_url}  pid {n.pid}")
@@ -1097,40 +1130,137 @@ def _run_cluster(args: argparse.Namespace) -> int:
         if tansu:
             print("    # the same message in Kafka (key = MQTT topic), through the ingestors:")
             print(f"    {sys.executable} {Path(__file__).resolve()} kafka-read --bootstrap {tansu.bootstrap}")
-        print("\n  Ctrl-C (or SIGTERM) stops everything.", flush=True)
-        while not stop.is_set():
-            for p in brokers + nats.nodes + ingestors + ([tansu] if tansu else []):
-                if p.crashed():
-                    print(f"[cluster] {p.name} exited with {p.proc.returncode}; log tail:\n{p.log_tail(30)}", flush=True)
-                    p._expect_exit = True  # report once
-            stop.wait(1.0)
+        if args.no_restart:
+            print("\n  A process that dies stays dead (--no-restart).")
+        else:
+            print(f"\n  A process that dies is started again (at most {RESTART_MAX} times in a row; "
+                  f"--no-restart: not).")
+        print(f"  Ctrl-C, or `kill {os.getpid()}` (SIGTERM), stops everything.", flush=True)
+        _supervise(brokers + nats.nodes + ingestors + ([tansu] if tansu else []), stop, not args.no_restart)
+    except _Stopped:
+        pass
     except HarnessError as e:
         print(f"[cluster] failed: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
+        running = [p for p in ingestors + ([tansu] if tansu else []) + brokers + (nats.nodes if nats else [])
+                   if p.alive()]
         for ing in ingestors:
             ing.terminate(timeout=20)
         if tansu:
             tansu.kill9()  # see Tansu.stop: SIGTERM leaves it half-alive
         for b in reversed(brokers):
             b.terminate()
-        nats.stop()
-        print(f"[cluster] stopped (logs in {workdir})", flush=True)
+        if nats:
+            nats.stop()
+        left = [p for p in running if p.alive()]
+        if left:
+            print(f"[cluster] still running: {', '.join(f'{p.name} pid {p.pid}' for p in left)}", flush=True)
+        print(f"[cluster] stopped {len(running) - len(left)} of {len(running)} running processes "
+              f"(logs in {workdir})", flush=True)
     return 0
+
+
+def _supervise(procs: list[ManagedProcess], stop: threading.Event, restart: bool) -> None:
+    """Until ``stop``: report a process that died and, with ``restart``, start it again after a
+    growing delay (same argv, ports and data), at most RESTART_MAX times in a row."""
+    now = time.monotonic()
+    started_at = {id(p): now for p in procs}
+    failures = {id(p): 0 for p in procs}
+    due: dict[int, float] = {}  # id -> when to start it again
+    unready: dict[int, float] = {}  # id -> deadline for its readiness after a restart
+
+    def schedule(p: ManagedProcess) -> None:
+        k = id(p)
+        p._expect_exit = True  # report once
+        unready.pop(k, None)
+        if not restart:
+            print(f"[cluster] {p.name} stays down (--no-restart)", flush=True)
+            return
+        if time.monotonic() - started_at[k] >= RESTART_RESET_S:
+            failures[k] = 0
+        if failures[k] >= RESTART_MAX:
+            print(f"[cluster] {p.name} failed {RESTART_MAX + 1} times in a row, each within "
+                  f"{RESTART_RESET_S:.0f} s of its start: left down (log {p.log_path})", flush=True)
+            return
+        failures[k] += 1
+        delay = 2.0 ** (failures[k] - 1)
+        due[k] = time.monotonic() + delay
+        print(f"[cluster] restarting {p.name} in {delay:.0f} s "
+              f"(restart {failures[k]} of at most {RESTART_MAX} in a row)", flush=True)
+
+    while not stop.is_set():
+        for p in procs:
+            if stop.is_set():
+                break
+            k = id(p)
+            if p.crashed():
+                print(f"[cluster] {p.name} (pid {p.pid}) exited with {p.proc.returncode}; log tail:\n"
+                      f"{p.log_tail(30)}", flush=True)
+                schedule(p)
+            elif k in due and time.monotonic() >= due[k]:
+                del due[k]
+                started_at[k] = time.monotonic()
+                try:
+                    _relaunch(p)
+                except HarnessError as e:
+                    print(f"[cluster] could not start {p.name} again: {e}", flush=True)
+                    schedule(p)
+                    continue
+                unready[k] = time.monotonic() + RESTART_READY_S
+                print(f"[cluster] restarted {p.name}: pid {p.pid}", flush=True)
+            elif k in unready and p.alive():
+                try:
+                    ok = p.ready()
+                except Exception:  # noqa: BLE001 - not ready yet
+                    ok = False
+                if ok:
+                    del unready[k]
+                    print(f"[cluster] {p.name} (pid {p.pid}) is ready again", flush=True)
+                elif time.monotonic() > unready[k]:
+                    del unready[k]
+                    print(f"[cluster] {p.name} (pid {p.pid}) runs but is not ready {RESTART_READY_S:.0f} s "
+                          f"after its restart; see {p.log_path}", flush=True)
+        stop.wait(1.0)
+
+
+def _env_int(ap: argparse.ArgumentParser, name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        ap.error(f"{name} must be a number, not {value!r}")
+        raise  # not reached: ap.error exits
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="jetmq test harness")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("cluster", help="run 3 NATS + 3 jetmq-broker nodes until Ctrl-C")
-    c.add_argument("--mqtt-port", type=int, default=int(os.environ.get("JETMQ_CLUSTER_MQTT_PORT", "1883")))
-    c.add_argument("--http-port", type=int, default=int(os.environ.get("JETMQ_CLUSTER_HTTP_PORT", "8080")))
-    c.add_argument("--config", default=os.environ.get("JETMQ_CLUSTER_CONFIG"))
-    c.add_argument("--workdir", default=os.environ.get("JETMQ_CLUSTER_WORKDIR"))
-    c.add_argument("--kafka-port", type=int, default=int(os.environ.get("JETMQ_CLUSTER_KAFKA_PORT", "9092")))
-    c.add_argument("--ingestors", type=int, default=int(os.environ.get("JETMQ_CLUSTER_INGESTORS", "2")))
+    c = sub.add_parser(
+        "cluster", allow_abbrev=False, help="run the local cluster of scripts/cluster until Ctrl-C",
+        description="3 NATS + 3 jetmq-broker nodes (+ tansu and ingestors) on loopback, restarted when "
+                    "they die, until Ctrl-C / SIGTERM. Normally started by scripts/cluster, which installs "
+                    "and builds first; `scripts/cluster --help` has the whole story (environment, "
+                    "addresses, installed tools).")
+    c.add_argument("--mqtt-port", type=int, metavar="PORT", default=_env_int(ap, "JETMQ_CLUSTER_MQTT_PORT", 1883),
+                   help="MQTT port of every broker (env JETMQ_CLUSTER_MQTT_PORT, default 1883)")
+    c.add_argument("--http-port", type=int, metavar="PORT", default=_env_int(ap, "JETMQ_CLUSTER_HTTP_PORT", 8080),
+                   help="HTTP port of every broker (env JETMQ_CLUSTER_HTTP_PORT, default 8080)")
+    c.add_argument("--config", default=os.environ.get("JETMQ_CLUSTER_CONFIG") or None, metavar="FILE",
+                   help="broker configuration for all brokers (env JETMQ_CLUSTER_CONFIG)")
+    c.add_argument("--workdir", default=os.environ.get("JETMQ_CLUSTER_WORKDIR") or None, metavar="DIR",
+                   help="logs and data (env JETMQ_CLUSTER_WORKDIR, default a new temporary directory)")
+    c.add_argument("--kafka-port", type=int, metavar="PORT", default=_env_int(ap, "JETMQ_CLUSTER_KAFKA_PORT", 9092),
+                   help="tansu's port on 127.0.0.1 (env JETMQ_CLUSTER_KAFKA_PORT, default 9092)")
+    c.add_argument("--ingestors", type=int, default=_env_int(ap, "JETMQ_CLUSTER_INGESTORS", 2), metavar="N",
+                   help="ingestors, one per NATS share (env JETMQ_CLUSTER_INGESTORS, default 2)")
     c.add_argument("--no-kafka", action="store_true", default=os.environ.get("JETMQ_CLUSTER_NO_KAFKA") == "1",
-                   help="only NATS and the brokers (no tansu, no ingestors)")
+                   help="only NATS and the brokers, no tansu, no ingestors (env JETMQ_CLUSTER_NO_KAFKA=1)")
+    c.add_argument("--no-restart", action="store_true",
+                   default=os.environ.get("JETMQ_CLUSTER_NO_RESTART") == "1",
+                   help="leave a process that dies dead (env JETMQ_CLUSTER_NO_RESTART=1)")
     k = sub.add_parser("kafka-read", help="print the records of a Kafka topic (key, value) and exit")
     k.add_argument("--bootstrap", default="127.0.0.1:9092")
     k.add_argument("--topic", default="mqtt")
