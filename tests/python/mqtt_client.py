@@ -130,6 +130,7 @@ class Client:
         connect_props: dict | None = None,
         max_inflight: int = 20,
         manual_ack: bool = False,
+        tls_ca: str | None = None,
     ):
         """will: {"topic", "payload", "qos", "retain", "props" (v5 dict, e.g. WillDelayInterval)}"""
         self.host, self.port = tuple(target)
@@ -158,6 +159,9 @@ class Client:
             **kw,
         )
         c.max_inflight_messages_set(max_inflight)
+        if tls_ca is not None:
+            # TLS with the server's certificate checked against ``tls_ca`` and the address.
+            c.tls_set(ca_certs=tls_ca)
         c.max_queued_messages_set(0)
         if username is not None:
             c.username_pw_set(username, password)

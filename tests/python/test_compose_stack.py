@@ -199,16 +199,19 @@ class Stack:
 
 
 class ByDnsName:
-    """The brokers as a device finds them: the A records of mqtt.jetmq.local, asked of the
-    stack's DNS server anew on every pass, in random order."""
+    """The brokers as a device finds them: the A records of a name (mqtt.jetmq.local), asked
+    of a DNS server (the stack's) anew on every pass, in random order."""
+
+    def __init__(self, name: str = DNS_NAME, server: str = DNS_ADDRESS, port: int = 1883):
+        self.name, self.server, self.port = name, server, port
 
     def __iter__(self):
         try:
-            addresses = resolve_a(DNS_NAME, (DNS_ADDRESS, 53))
+            addresses = resolve_a(self.name, (self.server, 53))
         except OSError:
             addresses = []
         random.shuffle(addresses)
-        return iter([Target(a, 1883) for a in addresses])
+        return iter([Target(a, self.port) for a in addresses])
 
 
 class Devices:
@@ -217,11 +220,14 @@ class Devices:
     watcher thread brings every dropped client back through the DNS name and records when
     and with which session state it came back."""
 
-    def __init__(self, stack: Stack, tracker: Tracker, first: str, n: int = N_MESSAGES):
+    def __init__(self, tracker: Tracker, target: Target, client_kw: dict, names=None, n: int = N_MESSAGES,
+                 topic_root: str = "dev"):
+        """``client_kw``: login (and TLS) of every client; ``names``: where a dropped client
+        looks for a broker (a ByDnsName)."""
         self.n = n
-        self.base = uid("dev")
-        target = Target(first, 1883)
-        auth = {"username": stack.username, "password": stack.password}
+        self.base = f"{topic_root}/{uid('dev')}"
+        self.names = names or ByDnsName()
+        auth = client_kw
         self.subs = {
             1: tracker(target, client_id=uid("s1"), version=V311, clean=False, **auth).connect(),
             2: tracker(target, client_id=uid("s2"), version=V5, clean=False, session_expiry=600, **auth).connect(),
@@ -258,7 +264,7 @@ class Devices:
         while not self._stop.is_set():
             if not client.connected:
                 try:
-                    reconnect(client, ByDnsName(), timeout=60)
+                    reconnect(client, self.names, timeout=60)
                     self.resumes[client.client_id].append((time.monotonic(), client.session_present, client.host))
                 except AssertionError:
                     pass
@@ -478,7 +484,7 @@ def test_broker_node_killed_under_load_loses_nothing_and_sessions_resume(stack, 
     cl = devices_tracker
     auth = auth_kwargs(stack)
     victim = "broker-1"
-    devices = Devices(stack, cl, BROKERS[victim])
+    devices = Devices(cl, Target(BROKERS[victim], 1883), auth_kwargs(stack))
     # Wills of the dead node's clients: published by a survivor.
     will_topic = uid("will")
     watcher = cl.connect(Target(BROKERS["broker-2"], 1883), version=V5, **auth)
@@ -534,7 +540,7 @@ def nats_healthz(node: str) -> bool:
 def test_nats_node_lost_under_load_loses_nothing(stack, devices_tracker, failure):
     cl = devices_tracker
     victim = "nats-1"
-    devices = Devices(stack, cl, BROKERS["broker-1"])
+    devices = Devices(cl, Target(BROKERS["broker-1"], 1883), auth_kwargs(stack))
     try:
         devices.pace_s = 0.01
         devices.start()
@@ -575,7 +581,7 @@ def test_graceful_stop_sends_clients_away_and_rolling_restart_loses_nothing(stac
     cl = devices_tracker
     auth = auth_kwargs(stack)
     victim = "broker-2"
-    devices = Devices(stack, cl, BROKERS[victim])
+    devices = Devices(cl, Target(BROKERS[victim], 1883), auth_kwargs(stack))
     observer = cl.connect(Target(BROKERS[victim], 1883), version=V5, **auth)
     try:
         devices.pace_s = 0.02
