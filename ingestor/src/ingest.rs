@@ -44,6 +44,8 @@ pub const PRIORITY_GROUP: &str = "jetmq";
 
 /// How many times start-up steps against NATS are tried before giving up (2 s apart).
 const SETUP_ATTEMPTS: u32 = 30;
+/// Attempts when NATS refuses the credentials or the TLS set-up (see `with_retries`).
+const REFUSED_ATTEMPTS: u32 = 3;
 
 /// Durable consumer name of ingestor `mqtt_id`.
 pub fn consumer_name(prefix: &str, mqtt_id: u32) -> String {
@@ -408,8 +410,14 @@ where
     loop {
         match step().await {
             Ok(v) => return Ok(Some(v)),
+            Err(e) if e.downcast_ref::<Permanent>().is_some() && attempt >= REFUSED_ATTEMPTS => {
+                return Err(e.context(format!("{what}: refused {attempt} times, not retried")))
+            }
+            // A NATS server reloading its configuration refuses valid credentials for a
+            // moment (seen when an ingestor started during a mapping reload): a refusal is
+            // tried again twice before it stops the program.
             Err(e) if e.downcast_ref::<Permanent>().is_some() => {
-                return Err(e.context(format!("{what}: not retried")))
+                warn!(attempt, error = %format!("{e:#}"), "{what} refused, trying again")
             }
             Err(e) if attempt >= SETUP_ATTEMPTS => {
                 return Err(e.context(format!("{what}: gave up after {attempt} attempts")))
