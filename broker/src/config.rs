@@ -180,7 +180,10 @@ pub struct SessionConfig {
 pub struct LogConfig {
     /// tracing filter, e.g. "info" or "jetmq_broker=debug".
     pub level: String,
-    pub json: bool,
+    /// The old switch for JSON logs, now `telemetry.log_format` (which the ingestor shares):
+    /// read only to refuse it with a message that names the new key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<bool>,
 }
 
 impl Default for Config {
@@ -328,7 +331,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".to_owned(),
-            json: false,
+            json: None,
         }
     }
 }
@@ -442,6 +445,11 @@ impl Config {
                 })
             }
         }
+        check(
+            self.log.json.is_none(),
+            "log.json",
+            "was replaced by telemetry.log_format = \"json\" (or \"text\")",
+        )?;
         let l = &self.limits;
         check(!self.node_id.is_empty(), "node_id", "must not be empty")?;
         check(
@@ -725,6 +733,20 @@ mod tests {
             }
             _ => out.push(prefix.to_owned()),
         }
+    }
+
+    #[test]
+    fn the_old_log_json_switch_is_refused_naming_its_replacement() {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[log]\njson = true\n"))
+            .extract()
+            .expect("parses");
+        let err = config.validate().expect_err("log.json must be refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("log.json") && text.contains("telemetry.log_format"),
+            "{text}"
+        );
     }
 
     #[test]

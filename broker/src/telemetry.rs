@@ -12,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::Config;
 
-/// `log.json = true` and `telemetry.log_format = "json"` both mean JSON lines.
+/// Text lines, or JSON lines with `telemetry.log_format = "json"`; to stdout.
 pub fn init_logging(config: &Config) {
     let filter =
         EnvFilter::try_from_env("JETMQ_LOG").unwrap_or_else(|_| EnvFilter::new(&config.log.level));
@@ -22,7 +22,7 @@ pub fn init_logging(config: &Config) {
         .with_env_filter(filter)
         .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_target(false);
-    if config.log.json || config.telemetry.log_format == LogFormat::Json {
+    if config.telemetry.log_format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();
