@@ -339,6 +339,18 @@ class Devices:
             lines.append(f"QoS {qos} subscriber: {len(col.order)} received, repeats at positions {repeats[:10]}{when}")
         return "; ".join(lines)
 
+    def all_resumed_elsewhere(self, t_event: float, lost: str, what: str) -> dict[str, float]:
+        """Seconds from ``t_event`` to each client's first reconnect after it; asserts that every
+        client came back, with its session, on another address than ``lost``."""
+        out = {}
+        for c in self.clients:
+            r = self.resumed_after(t_event, c)
+            assert r is not None, f"{c.client_id} never came back after {what}"
+            at, present, host = r
+            assert present and host != lost, f"{c.client_id}: session present {present} on {host} after {what}"
+            out[c.client_id] = round(at - t_event, 2)
+        return out
+
     def resumed_after(self, t_event: float, client: Client) -> tuple[float, bool, str] | None:
         later = [r for r in self.resumes[client.client_id] if r[0] >= t_event]
         return later[0] if later else None
@@ -499,14 +511,7 @@ def test_broker_node_killed_under_load_loses_nothing_and_sessions_resume(stack, 
         t_kill = time.monotonic()
         stack.kill(victim)
         counts = devices.finish()
-        resumes = {}
-        for c in devices.clients:
-            r = devices.resumed_after(t_kill, c)
-            assert r is not None, f"{c.client_id} never came back after the kill"
-            at, present, host = r
-            assert present, f"{c.client_id}: session lost when {victim} died"
-            assert host != BROKERS[victim]
-            resumes[c.client_id] = round(at - t_kill, 2)
+        resumes = devices.all_resumed_elsewhere(t_kill, BROKERS[victim], f"{victim} was killed")
         wills = {}
         deadline = time.monotonic() + 30
         while len(wills) < 2 and time.monotonic() < deadline:
@@ -596,9 +601,7 @@ def test_graceful_stop_sends_clients_away_and_rolling_restart_loses_nothing(stac
         for c in devices.clients:
             harness.wait_until(lambda c=c: devices.resumed_after(t_stop, c) is not None, timeout=30,
                                what=f"{c.client_id} back after the stop")
-            _, present, host = devices.resumed_after(t_stop, c)
-            assert present and host != BROKERS[victim], f"{c.client_id}: session present {present} on {host}"
-        moved_s = max(devices.resumed_after(t_stop, c)[0] for c in devices.clients) - t_stop
+        moved_s = max(devices.all_resumed_elsewhere(t_stop, BROKERS[victim], f"{victim} stopped").values())
         stack.up(victim)
         stack.wait_healthy([victim])
         # Rolling restart under the same load: one broker after another, each healthy first.

@@ -35,6 +35,7 @@ HOSTS = {"node1": "172.30.54.11", "node2": "172.30.54.12", "node3": "172.30.54.1
 DNS_ADDRESS = "172.30.54.53"
 DNS_NAME = "mqtt.vps.test"
 USERNAME = "device-1"
+HOST_LOSS_RESUME_WITHIN_S = 30.0
 
 pytestmark = [
     pytest.mark.jetmq_only("runs jetmq's own compose/node.yml"),
@@ -194,16 +195,13 @@ def test_three_hosts_by_one_name_lose_one_host_and_devices_continue(hosts):
         t_lost = time.monotonic()
         hosts.lose(victim)
         counts = devices.finish()
-        resumed = {}
-        for c in devices.clients:
-            r = devices.resumed_after(t_lost, c)
-            assert r is not None, f"{c.client_id} never came back after {victim} was lost"
-            at, present, address = r
-            assert present and address != HOSTS[victim], f"{c.client_id}: session present {present} on {address}"
-            resumed[c.client_id] = round(at - t_lost, 2)
+        resumed = devices.all_resumed_elsewhere(t_lost, HOSTS[victim], f"{victim} was lost")
         print(f"host {victim} lost: sessions resumed on the other hosts after (s) {sorted(resumed.values())}; "
               f"counts {counts}")
-        slow = {k: v for k, v in resumed.items() if v > 10.0}
-        assert not slow, f"sessions resumed later than 10 s: {slow}"
+        # A host takes its NATS node along, which may lead the sessions bucket: resuming then
+        # waits out that bucket's election (architecture.md, "Elections: what a client
+        # sees"), a few seconds more than a broker kill alone (test_compose_stack.py: 10 s).
+        slow = {k: v for k, v in resumed.items() if v > HOST_LOSS_RESUME_WITHIN_S}
+        assert not slow, f"sessions resumed later than {HOST_LOSS_RESUME_WITHIN_S} s: {slow}"
     finally:
         tracker.close_all()
