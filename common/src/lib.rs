@@ -6,6 +6,8 @@ pub mod histogram;
 pub mod natsauth;
 pub mod natsconn;
 pub mod otel;
+pub mod retry;
+pub mod settings;
 pub mod shares;
 pub mod streams;
 pub mod subject;
