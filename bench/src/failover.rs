@@ -20,8 +20,12 @@
 //! asks of a client: unacknowledged PUBLISHes are resent with DUP, PUBREL is resent for
 //! messages that got PUBREC, and incoming QoS 2 packet ids stay "pending" from PUBREC until
 //! PUBREL, so a redelivered QoS 2 PUBLISH is answered but not delivered twice.
+//!
+//! This file holds the options, the run through the [`Runner`]'s phases, the kill and the
+//! report; `client.rs` holds the clients with their reconnect loop and session state.
 
-use std::collections::{HashSet, VecDeque};
+mod client;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,17 +33,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use jetmq_codec::{Packet, PubResp, Publish, QoS, ReasonCode};
+use jetmq_codec::QoS;
 use serde_json::json;
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
 
-use crate::client::{Conn, ReadOutcome};
-use crate::common::{secs, wait_until, Common, Deadline};
-use crate::payload::{self, Header};
-use crate::procmon::{Monitor, Watched};
-use crate::stats::{stamp, ErrorLog, Recorder, SeqTracker};
-use crate::topic;
+use crate::common::{secs, Common};
+use crate::payload;
+use crate::procmon::Watched;
+use crate::scenario::Runner;
+use crate::stats::{ErrorLog, Recorder, SeqTracker};
+use client::Client;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum QosMix {
@@ -133,14 +135,6 @@ impl FailoverArgs {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Setup,
-    Run,
-    Drain,
-    Close,
-}
-
 /// Counters bucketed by the second since the start of publishing.
 struct Timeline {
     received: Vec<AtomicU64>,
@@ -194,7 +188,6 @@ struct Shared {
     /// DNS-like rotation: every reconnect attempt takes the next address.
     rotation: AtomicUsize,
     connected: AtomicU64,
-    setup_done: AtomicU64,
     setup_failed: AtomicU64,
     sent: AtomicU64,
     acked: AtomicU64,
@@ -244,6 +237,59 @@ impl Shared {
         // Every address failed during this outage: start over.
         self.targets[self.rotation.fetch_add(1, Ordering::Relaxed) % n]
     }
+
+    fn new(targets: Vec<SocketAddr>, n: usize, timeline_secs: usize) -> Shared {
+        Shared {
+            targets,
+            stats: (0..n)
+                .map(|_| {
+                    Mutex::new(ClientStats {
+                        acked: SeqTracker::default(),
+                        received: SeqTracker::default(),
+                        dup_qos1: 0,
+                        dup_qos2: 0,
+                        foreign: 0,
+                        received_high: [None; 2],
+                        order_violations: [0; 2],
+                    })
+                })
+                .collect(),
+            timeline: Timeline::new(timeline_secs),
+            latency: Recorder::new(16),
+            outage: Recorder::new(16),
+            detection: Recorder::new(16),
+            resume_connect: Recorder::new(16),
+            errors: ErrorLog::default(),
+            rotation: AtomicUsize::new(0),
+            connected: AtomicU64::new(0),
+            setup_failed: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            unique_received: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            run_start_ns: AtomicU64::new(0),
+            kill_ns: AtomicU64::new(0),
+            dropped_after_kill: AtomicU64::new(0),
+            resumed_after_kill: AtomicU64::new(0),
+            session_lost_after_kill: AtomicU64::new(0),
+            last_resume_ns: AtomicU64::new(0),
+            reconnect_attempts: AtomicU64::new(0),
+            reconnect_failures: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            down_since_kill: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+}
+
+/// The state of the clients when publishing and draining are over, taken before they are
+/// told to close (which ends their reconnect loops too).
+struct AtEnd {
+    down: u64,
+    connected: u64,
+    /// Since the start of publishing: the timeline's length.
+    timeline: Duration,
 }
 
 pub async fn run(args: FailoverArgs, run_id: &str) -> Result<serde_json::Value> {
@@ -257,155 +303,123 @@ pub async fn run(args: FailoverArgs, run_id: &str) -> Result<serde_json::Value> 
     if args.rate <= 0.0 {
         bail!("--rate must be positive");
     }
-    let deadline = Deadline::after(args.hard_timeout());
-    let prefix = c
-        .client_prefix
-        .clone()
-        .unwrap_or_else(|| format!("jb-{run_id}"));
     let n = args.clients;
     let timeline_secs = (args.warmup + c.duration + args.drain + 30.0).ceil() as usize;
-    let shared = Arc::new(Shared {
-        targets: c.targets.clone(),
-        stats: (0..n)
-            .map(|_| {
-                Mutex::new(ClientStats {
-                    acked: SeqTracker::default(),
-                    received: SeqTracker::default(),
-                    dup_qos1: 0,
-                    dup_qos2: 0,
-                    foreign: 0,
-                    received_high: [None; 2],
-                    order_violations: [0; 2],
-                })
-            })
-            .collect(),
-        timeline: Timeline::new(timeline_secs),
-        latency: Recorder::new(16),
-        outage: Recorder::new(16),
-        detection: Recorder::new(16),
-        resume_connect: Recorder::new(16),
-        errors: ErrorLog::default(),
-        rotation: AtomicUsize::new(0),
-        connected: AtomicU64::new(0),
-        setup_done: AtomicU64::new(0),
-        setup_failed: AtomicU64::new(0),
-        sent: AtomicU64::new(0),
-        acked: AtomicU64::new(0),
-        rejected: AtomicU64::new(0),
-        unique_received: AtomicU64::new(0),
-        received: AtomicU64::new(0),
-        run_start_ns: AtomicU64::new(0),
-        kill_ns: AtomicU64::new(0),
-        dropped_after_kill: AtomicU64::new(0),
-        resumed_after_kill: AtomicU64::new(0),
-        session_lost_after_kill: AtomicU64::new(0),
-        last_resume_ns: AtomicU64::new(0),
-        reconnect_attempts: AtomicU64::new(0),
-        reconnect_failures: AtomicU64::new(0),
-        disconnects: AtomicU64::new(0),
-        down: AtomicU64::new(0),
-        down_since_kill: (0..n).map(|_| AtomicBool::new(false)).collect(),
-    });
-
-    let monitor = Monitor::start(c.watch.clone());
-    let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
-    let sem = Arc::new(Semaphore::new(c.connect_concurrency.max(1)));
-    let mut tasks = JoinSet::new();
-    let mut notes: Vec<String> = Vec::new();
+    let shared = Arc::new(Shared::new(c.targets.clone(), n, timeline_secs));
+    let mut runner = Runner::new(c, args.hard_timeout(), run_id);
+    let connector = runner.connector();
 
     let setup_start = Instant::now();
     for i in 0..n {
-        let client = Client::new(i, &args, &prefix, run_id, shared.clone(), phase_rx.clone());
-        let sem = sem.clone();
-        tasks.spawn(client.run(sem, deadline));
+        let phases = runner.phases();
+        let client = Client::new(i, &args, &runner.prefix, run_id, shared.clone(), phases);
+        runner.spawn(client.run(connector.clone(), runner.deadline));
     }
-    if !wait_until(deadline.0, || {
-        shared.setup_done.load(Ordering::Relaxed) >= n as u64
-    })
-    .await
-    {
-        notes.push("hard timeout while connecting".into());
-    }
+    runner.wait_set_up(n, "hard timeout while connecting").await;
     let setup_secs = setup_start.elapsed().as_secs_f64();
-    monitor.mark("connected");
+    runner.monitor.mark("connected");
 
-    let run_start = Instant::now();
-    shared
-        .run_start_ns
-        .store(payload::instant_ns(run_start), Ordering::Relaxed);
-    let _ = phase_tx.send(Phase::Run);
+    let run_start = runner.start_run(&shared.run_start_ns);
     let sampler = tokio::spawn(sample_connected(shared.clone(), args.progress));
 
     // Warm-up, then the kill.
-    tokio::time::sleep_until(deadline.cap(run_start + secs(args.warmup)).into()).await;
-    let mut killed = None;
-    if let Some(victim) = &args.kill {
-        monitor.mark("before_kill");
-        let kill_at = Instant::now();
-        // SAFETY: kill(2) with a pid and a signal number; no memory is involved.
-        let rc = unsafe { libc::kill(victim.pid as libc::pid_t, libc::SIGKILL) };
-        if rc == 0 {
-            shared
-                .kill_ns
-                .store(payload::instant_ns(kill_at), Ordering::Relaxed);
-            killed = Some(kill_at);
-        } else {
-            notes.push(format!(
-                "kill -9 {} ({}) failed: {}",
-                victim.pid,
-                victim.name,
-                std::io::Error::last_os_error()
-            ));
-        }
-    }
+    runner.sleep_until(run_start + secs(args.warmup)).await;
+    let killed = match &args.kill {
+        Some(victim) => kill(victim, &mut runner, &shared),
+        None => None,
+    };
     let kill_offset = killed.map(|k| k.duration_since(run_start).as_secs_f64());
-    tokio::time::sleep_until(deadline.cap(Instant::now() + secs(c.duration)).into()).await;
-    let _ = phase_tx.send(Phase::Drain);
-    let publish_secs = run_start.elapsed().as_secs_f64();
-    monitor.mark("published");
+    runner.sleep_until(Instant::now() + secs(c.duration)).await;
+    let publish_secs = runner.end_run(run_start);
 
     // Drain: every sent message acknowledged and delivered, or nothing moving for 5 s.
-    let drain_limit = deadline.cap(Instant::now() + secs(args.drain));
-    let mut last = (0u64, 0u64);
-    let mut last_change = Instant::now();
     let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let drained = wait_until(drain_limit, || {
-        let now = (ld(&shared.acked), ld(&shared.unique_received));
-        if now != last {
-            last = now;
-            last_change = Instant::now();
-        }
+    let moved = || (ld(&shared.acked), ld(&shared.unique_received));
+    let all_done = || {
         let sent = ld(&shared.sent);
-        (ld(&shared.acked) + ld(&shared.rejected) >= sent && ld(&shared.unique_received) >= sent)
-            || last_change.elapsed() > Duration::from_secs(5)
-    })
-    .await;
-    if !drained {
-        notes.push("drain time ran out".into());
-    }
-    monitor.mark("drained");
-    // Before Close, which ends the reconnect loops too.
-    let down_at_end = ld(&shared.down);
-    let timeline_end = run_start.elapsed();
-    let connected_at_end = ld(&shared.connected);
-    let _ = phase_tx.send(Phase::Close);
-    let close_limit = deadline.cap(Instant::now() + Duration::from_secs(15));
-    while !tasks.is_empty() {
-        match tokio::time::timeout_at(close_limit.into(), tasks.join_next()).await {
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(_) => {
-                notes.push(format!("{} clients did not close in time", tasks.len()));
-                tasks.abort_all();
-                break;
-            }
-        }
-    }
+        ld(&shared.acked) + ld(&shared.rejected) >= sent && ld(&shared.unique_received) >= sent
+    };
+    let quiet = Duration::from_secs(5);
+    runner.drain(secs(args.drain), quiet, moved, all_done).await;
+    let at_end = AtEnd {
+        down: ld(&shared.down),
+        timeline: run_start.elapsed(),
+        connected: ld(&shared.connected),
+    };
+    runner.close(Duration::from_secs(15), Some("clients")).await;
     sampler.abort();
-    if deadline.passed() {
-        notes.push("hard timeout".into());
-    }
+    runner.note_if_out_of_time();
 
+    let times = Times {
+        setup_secs,
+        publish_secs,
+        killed: killed.is_some(),
+        kill_offset,
+    };
+    let (ok, result) = report(&args, &shared, &times, &at_end);
+    let params = json!({
+        "clients": n,
+        "rate": args.rate,
+        "qos": format!("{:?}", args.qos),
+        "window": args.window,
+        "payload": args.payload,
+        "peer_offset": args.peer_offset,
+        "warmup": args.warmup,
+        "after_kill": c.duration,
+        "drain": args.drain,
+        "reconnect_delay": args.reconnect_delay,
+        "reconnect_jitter": args.reconnect_jitter,
+        "session_expiry": args.session_expiry,
+        "puback_delay_ms": args.puback_delay_ms,
+        "kill": args.kill.as_ref().map(|k| format!("{}={}", k.name, k.pid)),
+        "kill_target": args.kill_target.map(|t| t.to_string()),
+    });
+    Ok(runner.finish("failover", params, ok, result))
+}
+
+/// Kills `victim` with SIGKILL and records the moment in `shared.kill_ns`; returns it, or
+/// notes why the kill failed.
+fn kill(victim: &Watched, runner: &mut Runner, shared: &Shared) -> Option<Instant> {
+    runner.monitor.mark("before_kill");
+    let kill_at = Instant::now();
+    // SAFETY: kill(2) with a pid and a signal number; no memory is involved.
+    let rc = unsafe { libc::kill(victim.pid as libc::pid_t, libc::SIGKILL) };
+    if rc == 0 {
+        shared
+            .kill_ns
+            .store(payload::instant_ns(kill_at), Ordering::Relaxed);
+        Some(kill_at)
+    } else {
+        runner.notes.push(format!(
+            "kill -9 {} ({}) failed: {}",
+            victim.pid,
+            victim.name,
+            std::io::Error::last_os_error()
+        ));
+        None
+    }
+}
+
+/// How long set-up and publishing took, and when the kill was.
+struct Times {
+    setup_secs: f64,
+    publish_secs: f64,
+    /// The kill was done.
+    killed: bool,
+    /// Seconds from the start of publishing to the kill.
+    kill_offset: Option<f64>,
+}
+
+/// The run's verdict (apart from its notes) and its `result`: loss, duplicates and order
+/// from the per-message trackers, the failover from the kill counters, the timeline.
+fn report(
+    args: &FailoverArgs,
+    shared: &Shared,
+    times: &Times,
+    at_end: &AtEnd,
+) -> (bool, serde_json::Value) {
+    let n = args.clients;
+    let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
     // Loss and duplicates from the per-message trackers.
     let (mut lost, mut dup1, mut dup2, mut foreign, mut unacked_delivered) = (0, 0, 0, 0, 0);
     let mut lost_clients = 0u64;
@@ -443,7 +457,7 @@ pub async fn run(args: FailoverArgs, run_id: &str) -> Result<serde_json::Value> 
     let since_kill = |ns: u64| (ns > kill_ns && kill_ns > 0).then(|| (ns - kill_ns) as f64 / 1e9);
     let dropped = ld(&shared.dropped_after_kill);
     let resumed = ld(&shared.resumed_after_kill);
-    let all_back = down_at_end == 0 && connected_at_end == n as u64;
+    let all_back = at_end.down == 0 && at_end.connected == n as u64;
     let session_lost = ld(&shared.session_lost_after_kill);
     let last_resume_secs = since_kill(ld(&shared.last_resume_ns));
     // Only a number when every dropped client came back with its session.
@@ -452,96 +466,70 @@ pub async fn run(args: FailoverArgs, run_id: &str) -> Result<serde_json::Value> 
     } else {
         None
     };
-    let timeline = timeline_json(&shared, timeline_end);
+    let timeline = timeline_json(shared, at_end.timeline);
     let sent = ld(&shared.sent);
     let acked = ld(&shared.acked);
-    let ok = notes.is_empty()
-        && ld(&shared.setup_failed) == 0
+    let ok = ld(&shared.setup_failed) == 0
         && lost == 0
         && dup2 == 0
         && order_violations == [0, 0]
         && all_back
         && session_lost == 0
-        && (args.kill.is_none() || killed.is_some());
-    Ok(json!({
-        "scenario": "failover",
-        "params": {
-            "clients": n,
-            "rate": args.rate,
-            "qos": format!("{:?}", args.qos),
-            "window": args.window,
-            "payload": args.payload,
-            "peer_offset": args.peer_offset,
-            "warmup": args.warmup,
-            "after_kill": c.duration,
-            "drain": args.drain,
-            "reconnect_delay": args.reconnect_delay,
-            "reconnect_jitter": args.reconnect_jitter,
-            "session_expiry": args.session_expiry,
-            "puback_delay_ms": args.puback_delay_ms,
-            "kill": args.kill.as_ref().map(|k| format!("{}={}", k.name, k.pid)),
-            "kill_target": args.kill_target.map(|t| t.to_string()),
-            "mqtt": format!("{:?}", c.mqtt),
-            "targets": c.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+        && (args.kill.is_none() || times.killed);
+    let result = json!({
+        "connect": {
+            "ok": n as u64 - ld(&shared.setup_failed),
+            "failed": ld(&shared.setup_failed),
+            "secs": times.setup_secs,
         },
-        "ok": ok,
-        "notes": notes,
-        "result": {
-            "connect": {
-                "ok": n as u64 - ld(&shared.setup_failed),
-                "failed": ld(&shared.setup_failed),
-                "secs": setup_secs,
-            },
-            "kill": {
-                "done": killed.is_some(),
-                "at_secs": kill_offset,
-                "clients_dropped": dropped,
-                "resumed_session_present": resumed,
-                "resumed_session_absent": session_lost,
-                "all_connected_at_end": all_back,
-                "connected_at_end": connected_at_end,
-                // Kill until the last dropped client had CONNACK with session present; null
-                // unless every one of them did.
-                "resume_secs": resume_secs,
-                "last_resume_secs": last_resume_secs,
-                "outage_ms": shared.outage.summary(),
-                // The clients' part: kill until the dropped connection was noticed.
-                "detection_ms": shared.detection.summary(),
-                // The broker's part: TCP connect until CONNACK with session present.
-                "resume_connect_ms": shared.resume_connect.summary(),
-            },
-            "reconnects": {
-                "attempts": ld(&shared.reconnect_attempts),
-                "failed_attempts": ld(&shared.reconnect_failures),
-                "disconnects": ld(&shared.disconnects),
-            },
-            "publish": {
-                "sent": sent,
-                "acked": acked,
-                "rejected": ld(&shared.rejected),
-                "unacked_at_end": sent.saturating_sub(acked + ld(&shared.rejected)),
-                "secs": publish_secs,
-            },
-            "receive": {
-                "received": ld(&shared.received),
-                "unique": ld(&shared.unique_received),
-                "lost": lost,
-                "clients_with_loss": lost_clients,
-                "duplicates_qos1": dup1,
-                "duplicates_qos2": dup2,
-                "order_violations": order_violations[0] + order_violations[1],
-                "order_violations_qos1": order_violations[0],
-                "order_violations_qos2": order_violations[1],
-                "delivered_without_ack": unacked_delivered,
-                "foreign": foreign,
-                "latency_ms": shared.latency.summary(),
-            },
-            "timeline": timeline,
-            "errors": shared.errors.snapshot(),
+        "kill": {
+            "done": times.killed,
+            "at_secs": times.kill_offset,
+            "clients_dropped": dropped,
+            "resumed_session_present": resumed,
+            "resumed_session_absent": session_lost,
+            "all_connected_at_end": all_back,
+            "connected_at_end": at_end.connected,
+            // Kill until the last dropped client had CONNACK with session present; null
+            // unless every one of them did.
+            "resume_secs": resume_secs,
+            "last_resume_secs": last_resume_secs,
+            "outage_ms": shared.outage.summary(),
+            // The clients' part: kill until the dropped connection was noticed.
+            "detection_ms": shared.detection.summary(),
+            // The broker's part: TCP connect until CONNACK with session present.
+            "resume_connect_ms": shared.resume_connect.summary(),
         },
-        "processes": monitor.report(),
-        "kernel_tcp": monitor.tcp(),
-    }))
+        "reconnects": {
+            "attempts": ld(&shared.reconnect_attempts),
+            "failed_attempts": ld(&shared.reconnect_failures),
+            "disconnects": ld(&shared.disconnects),
+        },
+        "publish": {
+            "sent": sent,
+            "acked": acked,
+            "rejected": ld(&shared.rejected),
+            "unacked_at_end": sent.saturating_sub(acked + ld(&shared.rejected)),
+            "secs": times.publish_secs,
+        },
+        "receive": {
+            "received": ld(&shared.received),
+            "unique": ld(&shared.unique_received),
+            "lost": lost,
+            "clients_with_loss": lost_clients,
+            "duplicates_qos1": dup1,
+            "duplicates_qos2": dup2,
+            "order_violations": order_violations[0] + order_violations[1],
+            "order_violations_qos1": order_violations[0],
+            "order_violations_qos2": order_violations[1],
+            "delivered_without_ack": unacked_delivered,
+            "foreign": foreign,
+            "latency_ms": shared.latency.summary(),
+        },
+        "timeline": timeline,
+        "errors": shared.errors.snapshot(),
+    });
+    (ok, result)
 }
 
 /// Samples the connected gauge ten times a second into the timeline's min/max.
@@ -597,524 +585,6 @@ fn timeline_json(shared: &Shared, end: Duration) -> serde_json::Value {
     json!(rows)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    /// PUBLISH sent, waiting for PUBACK / PUBREC.
-    Sent,
-    /// PUBREC received, PUBREL sent, waiting for PUBCOMP.
-    Released,
-}
-
-struct Inflight {
-    seq: u64,
-    packet_id: u16,
-    qos: QoS,
-    sent_ns: u64,
-    stage: Stage,
-}
-
-struct Client {
-    idx: usize,
-    shared: Arc<Shared>,
-    phase: watch::Receiver<Phase>,
-    opts: crate::client::ConnOpts,
-    filter: String,
-    pub_topic: String,
-    qos: QosMix,
-    rate: f64,
-    window: usize,
-    payload: usize,
-    seq: u64,
-    next_due: Option<Instant>,
-    inflight: VecDeque<Inflight>,
-    /// Incoming QoS 2 packet ids between PUBREC and PUBREL (the client's session state).
-    qos2_pending: HashSet<u16>,
-    expected_publisher: u32,
-    subscribed: bool,
-    reconnect_delay: Duration,
-    reconnect_jitter: f64,
-    keepalive: Duration,
-    puback_delay: Duration,
-    /// PUBACKs held back by --puback-delay-ms: when they are due, and for which packet id.
-    delayed_acks: VecDeque<(Instant, u16)>,
-}
-
-enum Event {
-    Readable(std::io::Result<()>),
-    Writable(std::io::Result<()>),
-    Phase(bool),
-    Wake,
-}
-
-impl Client {
-    fn new(
-        idx: usize,
-        args: &FailoverArgs,
-        prefix: &str,
-        run_id: &str,
-        shared: Arc<Shared>,
-        phase: watch::Receiver<Phase>,
-    ) -> Client {
-        let c = &args.common;
-        let n = args.clients;
-        let mut opts = c.conn_opts(idx, format!("{prefix}-f{idx}"), false);
-        opts.session_expiry = Some(args.session_expiry);
-        let peer = (idx + args.peer_offset) % n;
-        // The client publishing to this one's topic.
-        let publisher = (idx + n - args.peer_offset % n) % n;
-        Client {
-            idx,
-            shared,
-            phase,
-            opts,
-            filter: topic::expand(&args.topic, idx, 1, run_id),
-            pub_topic: topic::expand(&args.topic, peer, 1, run_id),
-            qos: args.qos,
-            rate: args.rate,
-            window: usize::from(args.window.max(1)),
-            payload: args.payload,
-            seq: 0,
-            next_due: None,
-            inflight: VecDeque::new(),
-            qos2_pending: HashSet::new(),
-            expected_publisher: publisher as u32,
-            subscribed: false,
-            reconnect_delay: secs(args.reconnect_delay),
-            reconnect_jitter: args.reconnect_jitter.max(0.0),
-            keepalive: Duration::from_secs(u64::from(c.keepalive)),
-            puback_delay: Duration::from_millis(args.puback_delay_ms),
-            delayed_acks: VecDeque::new(),
-        }
-    }
-
-    fn phase(&self) -> Phase {
-        *self.phase.borrow()
-    }
-
-    async fn run(mut self, sem: Arc<Semaphore>, deadline: Deadline) {
-        // First connection: to this client's own node (clients spread evenly), retried like
-        // any other connection but counted as a set-up failure if it never succeeds.
-        let first = {
-            let _permit = sem.acquire().await;
-            self.connect(true).await
-        };
-        self.shared.setup_done.fetch_add(1, Ordering::Relaxed);
-        let mut conn = match first {
-            Ok(conn) => conn,
-            Err(e) => {
-                self.shared.setup_failed.fetch_add(1, Ordering::Relaxed);
-                self.shared.errors.add(format!("setup: {e:#}"));
-                return;
-            }
-        };
-        let mut avoid: Vec<SocketAddr> = Vec::new();
-        loop {
-            self.shared.connected.fetch_add(1, Ordering::Relaxed);
-            let r = self.drive(&mut conn).await;
-            self.shared.connected.fetch_sub(1, Ordering::Relaxed);
-            match r {
-                Ok(()) => {
-                    conn.disconnect().await;
-                    return;
-                }
-                Err(e) => {
-                    if self.phase() == Phase::Close {
-                        return;
-                    }
-                    self.shared.disconnects.fetch_add(1, Ordering::Relaxed);
-                    self.shared.errors.add(format!("connection lost: {e:#}"));
-                }
-            }
-            // Lost: wait, then try the other addresses until one takes us.
-            let down_at = Instant::now();
-            let down_ns = payload::instant_ns(down_at);
-            self.shared.down.fetch_add(1, Ordering::Relaxed);
-            let after_kill = {
-                let k = self.shared.kill_ns.load(Ordering::Relaxed);
-                k > 0 && down_ns >= k
-            };
-            if after_kill && !self.shared.down_since_kill[self.idx].swap(true, Ordering::Relaxed) {
-                self.shared
-                    .dropped_after_kill
-                    .fetch_add(1, Ordering::Relaxed);
-                let k = self.shared.kill_ns.load(Ordering::Relaxed);
-                self.shared
-                    .detection
-                    .record_ns(self.idx, down_ns.saturating_sub(k));
-            }
-            avoid.clear();
-            avoid.push(self.opts.target);
-            let reconnected = loop {
-                if self.phase() == Phase::Close || deadline.passed() {
-                    break None;
-                }
-                let jitter = self.reconnect_jitter * fraction(self.idx, self.seq);
-                tokio::time::sleep_until(
-                    deadline
-                        .cap(Instant::now() + self.reconnect_delay + secs(jitter))
-                        .into(),
-                )
-                .await;
-                self.opts.target = self.shared.next_target(&avoid);
-                self.shared
-                    .reconnect_attempts
-                    .fetch_add(1, Ordering::Relaxed);
-                match self.connect(false).await {
-                    Ok(c) => break Some(c),
-                    Err(e) => {
-                        self.shared
-                            .reconnect_failures
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.shared.errors.add(format!("reconnect: {e:#}"));
-                        avoid.push(self.opts.target);
-                    }
-                }
-            };
-            self.shared.down.fetch_sub(1, Ordering::Relaxed);
-            match reconnected {
-                Some(c) => {
-                    conn = c;
-                    self.shared
-                        .outage
-                        .record_ns(self.idx, down_at.elapsed().as_nanos() as u64);
-                }
-                None => return,
-            }
-        }
-    }
-
-    /// TCP connect, CONNECT, CONNACK; subscribes when there is no session (first time, or a
-    /// session the broker lost), and resends what was in flight.
-    async fn connect(&mut self, first: bool) -> Result<Conn> {
-        let opened_at = Instant::now();
-        let (mut conn, ack) = Conn::open(&self.opts).await?;
-        let open_ns = opened_at.elapsed().as_nanos() as u64;
-        // Held PUBACKs belonged to the old connection; the broker sends those messages again.
-        self.delayed_acks.clear();
-        let now = payload::now_ns();
-        self.shared.bump(&self.shared.timeline.connacks, now, 1);
-        if let Some(rm) = ack.properties.receive_maximum {
-            self.window = self.window.min(usize::from(rm.max(1)));
-        }
-        if !first {
-            let k = self.shared.kill_ns.load(Ordering::Relaxed);
-            if self.shared.down_since_kill[self.idx].load(Ordering::Relaxed) && k > 0 {
-                if ack.session_present {
-                    self.shared
-                        .resumed_after_kill
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.shared.resume_connect.record_ns(self.idx, open_ns);
-                    stamp(&self.shared.last_resume_ns, now);
-                } else {
-                    self.shared
-                        .session_lost_after_kill
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                self.shared.down_since_kill[self.idx].store(false, Ordering::Relaxed);
-            }
-            if !ack.session_present {
-                self.shared
-                    .errors
-                    .add("CONNACK without session present on reconnect");
-                self.subscribed = false;
-            }
-        }
-        if !self.subscribed {
-            let filter = self.filter.clone();
-            let timeout = self.opts.timeout;
-            let reasons = conn
-                .subscribe(
-                    1,
-                    std::slice::from_ref(&filter),
-                    QoS::ExactlyOnce,
-                    timeout,
-                    |conn, packet| self.handle(conn, packet),
-                )
-                .await?;
-            match reasons.first() {
-                Some(r) if !r.is_error() => self.subscribed = true,
-                Some(r) => bail!("SUBACK refused: 0x{:02x}", r.0),
-                None => bail!("SUBACK without reason codes"),
-            }
-        }
-        // The client's half of session resumption: resend in order.
-        for f in &self.inflight {
-            match f.stage {
-                Stage::Sent => conn.queue(&Packet::Publish(self.publish_packet(
-                    f.seq,
-                    f.sent_ns,
-                    f.qos,
-                    f.packet_id,
-                    true,
-                )))?,
-                Stage::Released => conn.queue(&Packet::PubRel(PubResp::new(
-                    f.packet_id,
-                    ReasonCode::SUCCESS,
-                )))?,
-            }
-        }
-        Ok(conn)
-    }
-
-    fn publish_packet(
-        &self,
-        seq: u64,
-        sent_ns: u64,
-        qos: QoS,
-        packet_id: u16,
-        dup: bool,
-    ) -> Publish {
-        Publish {
-            dup,
-            qos,
-            retain: false,
-            topic: self.pub_topic.clone(),
-            packet_id,
-            properties: Default::default(),
-            payload: payload::encode(
-                Header {
-                    publisher: self.idx as u32,
-                    seq,
-                    sent_ns,
-                },
-                self.payload,
-            ),
-        }
-    }
-
-    /// The connection's loop. Ok: close cleanly (phase Close); Err: the connection is lost.
-    async fn drive(&mut self, conn: &mut Conn) -> Result<()> {
-        loop {
-            let phase = self.phase();
-            if phase == Phase::Close {
-                return Ok(());
-            }
-            let now = Instant::now();
-            let mut wake: Option<Instant> = None;
-            while let Some(&(due, id)) = self.delayed_acks.front() {
-                if due > now {
-                    wake = Some(due);
-                    break;
-                }
-                conn.queue(&Packet::PubAck(PubResp::new(id, ReasonCode::SUCCESS)))?;
-                self.delayed_acks.pop_front();
-            }
-            if phase == Phase::Run && self.inflight.len() < self.window {
-                let period = Duration::from_secs_f64(1.0 / self.rate);
-                let due = *self.next_due.get_or_insert_with(|| {
-                    // Spread the clients' schedules over one period.
-                    now + period.mul_f64(fraction(self.idx, 0))
-                });
-                if due <= now {
-                    self.publish_next(conn)?;
-                    // Slots missed while disconnected or blocked are skipped, not caught up.
-                    let next = due + period;
-                    self.next_due = Some(if next + period < now { now } else { next });
-                }
-                wake = match (wake, self.next_due) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-            }
-            if !self.keepalive.is_zero() {
-                let ping_at = conn.last_write + self.keepalive * 3 / 4;
-                if now >= ping_at {
-                    conn.queue(&Packet::PingReq)?;
-                } else {
-                    wake = Some(wake.map_or(ping_at, |w| w.min(ping_at)));
-                }
-            }
-            conn.try_flush()?;
-            let want_write = !conn.wbuf.is_empty();
-            let sleep_to = wake.unwrap_or(now + Duration::from_secs(3600));
-            let event = tokio::select! {
-                r = conn.readable() => Event::Readable(r),
-                r = conn.writable(), if want_write => Event::Writable(r),
-                r = self.phase.changed() => Event::Phase(r.is_ok()),
-                _ = tokio::time::sleep_until(sleep_to.into()) => Event::Wake,
-            };
-            match event {
-                Event::Readable(r) => {
-                    r?;
-                    match conn.try_fill()? {
-                        ReadOutcome::Eof => bail!("closed by broker"),
-                        ReadOutcome::WouldBlock => {}
-                        ReadOutcome::Data => {
-                            while let Some(packet) = conn.next_packet()? {
-                                self.handle(conn, packet)?;
-                            }
-                        }
-                    }
-                }
-                Event::Writable(r) => r?,
-                Event::Phase(true) | Event::Wake => {}
-                Event::Phase(false) => return Ok(()),
-            }
-        }
-    }
-
-    fn publish_next(&mut self, conn: &mut Conn) -> Result<()> {
-        let seq = self.seq;
-        let qos = self.qos.for_seq(seq);
-        let packet_id = (seq % 65535) as u16 + 1;
-        let sent_ns = payload::now_ns();
-        conn.queue(&Packet::Publish(
-            self.publish_packet(seq, sent_ns, qos, packet_id, false),
-        ))?;
-        self.inflight.push_back(Inflight {
-            seq,
-            packet_id,
-            qos,
-            sent_ns,
-            stage: Stage::Sent,
-        });
-        self.seq += 1;
-        self.shared.sent.fetch_add(1, Ordering::Relaxed);
-        self.shared.bump(&self.shared.timeline.sent, sent_ns, 1);
-        Ok(())
-    }
-
-    fn handle(&mut self, conn: &mut Conn, packet: Packet) -> Result<()> {
-        match packet {
-            Packet::Publish(p) => self.on_publish(conn, p)?,
-            Packet::PubRel(r) => {
-                self.qos2_pending.remove(&r.packet_id);
-                conn.queue(&Packet::PubComp(PubResp::new(
-                    r.packet_id,
-                    ReasonCode::SUCCESS,
-                )))?;
-            }
-            Packet::PubAck(r) => self.on_ack(conn, r, QoS::AtLeastOnce, false)?,
-            Packet::PubRec(r) => self.on_ack(conn, r, QoS::ExactlyOnce, false)?,
-            Packet::PubComp(r) => self.on_ack(conn, r, QoS::ExactlyOnce, true)?,
-            Packet::PingResp | Packet::SubAck(_) | Packet::UnsubAck(_) => {}
-            Packet::Disconnect(d) => bail!("DISCONNECT from broker: 0x{:02x}", d.reason.0),
-            other => bail!("unexpected {} from broker", other.name()),
-        }
-        Ok(())
-    }
-
-    fn on_publish(&mut self, conn: &mut Conn, p: Publish) -> Result<()> {
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce if !self.puback_delay.is_zero() => {
-                let due = Instant::now() + self.puback_delay;
-                self.delayed_acks.push_back((due, p.packet_id));
-            }
-            QoS::AtLeastOnce => conn.queue(&Packet::PubAck(PubResp::new(
-                p.packet_id,
-                ReasonCode::SUCCESS,
-            )))?,
-            QoS::ExactlyOnce => {
-                conn.queue(&Packet::PubRec(PubResp::new(
-                    p.packet_id,
-                    ReasonCode::SUCCESS,
-                )))?;
-                if !self.qos2_pending.insert(p.packet_id) {
-                    // A retransmission of a message this client already has (before PUBREL).
-                    return Ok(());
-                }
-            }
-        }
-        let now = payload::now_ns();
-        let shared = &self.shared;
-        shared.received.fetch_add(1, Ordering::Relaxed);
-        shared.bump(&shared.timeline.received, now, 1);
-        let Ok(mut st) = shared.stats[self.idx].lock() else {
-            return Ok(());
-        };
-        let Some(h) = payload::decode(&p.payload) else {
-            st.foreign += 1;
-            return Ok(());
-        };
-        if h.publisher != self.expected_publisher {
-            st.foreign += 1;
-            return Ok(());
-        }
-        shared
-            .latency
-            .record_ns(self.idx, now.saturating_sub(h.sent_ns));
-        if st.received.record(h.seq) {
-            shared.unique_received.fetch_add(1, Ordering::Relaxed);
-            // MQTT keeps order per topic and QoS: each QoS has its own high-water mark.
-            let q = usize::from(p.qos == QoS::ExactlyOnce);
-            match st.received_high[q] {
-                Some(high) if h.seq < high => st.order_violations[q] += 1,
-                _ => st.received_high[q] = Some(h.seq),
-            }
-        } else if p.qos == QoS::ExactlyOnce {
-            st.dup_qos2 += 1;
-        } else {
-            st.dup_qos1 += 1;
-        }
-        Ok(())
-    }
-
-    fn on_ack(&mut self, conn: &mut Conn, r: PubResp, qos: QoS, comp: bool) -> Result<()> {
-        let Some(pos) = self
-            .inflight
-            .iter()
-            .position(|f| f.packet_id == r.packet_id && f.qos == qos)
-        else {
-            // A late answer to a message already finished on an earlier connection.
-            self.shared
-                .errors
-                .add("acknowledgement for unknown packet id");
-            return Ok(());
-        };
-        let entry = &mut self.inflight[pos];
-        let done = match (qos, comp, entry.stage) {
-            (QoS::AtLeastOnce, _, _) => true,
-            (_, false, Stage::Sent) if r.reason.is_error() => true,
-            (_, false, _) => {
-                entry.stage = Stage::Released;
-                conn.queue(&Packet::PubRel(PubResp::new(
-                    r.packet_id,
-                    ReasonCode::SUCCESS,
-                )))?;
-                false
-            }
-            (_, true, Stage::Released) => true,
-            (_, true, Stage::Sent) => {
-                self.shared.errors.add("PUBCOMP before PUBREC");
-                return Ok(());
-            }
-        };
-        if !done {
-            return Ok(());
-        }
-        let Some(entry) = self.inflight.remove(pos) else {
-            return Ok(());
-        };
-        // PUBCOMP carries no verdict on the message (it was taken at PUBREC); a PUBACK or
-        // PUBREC with an error reason is a refusal.
-        if r.reason.is_error() && !comp {
-            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
-            self.shared
-                .errors
-                .add(format!("publish refused: 0x{:02x}", r.reason.0));
-            return Ok(());
-        }
-        if r.reason.is_error() {
-            self.shared
-                .errors
-                .add(format!("PUBCOMP with reason 0x{:02x}", r.reason.0));
-        }
-        let now = payload::now_ns();
-        self.shared.acked.fetch_add(1, Ordering::Relaxed);
-        self.shared.bump(&self.shared.timeline.acked, now, 1);
-        if let Ok(mut st) = self.shared.stats[self.idx].lock() {
-            st.acked.record(entry.seq);
-        }
-        Ok(())
-    }
-}
-
-/// A deterministic number in [0, 1) from a client index and a counter (golden-ratio spread).
-fn fraction(idx: usize, k: u64) -> f64 {
-    ((idx as f64 + k as f64 * 0.754_877_666) * 0.618_033_988_75).fract()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1124,13 +594,5 @@ mod tests {
         assert_eq!(QosMix::Mix.for_seq(0), QoS::AtLeastOnce);
         assert_eq!(QosMix::Mix.for_seq(1), QoS::ExactlyOnce);
         assert_eq!(QosMix::Two.for_seq(0), QoS::ExactlyOnce);
-    }
-
-    #[test]
-    fn fraction_in_unit_interval() {
-        for i in 0..1000 {
-            let f = fraction(i, i as u64 * 7);
-            assert!((0.0..1.0).contains(&f), "{f}");
-        }
     }
 }

@@ -8,6 +8,9 @@
 //!
 //! Every run is bounded by `--duration` and a hard `--timeout`; the result is one JSON
 //! document (stdout or `--json FILE`), a one-line summary goes to stderr.
+//!
+//! The phases `pubsub`, `reconnect` and `failover` share (connect the clients, measure,
+//! drain, close, report) are run by [`scenario::Runner`].
 
 mod client;
 mod common;
@@ -17,6 +20,7 @@ mod payload;
 mod procmon;
 mod pubsub;
 mod reconnect;
+mod scenario;
 mod stats;
 mod topic;
 

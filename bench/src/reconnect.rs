@@ -11,11 +11,10 @@ use clap::Args;
 use jetmq_codec::{Packet, PubResp, Publish, QoS, ReasonCode};
 use serde_json::json;
 use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
 
 use crate::client::{Conn, ConnOpts};
-use crate::common::{secs, wait_until, Common, Deadline};
-use crate::procmon::Monitor;
+use crate::common::{secs, Common, Deadline};
+use crate::scenario::Runner;
 use crate::stats::{stamp, ErrorLog, Recorder};
 use crate::topic;
 
@@ -51,33 +50,23 @@ fn opts(c: &Common, i: usize, prefix: &str, expiry: u32) -> ConnOpts {
 
 pub async fn run(args: ReconnectArgs, run_id: &str) -> Result<serde_json::Value> {
     let c = &args.common;
-    let deadline = Deadline::after(c.hard_timeout());
-    let prefix = c
-        .client_prefix
-        .clone()
-        .unwrap_or_else(|| format!("jb-{run_id}"));
-    let monitor = Monitor::start(c.watch.clone());
+    let mut runner = Runner::new(c, c.hard_timeout(), run_id);
     let errors = Arc::new(ErrorLog::default());
     let n = args.sessions;
-    let mut notes: Vec<String> = Vec::new();
 
     // 1. Create the sessions.
     let t0 = Instant::now();
     let created = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicU64::new(0));
     let (go_tx, go_rx) = watch::channel(false);
-    let sem = Arc::new(Semaphore::new(c.connect_concurrency.max(1)));
-    let mut tasks = JoinSet::new();
+    let connector = runner.connector();
     for i in 0..n {
-        let o = opts(c, i, &prefix, args.session_expiry);
+        let o = opts(c, i, &runner.prefix, args.session_expiry);
         let filter = topic::expand(&args.topic, i, 1, run_id);
-        let (created, done, errors, sem) =
-            (created.clone(), done.clone(), errors.clone(), sem.clone());
+        let (created, errors, connector) = (created.clone(), errors.clone(), connector.clone());
         let mut go = go_rx.clone();
         let timeout = c.connect_timeout();
-        tasks.spawn(async move {
+        runner.spawn(async move {
             let setup = async {
-                let _permit = sem.acquire().await;
                 let (mut conn, _) = Conn::open(&o).await?;
                 let reasons = conn
                     .subscribe(1, &[filter], QoS::AtLeastOnce, timeout, |_, _| Ok(()))
@@ -87,9 +76,7 @@ pub async fn run(args: ReconnectArgs, run_id: &str) -> Result<serde_json::Value>
                 }
                 anyhow::Ok(conn)
             };
-            let r = setup.await;
-            done.fetch_add(1, Ordering::Relaxed);
-            match r {
+            match connector.set_up(setup).await {
                 Ok(conn) => {
                     created.fetch_add(1, Ordering::Relaxed);
                     // Everyone disconnects together once all are subscribed.
@@ -100,149 +87,65 @@ pub async fn run(args: ReconnectArgs, run_id: &str) -> Result<serde_json::Value>
             }
         });
     }
-    if !wait_until(deadline.0, || done.load(Ordering::Relaxed) >= n as u64).await {
-        notes.push("hard timeout while creating sessions".into());
-    }
+    runner
+        .wait_set_up(n, "hard timeout while creating sessions")
+        .await;
     let create_secs = t0.elapsed().as_secs_f64();
-    monitor.mark("sessions_online");
+    runner.monitor.mark("sessions_online");
     let _ = go_tx.send(true);
-    while tasks.join_next().await.is_some() {}
-    monitor.mark("sessions_offline");
+    runner.join().await;
+    runner.monitor.mark("sessions_offline");
 
     // 2. Optionally queue messages for the offline sessions.
     let mut offline_published = 0u64;
-    if args.offline_messages > 0 && !deadline.passed() {
-        match publish_offline(&args, &prefix, run_id, deadline).await {
+    if args.offline_messages > 0 && !runner.deadline.passed() {
+        match publish_offline(&args, &runner.prefix, run_id, runner.deadline).await {
             Ok(k) => offline_published = k,
-            Err(e) => notes.push(format!("offline publish failed: {e:#}")),
+            Err(e) => runner.notes.push(format!("offline publish failed: {e:#}")),
         }
     }
-    tokio::time::sleep_until(deadline.cap(Instant::now() + secs(args.pause)).into()).await;
+    runner.sleep_until(Instant::now() + secs(args.pause)).await;
 
     // 3. The storm.
-    let connack = Arc::new(Recorder::new(16));
-    let delivery = Arc::new(Recorder::new(16));
-    let present = Arc::new(AtomicU64::new(0));
-    let absent = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let finished = Arc::new(AtomicU64::new(0));
-    let all_delivered = Arc::new(AtomicU64::new(0));
-    let delivered_msgs = Arc::new(AtomicU64::new(0));
-    let last_connack_ns = Arc::new(AtomicU64::new(0));
-    let last_delivery_ns = Arc::new(AtomicU64::new(0));
+    let storm = Arc::new(Storm {
+        connack: Recorder::new(16),
+        delivery: Recorder::new(16),
+        present: AtomicU64::new(0),
+        absent: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        finished: AtomicU64::new(0),
+        all_delivered: AtomicU64::new(0),
+        delivered_msgs: AtomicU64::new(0),
+        last_connack_ns: AtomicU64::new(0),
+        last_delivery_ns: AtomicU64::new(0),
+        errors: errors.clone(),
+        permits: Semaphore::new(if args.storm_concurrency == 0 {
+            n.max(1)
+        } else {
+            args.storm_concurrency
+        }),
+        want_msgs: u64::from(args.offline_messages),
+        deliver_limit: c.connect_timeout(),
+    });
     let (close_tx, close_rx) = watch::channel(false);
     let (start_tx, start_rx) = watch::channel(false);
-    let storm_sem = Arc::new(Semaphore::new(if args.storm_concurrency == 0 {
-        n.max(1)
-    } else {
-        args.storm_concurrency
-    }));
-    let want_msgs = u64::from(args.offline_messages);
     for i in 0..n {
-        let o = opts(c, i, &prefix, args.session_expiry);
-        let (connack, delivery, present, absent, failed, finished, all_delivered, delivered_msgs) = (
-            connack.clone(),
-            delivery.clone(),
-            present.clone(),
-            absent.clone(),
-            failed.clone(),
-            finished.clone(),
-            all_delivered.clone(),
-            delivered_msgs.clone(),
-        );
-        let (last_connack_ns, last_delivery_ns, errors, sem) = (
-            last_connack_ns.clone(),
-            last_delivery_ns.clone(),
-            errors.clone(),
-            storm_sem.clone(),
-        );
-        let mut close = close_rx.clone();
-        let mut start = start_rx.clone();
-        let deliver_limit = c.connect_timeout();
-        tasks.spawn(async move {
-            let _ = start.wait_for(|v| *v).await;
-            let t = Instant::now();
-            let opened = {
-                let _permit = sem.acquire().await;
-                Conn::open(&o).await
-            };
-            let (mut conn, ack) = match opened {
-                Ok(x) => x,
-                Err(e) => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    finished.fetch_add(1, Ordering::Relaxed);
-                    errors.add(format!("storm: {e:#}"));
-                    return;
-                }
-            };
-            let took = t.elapsed();
-            connack.record_ns(i, took.as_nanos() as u64);
-            stamp(&last_connack_ns, crate::payload::now_ns());
-            if ack.session_present {
-                present.fetch_add(1, Ordering::Relaxed);
-            } else {
-                absent.fetch_add(1, Ordering::Relaxed);
-            }
-            // Queued messages.
-            let mut got = 0u64;
-            if want_msgs > 0 {
-                let r = tokio::time::timeout(deliver_limit, async {
-                    while got < want_msgs {
-                        match conn.recv().await? {
-                            Some(Packet::Publish(p)) => {
-                                if p.qos == QoS::AtLeastOnce {
-                                    conn.queue(&Packet::PubAck(PubResp::new(
-                                        p.packet_id,
-                                        ReasonCode::SUCCESS,
-                                    )))?;
-                                    conn.flush().await?;
-                                }
-                                got += 1;
-                            }
-                            Some(_) => {}
-                            None => bail!("closed while waiting for queued messages"),
-                        }
-                    }
-                    anyhow::Ok(())
-                })
-                .await;
-                delivered_msgs.fetch_add(got, Ordering::Relaxed);
-                match r {
-                    Ok(Ok(())) => {
-                        all_delivered.fetch_add(1, Ordering::Relaxed);
-                        delivery.record_ns(i, t.elapsed().as_nanos() as u64);
-                        stamp(&last_delivery_ns, crate::payload::now_ns());
-                    }
-                    Ok(Err(e)) => errors.add(format!("queued messages: {e:#}")),
-                    Err(_) => errors.add("queued messages: not all delivered in time"),
-                }
-            }
-            finished.fetch_add(1, Ordering::Relaxed);
-            let _ = crate::idle::hold(&mut conn, &mut close, o.keepalive).await;
-            conn.disconnect().await;
-        });
+        let o = opts(c, i, &runner.prefix, args.session_expiry);
+        let (start, close) = (start_rx.clone(), close_rx.clone());
+        runner.spawn(reconnect_one(i, o, storm.clone(), start, close));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let storm_start = Instant::now();
     let storm_start_ns = crate::payload::instant_ns(storm_start);
     let _ = start_tx.send(true);
-    if !wait_until(deadline.0, || finished.load(Ordering::Relaxed) >= n as u64).await {
-        notes.push("hard timeout during the storm".into());
-    }
+    let note = "hard timeout during the storm";
+    runner
+        .wait_for(note, || storm.finished.load(Ordering::Relaxed) >= n as u64)
+        .await;
     let storm_all_secs = storm_start.elapsed().as_secs_f64();
-    monitor.mark("reconnected");
+    runner.monitor.mark("reconnected");
     let _ = close_tx.send(true);
-    let close_limit = deadline.cap(Instant::now() + Duration::from_secs(15));
-    while !tasks.is_empty() {
-        match tokio::time::timeout_at(close_limit.into(), tasks.join_next()).await {
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(_) => {
-                tasks.abort_all();
-                break;
-            }
-        }
-    }
+    runner.close(Duration::from_secs(15), None).await;
     let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let since = |ns: u64| {
         if ns > storm_start_ns {
@@ -252,44 +155,130 @@ pub async fn run(args: ReconnectArgs, run_id: &str) -> Result<serde_json::Value>
         }
     };
     let created = ld(&created);
-    let ok = created == n as u64 && ld(&present) == n as u64 && ld(&failed) == 0;
-    Ok(json!({
-        "scenario": "reconnect",
-        "params": {
-            "sessions": n,
-            "offline_messages": args.offline_messages,
-            "pause": args.pause,
-            "storm_concurrency": args.storm_concurrency,
-            "mqtt": format!("{:?}", c.mqtt),
-            "targets": c.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+    let s = &storm;
+    let ok = created == n as u64 && ld(&s.present) == n as u64 && ld(&s.failed) == 0;
+    let params = json!({
+        "sessions": n,
+        "offline_messages": args.offline_messages,
+        "pause": args.pause,
+        "storm_concurrency": args.storm_concurrency,
+    });
+    let result = json!({
+        "create": {"ok": created, "failed": n as u64 - created.min(n as u64), "secs": create_secs},
+        "storm": {
+            "connack_ok": ld(&s.present) + ld(&s.absent),
+            "session_present": ld(&s.present),
+            "session_absent": ld(&s.absent),
+            "failed": ld(&s.failed),
+            // Time from the storm's start until the last CONNACK.
+            "secs": since(ld(&s.last_connack_ns)),
+            "all_done_secs": storm_all_secs,
+            "connack_ms": s.connack.summary(),
         },
-        "ok": ok && notes.is_empty(),
-        "notes": notes,
-        "result": {
-            "create": {"ok": created, "failed": n as u64 - created.min(n as u64), "secs": create_secs},
-            "storm": {
-                "connack_ok": ld(&present) + ld(&absent),
-                "session_present": ld(&present),
-                "session_absent": ld(&absent),
-                "failed": ld(&failed),
-                // Time from the storm's start until the last CONNACK.
-                "secs": since(ld(&last_connack_ns)),
-                "all_done_secs": storm_all_secs,
-                "connack_ms": connack.summary(),
-            },
-            "offline": {
-                "published": offline_published,
-                "expected": want_msgs * created,
-                "delivered": ld(&delivered_msgs),
-                "sessions_complete": ld(&all_delivered),
-                "secs": since(ld(&last_delivery_ns)),
-                "latency_ms": delivery.summary(),
-            },
-            "errors": errors.snapshot(),
+        "offline": {
+            "published": offline_published,
+            "expected": s.want_msgs * created,
+            "delivered": ld(&s.delivered_msgs),
+            "sessions_complete": ld(&s.all_delivered),
+            "secs": since(ld(&s.last_delivery_ns)),
+            "latency_ms": s.delivery.summary(),
         },
-        "processes": monitor.report(),
-        "kernel_tcp": monitor.tcp(),
-    }))
+        "errors": errors.snapshot(),
+    });
+    Ok(runner.finish("reconnect", params, ok, result))
+}
+
+/// The storm's settings and counters, shared by its clients.
+struct Storm {
+    connack: Recorder,
+    delivery: Recorder,
+    present: AtomicU64,
+    absent: AtomicU64,
+    failed: AtomicU64,
+    /// Clients done: connected and got their queued messages, or failed.
+    finished: AtomicU64,
+    all_delivered: AtomicU64,
+    delivered_msgs: AtomicU64,
+    last_connack_ns: AtomicU64,
+    last_delivery_ns: AtomicU64,
+    errors: Arc<ErrorLog>,
+    /// `--storm-concurrency`.
+    permits: Semaphore,
+    /// Queued messages each session should get.
+    want_msgs: u64,
+    deliver_limit: Duration,
+}
+
+/// One session of the storm: waits for `start`, reconnects, takes its queued messages, then
+/// holds the connection until `close`.
+async fn reconnect_one(
+    i: usize,
+    o: ConnOpts,
+    storm: Arc<Storm>,
+    mut start: watch::Receiver<bool>,
+    mut close: watch::Receiver<bool>,
+) {
+    let s = &*storm;
+    let _ = start.wait_for(|v| *v).await;
+    let t = Instant::now();
+    let opened = {
+        let _permit = s.permits.acquire().await;
+        Conn::open(&o).await
+    };
+    let (mut conn, ack) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            s.failed.fetch_add(1, Ordering::Relaxed);
+            s.finished.fetch_add(1, Ordering::Relaxed);
+            s.errors.add(format!("storm: {e:#}"));
+            return;
+        }
+    };
+    let took = t.elapsed();
+    s.connack.record_ns(i, took.as_nanos() as u64);
+    stamp(&s.last_connack_ns, crate::payload::now_ns());
+    if ack.session_present {
+        s.present.fetch_add(1, Ordering::Relaxed);
+    } else {
+        s.absent.fetch_add(1, Ordering::Relaxed);
+    }
+    // Queued messages.
+    let mut got = 0u64;
+    if s.want_msgs > 0 {
+        let r = tokio::time::timeout(s.deliver_limit, async {
+            while got < s.want_msgs {
+                match conn.recv().await? {
+                    Some(Packet::Publish(p)) => {
+                        if p.qos == QoS::AtLeastOnce {
+                            conn.queue(&Packet::PubAck(PubResp::new(
+                                p.packet_id,
+                                ReasonCode::SUCCESS,
+                            )))?;
+                            conn.flush().await?;
+                        }
+                        got += 1;
+                    }
+                    Some(_) => {}
+                    None => bail!("closed while waiting for queued messages"),
+                }
+            }
+            anyhow::Ok(())
+        })
+        .await;
+        s.delivered_msgs.fetch_add(got, Ordering::Relaxed);
+        match r {
+            Ok(Ok(())) => {
+                s.all_delivered.fetch_add(1, Ordering::Relaxed);
+                s.delivery.record_ns(i, t.elapsed().as_nanos() as u64);
+                stamp(&s.last_delivery_ns, crate::payload::now_ns());
+            }
+            Ok(Err(e)) => s.errors.add(format!("queued messages: {e:#}")),
+            Err(_) => s.errors.add("queued messages: not all delivered in time"),
+        }
+    }
+    s.finished.fetch_add(1, Ordering::Relaxed);
+    let _ = crate::idle::hold(&mut conn, &mut close, o.keepalive).await;
+    conn.disconnect().await;
 }
 
 /// Publishes `offline_messages` QoS 1 messages to every session's topic from one connection
