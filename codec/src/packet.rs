@@ -17,10 +17,12 @@ pub enum ProtocolVersion {
 }
 
 impl ProtocolVersion {
+    /// True for MQTT 5, the only version with properties and reason codes on the wire.
     pub fn is_v5(self) -> bool {
         matches!(self, ProtocolVersion::V5)
     }
 
+    /// The protocol level byte CONNECT carries for this version (3, 4 or 5).
     pub fn level(self) -> u8 {
         match self {
             ProtocolVersion::V31 => 3,
@@ -30,16 +32,22 @@ impl ProtocolVersion {
     }
 }
 
+/// Quality of service of a PUBLISH, a will or a subscription. Ordered, so that the QoS a
+/// subscriber receives is `min(published, granted)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(u8)]
 pub enum QoS {
+    /// QoS 0: fire and forget, no packet identifier.
     #[default]
     AtMostOnce = 0,
+    /// QoS 1: PUBACK; the receiver may see it more than once.
     AtLeastOnce = 1,
+    /// QoS 2: PUBREC / PUBREL / PUBCOMP; the receiver sees it once.
     ExactlyOnce = 2,
 }
 
 impl QoS {
+    /// The QoS of a wire value 0..=2; `None` for 3, which every packet forbids.
     pub fn from_u8(value: u8) -> Option<QoS> {
         match value {
             0 => Some(QoS::AtMostOnce),
@@ -55,6 +63,8 @@ impl QoS {
 pub struct ReasonCode(pub u8);
 
 impl ReasonCode {
+    // The names are the specification's (MQTT 5.0, 2.4); several share a value and differ
+    // only in the packet they are used on.
     pub const SUCCESS: ReasonCode = ReasonCode(0x00);
     pub const NORMAL_DISCONNECTION: ReasonCode = ReasonCode(0x00);
     pub const GRANTED_QOS_0: ReasonCode = ReasonCode(0x00);
@@ -101,6 +111,7 @@ impl ReasonCode {
     pub const SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED: ReasonCode = ReasonCode(0xA1);
     pub const WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED: ReasonCode = ReasonCode(0xA2);
 
+    /// Codes from 0x80 up mean failure; below, success (possibly qualified).
     pub fn is_error(self) -> bool {
         self.0 >= 0x80
     }
@@ -144,8 +155,12 @@ impl ReasonCode {
     }
 }
 
+/// MQTT 5 user properties: name/value pairs in wire order; names may repeat.
 pub type UserProperties = Vec<(String, String)>;
 
+/// One MQTT control packet, as [`decode_packet`](crate::decode_packet) returns it and
+/// [`encode_packet`](crate::encode_packet) writes it. The large, rare CONNECT and CONNACK are
+/// boxed so that the common packets stay small when they travel through channels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Packet {
     Connect(Box<Connect>),
@@ -188,10 +203,14 @@ impl Packet {
     }
 }
 
+/// CONNECT: the first packet of every connection, naming the version, the session and the
+/// client's credentials and will.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect {
     pub protocol: ProtocolVersion,
+    /// Clean Session (3.1.1) / Clean Start (5): throw away a stored session first.
     pub clean_start: bool,
+    /// Seconds the client promises to stay silent at most; 0 turns the check off.
     pub keep_alive: u16,
     /// May be empty: the server then assigns one (or refuses, for 3.1.1 without clean session).
     pub client_id: String,
@@ -201,6 +220,7 @@ pub struct Connect {
     pub properties: ConnectProperties,
 }
 
+/// CONNECT's MQTT 5 properties; all `None` / empty on 3.1.1.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConnectProperties {
     pub session_expiry_interval: Option<u32>,
@@ -214,6 +234,8 @@ pub struct ConnectProperties {
     pub authentication_data: Option<Bytes>,
 }
 
+/// The will message a CONNECT carries: published for the client when its connection ends
+/// without a normal DISCONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LastWill {
     pub topic: String,
@@ -227,6 +249,8 @@ pub struct LastWill {
     pub properties: PublishProperties,
 }
 
+/// CONNACK: the server's answer to CONNECT. `reason` is an MQTT 5 code; for 3.1.1 the encoder
+/// writes [`ReasonCode::to_v311_connack`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConnAck {
     pub session_present: bool,
@@ -234,6 +258,7 @@ pub struct ConnAck {
     pub properties: ConnAckProperties,
 }
 
+/// CONNACK's MQTT 5 properties: what the server allows and what it assigned.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConnAckProperties {
     pub session_expiry_interval: Option<u32>,
@@ -255,6 +280,7 @@ pub struct ConnAckProperties {
     pub authentication_data: Option<Bytes>,
 }
 
+/// PUBLISH, in either direction. The payload is a zero-copy slice of the received frame.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Publish {
     pub dup: bool,
@@ -268,6 +294,8 @@ pub struct Publish {
     pub payload: Bytes,
 }
 
+/// PUBLISH's MQTT 5 properties (also a will's, without topic alias and subscription
+/// identifiers).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PublishProperties {
     pub payload_format_indicator: Option<u8>,
@@ -289,6 +317,7 @@ pub struct PubResp {
 }
 
 impl PubResp {
+    /// An acknowledgement of `packet_id` with `reason` and no properties.
     pub fn new(packet_id: u16, reason: ReasonCode) -> PubResp {
         PubResp {
             packet_id,
@@ -298,12 +327,15 @@ impl PubResp {
     }
 }
 
+/// The properties every acknowledgement may carry (MQTT 5): a human-readable reason and
+/// user properties.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ReasonProperties {
     pub reason_string: Option<String>,
     pub user_properties: UserProperties,
 }
 
+/// SUBSCRIBE: one or more topic filters with their options, acknowledged by one SUBACK.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Subscribe {
     pub packet_id: u16,
@@ -312,12 +344,14 @@ pub struct Subscribe {
     pub filters: Vec<SubscribeFilter>,
 }
 
+/// One filter of a SUBSCRIBE. Its syntax (wildcards, `$share/`) is checked by the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscribeFilter {
     pub filter: String,
     pub options: SubscriptionOptions,
 }
 
+/// A subscription's options byte; 3.1.1 has only the QoS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SubscriptionOptions {
     pub qos: QoS,
@@ -327,6 +361,7 @@ pub struct SubscriptionOptions {
     pub retain_handling: u8,
 }
 
+/// SUBACK: one reason code per filter of the SUBSCRIBE, in its order.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SubAck {
     pub packet_id: u16,
@@ -334,6 +369,7 @@ pub struct SubAck {
     pub reasons: Vec<ReasonCode>,
 }
 
+/// UNSUBSCRIBE: topic filters to remove, exactly as they were subscribed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Unsubscribe {
     pub packet_id: u16,
@@ -341,6 +377,7 @@ pub struct Unsubscribe {
     pub filters: Vec<String>,
 }
 
+/// UNSUBACK: the answer to UNSUBSCRIBE.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UnsubAck {
     pub packet_id: u16,
@@ -349,6 +386,8 @@ pub struct UnsubAck {
     pub reasons: Vec<ReasonCode>,
 }
 
+/// DISCONNECT: from the client, the normal end (no will); from an MQTT 5 server, why it
+/// closes the connection.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Disconnect {
     pub reason: ReasonCode,
@@ -356,6 +395,7 @@ pub struct Disconnect {
 }
 
 impl Disconnect {
+    /// A DISCONNECT with `reason` and no properties.
     pub fn new(reason: ReasonCode) -> Disconnect {
         Disconnect {
             reason,
@@ -364,6 +404,7 @@ impl Disconnect {
     }
 }
 
+/// DISCONNECT's MQTT 5 properties.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DisconnectProperties {
     pub session_expiry_interval: Option<u32>,
@@ -372,12 +413,14 @@ pub struct DisconnectProperties {
     pub server_reference: Option<String>,
 }
 
+/// AUTH (MQTT 5 only): a step of extended authentication.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Auth {
     pub reason: ReasonCode,
     pub properties: AuthProperties,
 }
 
+/// AUTH's properties: the method and its data.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AuthProperties {
     pub authentication_method: Option<String>,
