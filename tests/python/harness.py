@@ -173,17 +173,28 @@ def http_json(url: str, timeout: float = 2.0):
     return json.loads(body)
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = "condition") -> None:
+def poll_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> tuple[bool, Exception | None]:
+    """Call ``pred`` every ``interval`` seconds until it returns true or ``timeout`` passes.
+    Returns (whether it did, the last exception it raised). For a test that explains a
+    timeout itself with a detailed assertion; otherwise use ``wait_until``."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
-    while time.monotonic() < deadline:
+    while True:
         try:
             if pred():
-                return
+                return True, last_exc
         except Exception as e:  # noqa: BLE001 - keep polling, remember for the message
             last_exc = e
+        if time.monotonic() >= deadline:
+            return False, last_exc
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = "condition") -> None:
+    ok, last_exc = poll_until(pred, timeout, interval)
+    if not ok:
+        raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
+                           + (f" (last error: {last_exc})" if last_exc else ""))
 
 
 def tail(path: Path, lines: int = 60) -> str:

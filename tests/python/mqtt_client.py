@@ -23,6 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+import harness
 import mqtt_raw
 
 V311, V5 = 4, 5
@@ -181,7 +182,23 @@ class Client:
         c.on_disconnect = self._on_disconnect
         self.paho = c
         self.connected = False
-        self._last_rx = 0.0
+        # Packet ids of QoS 1/2 messages handed to the test whose PUBACK/PUBCOMP paho has not
+        # sent yet (it sends it right after on_message returns, unless manual_ack).
+        self._acks_due: set[int] = set()
+        self._manual_ack = manual_ack
+        if not manual_ack:
+            c._send_puback = self._counting_ack(c._send_puback)
+            c._send_pubcomp = self._counting_ack(c._send_pubcomp)
+
+    def _counting_ack(self, send):
+        def send_and_count(mid, *args, **kw):
+            rc = send(mid, *args, **kw)
+            with self._cv:
+                self._acks_due.discard(mid)
+                self._cv.notify_all()
+            return rc
+
+        return send_and_count
 
     # ------------------------------------------------------------- callbacks
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -190,7 +207,9 @@ class Client:
         self._connacks.put(ca)
 
     def _on_message(self, client, userdata, m):
-        self._last_rx = time.monotonic()
+        if m.qos > 0 and not self._manual_ack:
+            with self._cv:
+                self._acks_due.add(m.mid)
         self.messages.put(
             Msg(m.topic, bytes(m.payload), m.qos, bool(m.retain), bool(m.dup), m.mid,
                 props_dict(getattr(m, "properties", None)), time.monotonic())
@@ -271,11 +290,11 @@ class Client:
 
     def disconnect(self, reason: int | None = None, props: dict | None = None) -> None:
         """Normal DISCONNECT (v5: with reason code / properties)."""
-        # paho queues the PUBACK/PUBCOMP right after on_message returns; give it a moment so a
-        # message the test just consumed is acknowledged before the DISCONNECT goes out
-        settle = 0.1 - (time.monotonic() - self._last_rx)
-        if settle > 0:
-            time.sleep(settle)
+        # paho queues the PUBACK/PUBCOMP right after on_message returns: wait for that, so that
+        # a message the test just consumed is acknowledged before the DISCONNECT goes out
+        # (no error if it does not happen: the connection may be going already)
+        with self._cv:
+            self._cv.wait_for(lambda: not self._acks_due or not self.connected, 2.0)
         if self.connected:
             kw = {}
             if self.version == V5:
@@ -438,6 +457,27 @@ def assert_alive(target, version: int = V5, timeout: float = 10.0) -> None:
     proc = getattr(target, "process", None)
     if proc is not None and hasattr(proc, "alive"):
         assert proc.alive(), f"{proc} is no longer running"
+
+
+def collect_group(members, n: int, timeout: float = 10.0, quiet: float = 1.0) -> list[list[Msg]]:
+    """The messages each of ``members`` (say, a shared subscription group) receives: read until
+    they have ``n`` between them or ``timeout`` passes, then until each has been quiet for
+    ``quiet`` seconds, so that a late extra copy is counted too."""
+    got: list[list[Msg]] = [[] for _ in members]
+
+    def have_n() -> bool:
+        for out, c in zip(got, members):
+            try:
+                while True:
+                    out.append(c.messages.get_nowait())
+            except queue.Empty:
+                pass
+        return sum(map(len, got)) >= n
+
+    harness.poll_until(have_n, timeout)  # the callers' assertions say what is missing
+    for out, c in zip(got, members):
+        out.extend(c.drain(quiet))
+    return got
 
 
 def raw(target, version: int = V5, **kw) -> mqtt_raw.RawClient:

@@ -196,5 +196,5 @@ def test_connect_rate_per_ip_limit(broker_factory):
     # Meanwhile another address connects at once.
     assert outcome(b.port, "127.0.0.5") == OK
     assert refused_count(b) >= len(refused)
-    time.sleep(1.2)
+    time.sleep(1.2)  # the rate limit refills with time: 5 more CONNECTs a second
     assert outcome(b.port, "127.0.0.4") == OK

@@ -186,7 +186,7 @@ def test_slowloris_connect(clients, alive, target):
             break
         if time.monotonic() - t0 > timeout_s + 6:
             break
-        time.sleep(1.0)
+        time.sleep(1.0)  # one byte a second: the slowloris this test is about
     if closed_at is None:
         try:
             r.wait_closed(max(0.5, timeout_s + 6 - (time.monotonic() - t0)))

@@ -93,15 +93,17 @@ def test_bundled_messages_reach_every_kind_of_reader_in_order(fresh_nats, broker
 
         # A shared group: every message reaches one of its members (at least once).
         shared: set[bytes] = set()
-        deadline = time.monotonic() + 30
-        while shared != everything() and time.monotonic() < deadline:
+
+        def shared_has_everything() -> bool:
             for m in members:
                 try:
                     while True:
                         shared.add(m.messages.get_nowait().payload)
                 except queue.Empty:
                     pass
-            time.sleep(0.05)
+            return shared == everything()
+
+        harness.poll_until(shared_has_everything, 30)
         assert shared == everything(), f"{len(everything() - shared)} missing in the shared group"
 
         # The persistent session resumes from JetStream, acknowledges part of what it gets

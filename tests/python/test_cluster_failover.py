@@ -4,9 +4,11 @@ Every load loop here is bounded in count (JETMQ_TEST_FAILOVER_MESSAGES, default 
 """
 
 import collections
+import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import harness
 import pytest
@@ -79,7 +81,7 @@ def reconnect(client: Client, targets, timeout: float = 60.0) -> Client:
                 return client
             except (AssertionError, OSError) as e:
                 last = e
-                time.sleep(0.5)
+                time.sleep(0.5)  # a pause between attempts while the cluster recovers
     raise AssertionError(f"{client.client_id} could not reconnect to {targets} within {timeout}s: {last}")
 
 
@@ -115,6 +117,23 @@ class Collector:
     def stop(self):
         self._stop.set()
         self._t.join(5)
+
+
+def session_record_seq(nats, client_id: str) -> int:
+    """The stream sequence of a client's session record in the KV bucket, 0 if there is none."""
+    node = next(n for n in nats.nodes if n.alive())
+    reply = json.loads(node.request("$JS.API.STREAM.MSG.GET.KV_JETMQ_SESSIONS",
+                                    json.dumps({"last_by_subj": f"$KV.JETMQ_SESSIONS.p.{client_id}"}).encode()))
+    return (reply.get("message") or {}).get("seq", 0)
+
+
+def start_publisher(*args, **kw):
+    """publish_sequence(*args, **kw) in a thread of its own: a future of its (acked, sent)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="publisher")
+    try:
+        return pool.submit(publish_sequence, *args, **kw)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _published(info) -> bool:
@@ -190,16 +209,7 @@ def test_kill9_broker_node_loses_nothing(fresh_cluster):
                 procs[0].kill9()
                 killed.set()
 
-        result = {}
-
-        def run_publisher():
-            try:
-                result["acked"], result["sent"] = publish_sequence(pub, topic, n, 2, progress, [b, c], PUBLISH_DEADLINE_S)
-            except BaseException as e:  # noqa: BLE001
-                result["error"] = e
-
-        pt = threading.Thread(target=run_publisher, daemon=True)
-        pt.start()
+        publishing = start_publisher(pub, topic, n, 2, progress, [b, c], PUBLISH_DEADLINE_S)
         assert killed.wait(PUBLISH_DEADLINE_S), "publisher never reached the kill point"
         for s in (s1, s2):
             s.wait_disconnect(30)
@@ -207,16 +217,13 @@ def test_kill9_broker_node_loses_nothing(fresh_cluster):
         for s in (s1, s2):
             reconnect(s, [c, b])
             assert s.session_present, f"{s.client_id}: session lost when its node died"
-        pt.join(PUBLISH_DEADLINE_S + 60)
-        assert not pt.is_alive(), "publisher did not finish"
-        assert "error" not in result, f"publisher failed: {result.get('error')!r}"
-        assert result["sent"] == n, f"only {result['sent']} of {n} published within {PUBLISH_DEADLINE_S}s"
-        assert result["acked"] == set(range(n)), "publisher on a surviving node must get every ack"
+        acked, sent = publishing.result(timeout=PUBLISH_DEADLINE_S + 60)  # raises what the publisher raised
+        assert sent == n, f"only {sent} of {n} published within {PUBLISH_DEADLINE_S}s"
+        assert acked == set(range(n)), "publisher on a surviving node must get every ack"
 
-        deadline = time.monotonic() + DELIVERY_DEADLINE_S
-        while time.monotonic() < deadline and (c1.missing(n) or c2.missing(n)):
-            time.sleep(0.5)
-        time.sleep(1.0)  # late duplicates
+        # the assertions below say what is missing
+        harness.poll_until(lambda: not (c1.missing(n) or c2.missing(n)), DELIVERY_DEADLINE_S, 0.5)
+        time.sleep(1.0)  # a moment for late duplicates to show up (checked below)
         c1.stop()
         c2.stop()
         m1, m2 = c1.missing(n), c2.missing(n)
@@ -311,23 +318,28 @@ def test_will_of_a_client_of_a_hung_node_published_once(fresh_cluster):
 
 
 def test_wills_of_killed_node_published_by_survivor(fresh_cluster):
-    _nats, procs, targets = fresh_cluster
+    nats, procs, targets = fresh_cluster
     a, b, c = targets
     base = uid("fowill")
     cl = Tracker(a)
     try:
         watcher = cl.connect(c, version=V5)
         watcher.subscribe(f"{base}/#", qos=1)
-        cl(a, version=V311, will={"topic": f"{base}/v311", "payload": b"v311 will", "qos": 1}).connect()
-        cl(a, version=V5, will={"topic": f"{base}/v5", "payload": b"v5 will", "qos": 1}).connect()
-        cl(a, version=V5, session_expiry=600,
-           will={"topic": f"{base}/v5-persistent", "payload": b"v5 persistent will", "qos": 2}).connect()
-        cl(a, version=V5, will={"topic": f"{base}/v5-retained", "payload": b"retained will", "qos": 1,
-                                "retain": True}).connect()
+        doomed = [
+            cl(a, version=V311, will={"topic": f"{base}/v311", "payload": b"v311 will", "qos": 1}).connect(),
+            cl(a, version=V5, will={"topic": f"{base}/v5", "payload": b"v5 will", "qos": 1}).connect(),
+            cl(a, version=V5, session_expiry=600,
+               will={"topic": f"{base}/v5-persistent", "payload": b"v5 persistent will", "qos": 2}).connect(),
+            cl(a, version=V5, will={"topic": f"{base}/v5-retained", "payload": b"retained will", "qos": 1,
+                                    "retain": True}).connect(),
+        ]
         # a client on a surviving node that disconnects normally: no will
         ok = cl(b, version=V5, will={"topic": f"{base}/clean", "payload": b"must not appear", "qos": 1}).connect()
         ok.disconnect()
-        time.sleep(0.5)
+        # the survivors learn of the dead node's clients and their wills from the session records
+        if nats is not None:
+            harness.wait_until(lambda: all(session_record_seq(nats, d.client_id) for d in doomed), 10, 0.1,
+                               "a session record of every client of the node to be killed")
         procs[0].kill9()
         got = {}
         deadline = time.monotonic() + 30
@@ -397,25 +409,14 @@ def test_kill9_nats_node_keeps_acknowledged_messages(request, batching):
                 nats.nodes[victim[0]].kill9()
                 killed.set()
 
-        result = {}
-
-        def run_publisher():
-            try:
-                result["acked"], result["sent"] = publish_sequence(pub, topic, n, 1, progress, [c, a], PUBLISH_DEADLINE_S)
-            except BaseException as e:  # noqa: BLE001
-                result["error"] = e
-
-        pt = threading.Thread(target=run_publisher, daemon=True)
-        pt.start()
+        publishing = start_publisher(pub, topic, n, 1, progress, [c, a], PUBLISH_DEADLINE_S)
         # the subscriber's broker may drop it while it fails over to another NATS node: follow it
         deadline = time.monotonic() + PUBLISH_DEADLINE_S + 60
-        while pt.is_alive() and time.monotonic() < deadline:
+        while not publishing.done() and time.monotonic() < deadline:
             d = sub.last_disconnect(0.5)
             if d is not None:
                 reconnect(sub, [b, a])
-        pt.join(5)
-        assert "error" not in result, f"publisher failed: {result.get('error')!r}"
-        acked = result["acked"]
+        acked, _sent = publishing.result(timeout=5)  # raises what the publisher raised
         assert len(acked) >= n // 2, (f"only {len(acked)} of {n} acknowledged after NATS node {victim} died; "
                                       f"streams: {stream_report(nats)}")
         deadline = time.monotonic() + DELIVERY_DEADLINE_S

@@ -67,6 +67,13 @@ def broker_connect(node: harness.NatsServer, info: bytes) -> bytes:
     return b"CONNECT " + json.dumps(connect).encode() + b"\r\n"
 
 
+def route_interest(node: harness.NatsServer, remote: str, subject: str) -> bool:
+    """Whether ``node`` knows of interest in ``subject`` from ``remote`` over a route."""
+    routez = harness.http_json(f"{node.monitor_url}/routez?subs=1")
+    return any(r.get("remote_name") == remote and subject in (r.get("subscriptions_list") or [])
+               for r in routez["routes"])
+
+
 def test_nats_cluster(nats_cluster):
     leaders = set()
     for node in nats_cluster.nodes:
@@ -86,7 +93,8 @@ def test_nats_cluster(nats_cluster):
         f = s.makefile("rb")
         s.sendall(broker_connect(n1, f.readline()) + b'SUB jetmq.s.0.> 1\r\nPING\r\n')
         assert f.readline().strip() == b"PONG"
-        time.sleep(0.3)  # let the subscription propagate over the routes
+        harness.wait_until(lambda: route_interest(n3, n1.server_name, "jetmq.s.0.>"), 5, 0.02,
+                           f"the subscription on {n1.server_name} to reach {n3.server_name} over the routes")
         with socket.create_connection((n3.host, n3.port), timeout=5) as p:
             pf = p.makefile("rb")
             p.sendall(broker_connect(n3, pf.readline()) + b'PUB jetmq.in.x.y 2\r\nok\r\nPING\r\n')

@@ -107,7 +107,7 @@ def test_only_resumable_sessions_write_their_position(broker, nats, clients):
     pub = clients.connect(version=V5)
     for i in range(6):
         pub.publish(topic, str(i).encode(), qos=1)
-        time.sleep(0.5)
+        time.sleep(0.5)  # spread over 3 s: a session writes its position at most about once a second
     for c in (kept, short, legacy):
         assert [m.payload for m in c.drain(1.5)] == [str(i).encode() for i in range(6)]
     after = {c.client_id: session_revision(nats, c.client_id) for c in (kept, short, legacy)}
@@ -134,7 +134,7 @@ def test_clean_session_that_falls_behind_gets_every_qos1_message(broker, clients
     pub = clients.connect(version=V5, max_inflight=16)
     for _ in range(25):
         pub.publish(other, b"x", qos=1)
-        time.sleep(0.1)
+        time.sleep(0.1)  # traffic elsewhere for a few seconds while the subscriber idles (see above)
     before = replays()
     n = 3000
     pad = b"p" * 1024
@@ -271,9 +271,8 @@ def test_publishes_waiting_for_jetstream_are_bounded_node_wide(broker_factory, n
         os.kill(nats.pid, signal.SIGSTOP)
         try:
             sent = {i: [p.publish(topic, f"{i}-{k}".encode(), qos=1) for k in range(3)] for i, p in enumerate(pubs)}
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and metric("jetmq_publishes_alone_waits_total") < 1:
-                time.sleep(0.1)
+            harness.wait_until(lambda: metric("jetmq_publishes_alone_waits_total") >= 1, 5, 0.1,
+                               "a publish to wait for a free place while JetStream is stopped")
             assert metric("jetmq_publishes_alone_in_flight") == 4, "at most 4 waiting for JetStream"
             assert metric("jetmq_publishes_alone_waits_total") >= 1, "the fifth of nine had to wait"
         finally:

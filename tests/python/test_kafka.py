@@ -7,8 +7,8 @@ Every component is a real process. Kafka is read back with confluent-kafka.
 from __future__ import annotations
 
 import collections
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -57,34 +57,28 @@ def order_by_topic(records: list[kh.Record]) -> dict[str, list[int]]:
     return out
 
 
-def publish_in_background(target, messages, chunk: int = 100, pause: float = 0.05, version: int = V5):
-    """Publishes from a thread, paced; ``.result`` holds how many were acknowledged."""
+def publish_in_background(target, messages, chunk: int = 100, pause: float = 0.05, version: int = V5) -> Future:
+    """Publishes from a thread, paced: a future of how many were acknowledged."""
 
-    class Job(threading.Thread):
-        result = 0
-        error: BaseException | None = None
+    def run() -> int:
+        acked = 0
+        c = Client(target, version=version, max_inflight=100).connect()
+        for i in range(0, len(messages), chunk):
+            acked += kh.publish_many(c, messages[i:i + chunk])
+            time.sleep(pause)  # paced: the flow goes on through what the test does meanwhile
+        c.disconnect()
+        return acked
 
-        def run(self):
-            try:
-                c = Client(target, version=version, max_inflight=100).connect()
-                for i in range(0, len(messages), chunk):
-                    self.result += kh.publish_many(c, messages[i:i + chunk])
-                    time.sleep(pause)
-                c.disconnect()
-            except BaseException as e:  # noqa: BLE001 - reported by the test
-                self.error = e
-
-    job = Job(daemon=True)
-    job.start()
-    return job
+    pool = ThreadPoolExecutor(1, thread_name_prefix="publisher")
+    try:
+        return pool.submit(run)
+    finally:
+        pool.shutdown(wait=False)
 
 
-def join(job, timeout: float = 180) -> int:
-    job.join(timeout)
-    assert not job.is_alive(), "publisher did not finish"
-    if job.error:
-        raise job.error
-    return job.result
+def join(job: Future, timeout: float = 180) -> int:
+    """How many ``job`` got acknowledged; raises what it raised, or TimeoutError if not done."""
+    return job.result(timeout=timeout)
 
 
 # ----------------------------------------------------------------------------------- tests

@@ -451,7 +451,9 @@ def test_a_server_without_the_route_password_cannot_join(tmp_path, shipped):
                                routes=[f"nats-route://127.0.0.1:{target_routes.group(1)}"], auth=False)
     rogue.start()
     try:
-        time.sleep(3)
+        # the rogue dials the route port and is turned away (it would keep trying)
+        harness.wait_until(lambda: "Authorization Violation" in rogue.log_tail(400), 20, 0.1,
+                           "the rogue server's route to be refused")
         routez = harness.http_json(f"http://127.0.0.1:{nodes[0].http_port}/routez")
         names = {r.get("remote_name") for r in routez.get("routes") or []}
         assert "rogue" not in names, names

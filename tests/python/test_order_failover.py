@@ -9,6 +9,7 @@ import json
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import harness
 import mqtt_raw as R
@@ -298,15 +299,20 @@ def test_stream_leader_kill_during_a_burst_keeps_each_publishers_order(request, 
 
         acked: set = set()
         deadline = time.monotonic() + 150
-        threads = [threading.Thread(target=publish_marks, daemon=True, args=(
-            p, name, topic, n, qos_of[name], window, [targets[(i + k) % 3] for k in range(3)], deadline,
-            progress, acked)) for i, (p, name) in enumerate(zip(pubs, names))]
-        for t in threads:
-            t.start()
-        while any(t.is_alive() for t in threads) and time.monotonic() < deadline + 5:
+        pool = ThreadPoolExecutor(len(pubs), thread_name_prefix="publisher")
+        try:
+            publishing = [pool.submit(publish_marks, p, name, topic, n, qos_of[name], window,
+                                      [targets[(i + k) % 3] for k in range(3)], deadline, progress, acked)
+                          for i, (p, name) in enumerate(zip(pubs, names))]
+        finally:
+            pool.shutdown(wait=False)
+        while not all(f.done() for f in publishing) and time.monotonic() < deadline + 5:
             for s, ts in zip(subs, sub_targets):
                 if s.last_disconnect(0.1) is not None:
                     reconnect(s, ts)
+        for f in publishing:
+            if f.done():
+                f.result()  # raises what a publisher raised
         assert killed.is_set(), "the burst never reached the kill point"
         want = {(name, i) for name in names for i in range(n)}
         assert acked == want, (f"{len(want - acked)} messages never acknowledged, e.g. {sorted(want - acked)[:10]}; "
@@ -317,7 +323,7 @@ def test_stream_leader_kill_during_a_burst_keeps_each_publishers_order(request, 
             for s, ts in zip(subs, sub_targets):
                 if s.last_disconnect(0.2) is not None:
                     reconnect(s, ts)
-        time.sleep(1.0)
+        time.sleep(1.0)  # a moment for late duplicates to show up (checked below)
         for col in collectors:
             col.stop()
 

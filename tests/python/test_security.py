@@ -23,6 +23,7 @@ import ssl
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -699,27 +700,24 @@ def test_password_outcomes(secure, opened, version, username, password, outcome,
 
 def test_password_guessing_does_not_stall_others(secure, opened, still_serving):
     """40 wrong-password CONNECTs at once (each an argon2 run) while a legitimate client works."""
-    results: list[int | None] = []
-
-    def guess(i: int) -> None:
+    def guess(i: int) -> int | None:
+        """The CONNACK reason code, None if there was none."""
         try:
             with R.RawClient(HOST, secure.tcp, version=V5, timeout=20) as r:
-                results.append(r.connect(uid(f"guess{i}"), username="alice", password=f"guess{i}".encode()).reason)
+                return r.connect(uid(f"guess{i}"), username="alice", password=f"guess{i}".encode()).reason
         except Exception:  # noqa: BLE001
-            results.append(None)
+            return None
 
-    threads = [threading.Thread(target=guess, args=(i,)) for i in range(40)]
-    for th in threads:
-        th.start()
-    t0 = time.monotonic()
-    t = uid("busy")
-    c = alice(opened, secure.tcp).connect(timeout=20)
-    assert c.subscribe(t, qos=1) == [1]
-    c.publish(t, b"x", qos=1)
-    assert c.get(10).payload == b"x"
-    elapsed = time.monotonic() - t0
-    for th in threads:
-        th.join(60)
+    with ThreadPoolExecutor(40) as pool:
+        guesses = [pool.submit(guess, i) for i in range(40)]
+        t0 = time.monotonic()
+        t = uid("busy")
+        c = alice(opened, secure.tcp).connect(timeout=20)
+        assert c.subscribe(t, qos=1) == [1]
+        c.publish(t, b"x", qos=1)
+        assert c.get(10).payload == b"x"
+        elapsed = time.monotonic() - t0
+        results = [f.result(timeout=60) for f in guesses]
     assert results.count(0x86) + results.count(0x89) == 40, results
     assert 0 not in results
     print(f"legitimate client done in {elapsed:.2f}s during the guessing")
@@ -849,7 +847,7 @@ def test_connect_rate_limit(broker_factory):
     assert refused, outcomes
     for version, reason in refused:
         assert reason == (0x9F if version == V5 else 3), outcomes
-    time.sleep(1.2)
+    time.sleep(1.2)  # the rate limit refills with time: 5 more CONNECTs a second
     with R.RawClient(HOST, b.port, version=V5) as r:
         assert r.connect(uid("after")).reason == 0
 
@@ -874,7 +872,7 @@ def test_publish_flood_is_slowed_not_dropped(broker_factory, opened):
     assert other.subscribe(other_t, qos=1) == [1]
     other.publish(other_t, b"quick", qos=1)
     assert other.get(5).payload == b"quick"
-    time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))
+    time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))  # a 3 s window to measure the rate over
     got = len(sub.drain(0.2))
     elapsed = time.monotonic() - t0
     # Reads come in chunks of a few kB (up to ~250 of these PUBLISHes), charged after the
@@ -963,7 +961,7 @@ def test_trickled_packet_after_connect_is_cut_off(patient, opened, version):
         if time.monotonic() - t0 > PACKET_READ_TIMEOUT_S + 8:
             break
         others.check()
-        time.sleep(1.0)
+        time.sleep(1.0)  # one byte a second: the trickle this test is about
     assert closed_at is not None, f"trickling client still connected after {time.monotonic() - t0:.1f}s"
     assert PACKET_READ_TIMEOUT_S - 1 <= closed_at <= PACKET_READ_TIMEOUT_S + 4, closed_at
     if version == V5:
@@ -989,7 +987,7 @@ def test_slow_packets_that_each_arrive_in_time_are_fine(patient, opened):
         half = len(packet) // 2
         for part in (packet[:1], packet[1:half], packet[half:]):
             assert r.send(part), "closed while sending"
-            time.sleep(0.9)
+            time.sleep(0.9)  # each packet spread over ~2 s, under the 3 s limit
         ack = r.expect(R.PUBACK)
         assert ack.packet_id == i + 1
     assert time.monotonic() - t0 > PACKET_READ_TIMEOUT_S + 1

@@ -13,6 +13,25 @@ def persistent(clients, cid, version, expiry=300, **kw):
     return clients(client_id=cid, version=version, clean=False, session_expiry=expiry if version == V5 else None, **kw)
 
 
+class GoneSignal:
+    """A will (no delay) for a client under test, and a watcher that receives it: when the will
+    arrives, the server has seen that client's connection end (for closes without DISCONNECT)."""
+
+    def __init__(self, clients, version):
+        self.topic = uid("gone")
+        self.watcher = clients.connect(version=version)
+        assert self.watcher.subscribe(self.topic, qos=1) == [1]
+        self.will = {"topic": self.topic, "payload": b"gone", "qos": 1}
+
+    def wait(self, timeout: float = 10.0) -> None:
+        try:
+            m = self.watcher.get(timeout)
+        except AssertionError:
+            raise AssertionError(f"the server did not end the closed connection within {timeout}s "
+                                 f"(no will on {self.topic})") from None
+        assert m.payload == b"gone", m
+
+
 def test_subscriptions_survive_reconnect(clients, version):
     cid, t = uid("ps"), uid("ps-topic")
     a = persistent(clients, cid, version).connect()
@@ -35,7 +54,7 @@ def test_offline_messages_delivered_after_reconnect(clients, version):
         pub.publish(t, f"q1-{i}".encode(), qos=1)
         pub.publish(t, f"q2-{i}".encode(), qos=2)
         pub.publish(t, f"q0-{i}".encode(), qos=0)
-    time.sleep(0.2)
+    # publish() returned on each QoS 1/2 acknowledgement: the messages are stored (QoS 0 is not checked)
     b = persistent(clients, cid, version).connect()
     assert b.session_present
     got = [m.payload.decode() for m in b.drain(1.5)]
@@ -94,7 +113,7 @@ def test_v5_session_expiry(clients):
     assert b.session_present
     b.disconnect()
     pub = clients.connect(version=V5)
-    time.sleep(3.5)
+    time.sleep(3.5)  # the session's 2 s expiry runs out: only time passing ends it
     pub.publish(t, b"after expiry", qos=1)
     c = clients(client_id=cid, version=V5, clean=False, session_expiry=2).connect()
     assert not c.session_present, "the session must be gone after its expiry interval"
@@ -131,15 +150,16 @@ def test_v5_session_expiry_clamped_to_server_max(clients, target):
 
 def test_unacked_qos1_resent_with_dup_after_reconnect(clients, version):
     cid, t = uid("dup1"), uid("dup1-topic")
+    gone = GoneSignal(clients, version)
     r = clients.raw(version=version)
-    r.mqtt_connect(cid, clean=False, props={"SessionExpiryInterval": 300} if version == V5 else None)
+    r.mqtt_connect(cid, clean=False, props={"SessionExpiryInterval": 300} if version == V5 else None, will=gone.will)
     r.subscribe([(t, 1)])
     pub = clients.connect(version=version)
     pub.publish(t, b"ack me", qos=1)
     p = r.expect(R.PUBLISH)
     assert p.qos == 1 and not p.dup
     r.close()  # no PUBACK
-    time.sleep(0.3)
+    gone.wait()  # a reconnect, not a takeover of a connection the server still holds
     r2 = clients.raw(version=version)
     ca = r2.mqtt_connect(cid, clean=False, props={"SessionExpiryInterval": 300} if version == V5 else None)
     assert ca.session_present
@@ -157,15 +177,16 @@ def test_messages_queued_while_offline_are_first_deliveries(clients, version):
     that arrived while the client was away go out as first deliveries (DUP 0)."""
     cid, t = uid("dup0"), uid("dup0-topic")
     props = {"SessionExpiryInterval": 300} if version == V5 else None
+    gone = GoneSignal(clients, version)
     r = clients.raw(version=version)
-    r.mqtt_connect(cid, clean=False, props=props)
+    r.mqtt_connect(cid, clean=False, props=props, will=gone.will)
     r.subscribe([(t, 1)])
     pub = clients.connect(version=version)
     pub.publish(t, b"sent", qos=1)
     first = r.expect(R.PUBLISH)
     assert first.payload == b"sent" and not first.dup
     r.close()  # no PUBACK
-    time.sleep(0.3)
+    gone.wait()  # the messages below arrive while the client is away
     for payload in (b"queued-1", b"queued-2"):
         pub.publish(t, payload, qos=1)
     r2 = clients.raw(version=version)
@@ -180,9 +201,10 @@ def test_messages_queued_while_offline_are_first_deliveries(clients, version):
 
 def test_qos2_pubrel_resent_after_reconnect(clients, version):
     cid, t = uid("rel2"), uid("rel2-topic")
+    gone = GoneSignal(clients, version)
     r = clients.raw(version=version)
     props = {"SessionExpiryInterval": 300} if version == V5 else None
-    r.mqtt_connect(cid, clean=False, props=props)
+    r.mqtt_connect(cid, clean=False, props=props, will=gone.will)
     r.subscribe([(t, 2)])
     pub = clients.connect(version=version)
     pub.publish(t, b"exactly once", qos=2)
@@ -190,7 +212,7 @@ def test_qos2_pubrel_resent_after_reconnect(clients, version):
     r.send(R.ack(R.PUBREC, p.packet_id, version))
     rel = r.expect(R.PUBREL)
     r.close()  # no PUBCOMP
-    time.sleep(0.3)
+    gone.wait()  # a reconnect, not a takeover of a connection the server still holds
     r2 = clients.raw(version=version)
     assert r2.mqtt_connect(cid, clean=False, props=props).session_present
     again = r2.recv_packet(5)

@@ -10,6 +10,7 @@ import collections
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import harness
 import pytest
@@ -50,19 +51,23 @@ def isolate_sessions_leader(nats) -> int:
     message and retained streams away from it (leader step-downs), so that killing it
     elects only the bucket's leader."""
     names = [n.server_name for n in nats.nodes]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    found = []
+
+    def separated() -> bool:
         leader = stream_leader(nats, SESSIONS_STREAM)
         if leader not in names:
-            time.sleep(0.5)
-            continue
+            return False
         clash = [s for s in OTHER_STREAMS if stream_leader(nats, s) == leader]
-        if not clash:
-            return names.index(leader)
-        for stream in clash:
+        for stream in clash:  # the next poll (1 s on) sees where the leadership went
             _api(nats, f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}")
-        time.sleep(1.0)
-    raise AssertionError("could not separate the sessions bucket's leader from the streams' leaders")
+        found[:] = [names.index(leader)]
+        return not clash
+
+    try:
+        harness.wait_until(separated, 60, 1.0, "the sessions bucket's leader to lead none of the streams")
+    except TimeoutError as e:
+        raise AssertionError(f"could not separate the sessions bucket's leader from the streams' leaders: {e}") from None
+    return found[0]
 
 
 class Subscriber:
@@ -109,39 +114,37 @@ def test_no_client_of_a_surviving_node_disconnected_when_the_sessions_leader_die
             for t in survivors
         ]
         acked = {p.client_id: set() for p in publishers}
-        failures = []
         stop = threading.Event()
 
         def publish(pub):
+            """Publishes until stopped (or disconnected); raises if a message is not acknowledged."""
             i = 0
-            try:
-                while not stop.is_set() and pub.connected:
-                    info = pub.paho.publish(f"{topic}/{pub.client_id}", str(i).encode(), qos=1)
-                    num = i
-                    i += 1
-                    deadline = time.monotonic() + 30
-                    while not getattr(info, "_published", False) and pub.connected and time.monotonic() < deadline:
-                        with info._condition:
-                            info._condition.wait(0.2)
-                    if getattr(info, "_published", False):
-                        acked[pub.client_id].add(num)
-                    elif pub.connected:
-                        failures.append(f"{pub.client_id}: message {num} not acknowledged within 30 s")
-                        return
-                    time.sleep(PUBLISH_INTERVAL_S)
-            except Exception as e:  # noqa: BLE001
-                failures.append(f"{pub.client_id}: {e!r}")
+            while not stop.is_set() and pub.connected:
+                info = pub.paho.publish(f"{topic}/{pub.client_id}", str(i).encode(), qos=1)
+                num = i
+                i += 1
+                deadline = time.monotonic() + 30
+                while not getattr(info, "_published", False) and pub.connected and time.monotonic() < deadline:
+                    with info._condition:
+                        info._condition.wait(0.2)
+                if getattr(info, "_published", False):
+                    acked[pub.client_id].add(num)
+                elif pub.connected:
+                    raise AssertionError(f"{pub.client_id}: message {num} not acknowledged within 30 s")
+                time.sleep(PUBLISH_INTERVAL_S)  # pacing: a steady flow through the election
 
-        threads = [threading.Thread(target=publish, args=(p,), daemon=True) for p in publishers]
-        for th in threads:
-            th.start()
-        time.sleep(BEFORE_KILL_S)
+        pool = ThreadPoolExecutor(len(publishers), thread_name_prefix="publisher")
+        try:
+            publishing = [pool.submit(publish, p) for p in publishers]
+        finally:
+            pool.shutdown(wait=False)
+        time.sleep(BEFORE_KILL_S)  # the load runs a while before the kill
         killed_at = time.monotonic()
         nats.nodes[victim].kill9()
 
         # During the election: a new persistent session on each survivor connects and
         # subscribes; both wait for the store instead of failing.
-        time.sleep(0.5)
+        time.sleep(0.5)  # just after the kill, in the election (which takes a few seconds)
         newcomers = []
         for t in survivors:
             c = cl(t, client_id=uid("el-new"), version=V5, clean=False, session_expiry=600)
@@ -150,10 +153,14 @@ def test_no_client_of_a_surviving_node_disconnected_when_the_sessions_leader_die
             newcomers.append(c)
         claimed_after = time.monotonic() - killed_at
 
-        time.sleep(max(0.0, AFTER_KILL_S - (time.monotonic() - killed_at)))
+        time.sleep(max(0.0, AFTER_KILL_S - (time.monotonic() - killed_at)))  # the load runs on through it
         stop.set()
-        for th in threads:
-            th.join(40)
+        failures = []
+        for pub, f in zip(publishers, publishing):
+            try:
+                f.result(timeout=40)
+            except Exception as e:  # noqa: BLE001 - concurrent.futures.TimeoutError included
+                failures.append(f"{pub.client_id}: {e!r}")
         assert not failures, f"publishers failed: {failures}"
         everyone = [s.client for s in subscribers] + publishers + newcomers
         dropped = [(c.client_id, c.last_disconnect()) for c in everyone if not c.connected]
@@ -162,9 +169,8 @@ def test_no_client_of_a_surviving_node_disconnected_when_the_sessions_leader_die
 
         expected = {(pid, n) for pid, nums in acked.items() for n in nums}
         assert len(expected) > 100, f"too little traffic to judge: {len(expected)} acknowledged"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(expected - set(s.counts) for s in subscribers):
-            time.sleep(0.5)
+        # the assertions below say what is missing
+        harness.poll_until(lambda: not any(expected - set(s.counts) for s in subscribers), 60, 0.5)
         for s in subscribers:
             s.stop()
         for s in subscribers:

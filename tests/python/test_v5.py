@@ -5,7 +5,7 @@ import time
 import pytest
 
 import mqtt_raw as R
-from mqtt_client import V5, V311, assert_alive, uid
+from mqtt_client import V5, V311, assert_alive, collect_group, uid
 
 
 # ------------------------------------------------------------------ CONNACK properties
@@ -175,7 +175,7 @@ def test_message_expiry_queued(clients):
     pub.publish(t, b"short", qos=1, props={"MessageExpiryInterval": 1})
     pub.publish(t, b"long", qos=1, props={"MessageExpiryInterval": 60})
     pub.publish(t, b"forever", qos=1)
-    time.sleep(2.5)
+    time.sleep(2.5)  # the 1 s message expiry runs out while the message is queued
     b = clients(client_id=cid, version=V5, clean=False, session_expiry=300).connect()
     got = b.drain(1.0)
     assert [m.payload for m in got] == [b"long", b"forever"], "an expired queued message must not be delivered"
@@ -190,7 +190,7 @@ def test_message_expiry_retained(clients):
     pub = clients.connect(version=V5)
     pub.publish(t1, b"short", qos=1, retain=True, props={"MessageExpiryInterval": 1})
     pub.publish(t2, b"long", qos=1, retain=True, props={"MessageExpiryInterval": 60})
-    time.sleep(2.5)
+    time.sleep(2.5)  # the 1 s message expiry runs out while the message is retained
     sub = clients.connect(version=V5)
     sub.subscribe([(t1, 1), (t2, 1)])
     got = sub.drain(1.0)
@@ -382,9 +382,8 @@ def test_shared_subscriptions(clients):
     n = 40
     for i in range(n):
         pub.publish(topic, str(i).encode(), qos=1)
-    time.sleep(0.5)
-    got1 = [[int(m.payload) for m in c.drain(0.7)] for c in g1]
-    got2 = [int(m.payload) for m in g2.drain(0.5)]
+    got1 = [[int(m.payload) for m in c] for c in collect_group(g1, n, 10, quiet=0.7)]
+    got2 = [int(m.payload) for m in collect_group([g2], n, 10, quiet=0.5)[0]]
     all1 = got1[0] + got1[1]
     assert sorted(all1) == list(range(n)), f"each message goes to exactly one member of g1: {got1}"
     assert sorted(got2) == list(range(n)), "every group gets every message"
