@@ -37,7 +37,7 @@ use crate::kafka::{
     HEADER_SHARE,
 };
 use crate::metrics::{self, Stats};
-use crate::routing::Router;
+use crate::routing::TopicMap;
 
 /// The priority group every ingestor process of one id pulls in (active/standby).
 pub const PRIORITY_GROUP: &str = "jetmq";
@@ -297,7 +297,7 @@ type Prepared = Result<Record, Box<(Record, String)>>;
 /// with its place in the bundle in `jetmq.part`); a dead letter for what cannot be read.
 fn prepare_stored(
     config: &Config,
-    router: &Router,
+    topics: &TopicMap,
     subject: &str,
     body: Bytes,
     seq: u64,
@@ -307,7 +307,7 @@ fn prepare_stored(
             .into_iter()
             .enumerate()
             .map(|(index, part)| {
-                let mut prepared = prepare(config, router, subject, part, seq);
+                let mut prepared = prepare(config, topics, subject, part, seq);
                 let header = (HEADER_PART.to_owned(), Bytes::from(index.to_string()));
                 match &mut prepared {
                     Ok(record) => record.headers.push(header),
@@ -316,7 +316,7 @@ fn prepare_stored(
                 prepared
             })
             .collect(),
-        Ok(_) => vec![prepare(config, router, subject, body, seq)],
+        Ok(_) => vec![prepare(config, topics, subject, body, seq)],
         Err(e) => vec![Err(poison(
             subject,
             body,
@@ -346,7 +346,7 @@ fn poison(subject: &str, body: Bytes, seq: u64, reason: String) -> Box<(Record, 
 
 /// Turns one stored MQTT message into its Kafka record, or into a dead letter if it cannot
 /// be read.
-fn prepare(config: &Config, router: &Router, subject: &str, body: Bytes, seq: u64) -> Prepared {
+fn prepare(config: &Config, topics: &TopicMap, subject: &str, body: Bytes, seq: u64) -> Prepared {
     let poison = |reason: String| poison(subject, body.clone(), seq, reason);
     let (share, mqtt_topic) = parse_stream_subject(subject)
         .map_err(|e| poison(format!("unreadable subject {subject:?}: {e}")))?;
@@ -355,7 +355,7 @@ fn prepare(config: &Config, router: &Router, subject: &str, body: Bytes, seq: u6
     let mut headers = record_headers(&config.ingest, &mqtt_topic, &envelope, seq);
     headers.push((HEADER_SHARE.to_owned(), Bytes::from(share.to_string())));
     Ok(Record {
-        topic: router.route(&mqtt_topic).to_owned(),
+        topic: topics.kafka_topic(&mqtt_topic).to_owned(),
         key: record_key(config.routing.key_mode, &mqtt_topic, &envelope),
         headers,
         value: payload,
@@ -598,7 +598,7 @@ pub async fn run(
     });
     let mut pipeline = Pipeline {
         config: &config,
-        router: Router::new(&config.routing),
+        topics: TopicMap::new(&config.routing),
         shared,
         stats: stats.clone(),
         inflight: FuturesOrdered::new(),
@@ -641,7 +641,7 @@ pub async fn run(
 
 struct Pipeline<'a> {
     config: &'a Config,
-    router: Router,
+    topics: TopicMap,
     shared: Arc<Shared>,
     stats: Arc<Stats>,
     inflight: FuturesOrdered<BoxFuture<'static, Outcome>>,
@@ -716,7 +716,7 @@ impl Pipeline<'_> {
         let (message, acker) = message.split();
         let records = prepare_stored(
             self.config,
-            &self.router,
+            &self.topics,
             message.subject.as_str(),
             message.payload,
             seq,
@@ -966,7 +966,7 @@ mod tests {
     #[test]
     fn prepare_builds_the_record() {
         let config = Config::default();
-        let router = Router::new(&config.routing);
+        let topics = TopicMap::new(&config.routing);
         let env = Envelope {
             qos: 1,
             retain: false,
@@ -975,7 +975,7 @@ mod tests {
             properties: MessageProperties::default(),
         };
         let subject = format!("jetmq.s.0.{}", encode_topic("a/b.c"));
-        let record = prepare(&config, &router, &subject, body(&env, b"xyz"), 9).expect("record");
+        let record = prepare(&config, &topics, &subject, body(&env, b"xyz"), 9).expect("record");
         assert_eq!(record.topic, "mqtt");
         assert_eq!(record.key.as_deref(), Some(&b"a/b.c"[..]));
         assert_eq!(&record.value[..], b"xyz");
@@ -993,7 +993,7 @@ mod tests {
     #[test]
     fn a_bundle_becomes_one_record_per_message_with_its_part() {
         let config = Config::default();
-        let router = Router::new(&config.routing);
+        let topics = TopicMap::new(&config.routing);
         let env = Envelope {
             qos: 1,
             client_id: "c1".into(),
@@ -1004,7 +1004,7 @@ mod tests {
         let bodies = [body(&env, b"one"), body(&env, b"two")];
         let bundle =
             jetmq_common::envelope::encode_bundle(bodies.iter().map(|b| &b[..])).expect("bundles");
-        let records: Vec<Record> = prepare_stored(&config, &router, &subject, bundle, 9)
+        let records: Vec<Record> = prepare_stored(&config, &topics, &subject, bundle, 9)
             .into_iter()
             .map(|r| r.expect("record"))
             .collect();
@@ -1023,13 +1023,13 @@ mod tests {
             assert_eq!(record.key.as_deref(), Some(&b"a/b"[..]));
         }
         // A message stored on its own has no part.
-        let single = prepare_stored(&config, &router, &subject, bodies[0].clone(), 10);
+        let single = prepare_stored(&config, &topics, &subject, bodies[0].clone(), 10);
         assert_eq!(single.len(), 1);
         let single = single.into_iter().next().expect("one").expect("record");
         assert!(single.header(HEADER_PART).is_none());
         // A bundle that cannot be read is one dead letter, whole.
         let broken = Bytes::from_static(&[2, 0, 0, 0, 9]);
-        let dead = prepare_stored(&config, &router, &subject, broken.clone(), 11);
+        let dead = prepare_stored(&config, &topics, &subject, broken.clone(), 11);
         assert_eq!(dead.len(), 1);
         let Err(poison) = dead.into_iter().next().expect("one") else {
             panic!("a broken bundle must be a dead letter");
@@ -1041,10 +1041,10 @@ mod tests {
     #[test]
     fn unreadable_messages_become_dead_letters() {
         let config = Config::default();
-        let router = Router::new(&config.routing);
+        let topics = TopicMap::new(&config.routing);
         let (record, reason) = *prepare(
             &config,
-            &router,
+            &topics,
             "jetmq.s.0.a",
             Bytes::from_static(b"junk"),
             5,
@@ -1054,7 +1054,7 @@ mod tests {
         assert_eq!(&record.value[..], b"junk");
         let (_, reason) = *prepare(
             &config,
-            &router,
+            &topics,
             "other.subject",
             Bytes::from_static(b""),
             6,
