@@ -539,7 +539,7 @@ impl Config {
             .validate()
             .map_err(|e| ConfigError::Value {
                 key: e.key,
-                reason: e.message,
+                reason: e.reason,
             })?;
         check(
             self.nats.replay_buffer_messages > 0,
@@ -595,9 +595,10 @@ impl Config {
         self.dns
             .validate()
             .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
-        self.telemetry
-            .validate()
-            .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
+        self.telemetry.validate().map_err(|e| ConfigError::Value {
+            key: e.key,
+            reason: e.reason,
+        })?;
         Ok(())
     }
 }

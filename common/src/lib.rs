@@ -3,9 +3,11 @@
 
 pub mod envelope;
 pub mod histogram;
+pub mod http;
 pub mod natsauth;
 pub mod natsconn;
 pub mod otel;
+pub mod prometheus;
 pub mod retry;
 pub mod settings;
 pub mod shares;

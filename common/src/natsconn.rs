@@ -12,6 +12,9 @@ use std::time::Duration;
 use async_nats::{ConnectError, ConnectErrorKind, ConnectOptions};
 use serde::{Deserialize, Serialize};
 
+use crate::retry::Backoff;
+use crate::settings::InvalidSetting;
+
 /// `[nats]` security keys. Used with `#[serde(flatten)]`, so the keys sit directly in each
 /// program's `[nats]` table.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -39,25 +42,14 @@ pub struct NatsSecurity {
     pub tls_key_file: Option<PathBuf>,
 }
 
-/// A `[nats]` key with a bad value.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key}: {message}")]
-pub struct InvalidKey {
-    pub key: &'static str,
-    pub message: String,
-}
-
-fn invalid(key: &'static str, message: impl Into<String>) -> InvalidKey {
-    InvalidKey {
-        key,
-        message: message.into(),
-    }
+fn invalid(key: &'static str, reason: impl Into<String>) -> InvalidSetting {
+    InvalidSetting::new(key, reason)
 }
 
 impl NatsSecurity {
     /// Checks the combination of keys and that the named files exist, so a typo stops the
     /// program at start-up with the key's name rather than at the first connection.
-    pub fn validate(&self) -> Result<(), InvalidKey> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.user.is_some() != self.password.is_some() {
             return Err(invalid(
                 "nats.user",
@@ -154,7 +146,7 @@ impl NatsSecurity {
     }
 }
 
-fn check_user_seed(key: &'static str, seed: &str) -> Result<(), InvalidKey> {
+fn check_user_seed(key: &'static str, seed: &str) -> Result<(), InvalidSetting> {
     let pair = nkeys::KeyPair::from_seed(seed.trim())
         .map_err(|e| invalid(key, format!("not an NKEY seed: {e}")))?;
     if pair.key_pair_type() != nkeys::KeyPairType::User {
@@ -244,25 +236,24 @@ where
     Fut: std::future::Future<Output = std::io::Result<ConnectOptions>>,
 {
     let deadline = tokio::time::Instant::now() + patience;
-    let mut delay = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         let options = make_options().await.map_err(|e| e.to_string())?;
-        match options.connect(addrs.to_vec()).await {
+        let err = match options.connect(addrs.to_vec()).await {
             Ok(client) => return Ok(client),
             Err(err) if is_permanent(&err) => return Err(explain(&err)),
-            Err(err) if tokio::time::Instant::now() + delay < deadline => {
-                tracing::warn!(error = %err, retry_in = ?delay, "NATS not reachable yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(err) => {
-                return Err(format!(
-                    "{} (gave up after {}s)",
-                    explain(&err),
-                    patience.as_secs()
-                ))
-            }
+            Err(err) => err,
+        };
+        let delay = backoff.next_pause();
+        if tokio::time::Instant::now() + delay >= deadline {
+            return Err(format!(
+                "{} (gave up after {}s)",
+                explain(&err),
+                patience.as_secs()
+            ));
         }
+        tracing::warn!(error = %err, retry_in = ?delay, "NATS not reachable yet; retrying");
+        tokio::time::sleep(delay).await;
     }
 }
 

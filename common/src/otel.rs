@@ -18,6 +18,8 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use serde::{Deserialize, Serialize};
 
+use crate::settings::InvalidSetting;
+
 pub use opentelemetry::trace::{Span as SpanTrait, SpanKind, Status};
 pub use opentelemetry_sdk::trace::Span;
 
@@ -60,17 +62,17 @@ impl Default for TelemetryConfig {
 }
 
 impl TelemetryConfig {
-    /// Checks values serde cannot; `Err((key, reason))`.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    /// Checks values serde cannot.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if !(0.0..=1.0).contains(&self.sampling_ratio) {
-            return Err((
+            return Err(InvalidSetting::new(
                 "telemetry.sampling_ratio",
                 format!("{} is not between 0.0 and 1.0", self.sampling_ratio),
             ));
         }
         if let Some(url) = &self.otlp_endpoint {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err((
+                return Err(InvalidSetting::new(
                     "telemetry.otlp_endpoint",
                     format!("{url:?} must be an http:// or https:// URL (OTLP/HTTP)"),
                 ));
@@ -311,10 +313,10 @@ mod tests {
         let mut c = TelemetryConfig::default();
         assert!(c.validate().is_ok());
         c.sampling_ratio = 1.5;
-        assert_eq!(c.validate().unwrap_err().0, "telemetry.sampling_ratio");
+        assert_eq!(c.validate().unwrap_err().key, "telemetry.sampling_ratio");
         c.sampling_ratio = 0.5;
         c.otlp_endpoint = Some("collector:4317".into());
-        assert_eq!(c.validate().unwrap_err().0, "telemetry.otlp_endpoint");
+        assert_eq!(c.validate().unwrap_err().key, "telemetry.otlp_endpoint");
     }
 
     #[test]

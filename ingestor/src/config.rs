@@ -1,5 +1,10 @@
 //! Configuration: defaults, then a TOML file, then `JETMQ_<SECTION>__<KEY>` environment
 //! variables, then command-line flags. Every key is documented in docs/ingestor.md.
+//!
+//! Entry points: [`Config::load`] (all sources, then [`Config::validate`]) and
+//! [`Config::redacted`] for printing. The file stays whole: each section's keys, defaults
+//! and checks are read together, and its non-test part (about 530 lines) is under the
+//! size at which we split.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,6 +17,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
 use jetmq_common::natsconn::NatsSecurity;
+use jetmq_common::settings::InvalidSetting;
 
 use crate::routing::{validate_filter, validate_kafka_topic};
 
@@ -23,17 +29,15 @@ const SECTIONS: [&str; 6] = ["nats", "kafka", "ingest", "routing", "metrics", "t
 pub enum ConfigError {
     #[error("invalid configuration: {0}")]
     Load(Box<figment::Error>),
-    #[error("invalid configuration: {key}: {message}")]
-    Invalid { key: String, message: String },
+    /// A value `validate()` refused (the key as written, and why).
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] InvalidSetting),
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
 }
 
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
+fn invalid(key: &'static str, reason: impl Into<String>) -> InvalidSetting {
+    InvalidSetting::new(key, reason)
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -359,10 +363,9 @@ impl Config {
         Ok(config)
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.telemetry
-            .validate()
-            .map_err(|(key, reason)| invalid(key, reason))?;
+    /// Checks what serde cannot: ranges, combinations, names; the error names the key.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        self.telemetry.validate()?;
         let n = &self.nats;
         if n.urls.is_empty() {
             return Err(invalid(
@@ -374,9 +377,7 @@ impl Config {
             url.parse::<async_nats::ServerAddr>()
                 .map_err(|e| invalid("nats.urls", format!("{url:?} is not a NATS URL: {e}")))?;
         }
-        n.security
-            .validate()
-            .map_err(|e| invalid(e.key, e.message))?;
+        n.security.validate()?;
         if !(1..=5).contains(&n.stream_replicas) {
             return Err(invalid("nats.stream_replicas", "must be between 1 and 5"));
         }
@@ -456,7 +457,12 @@ impl Config {
                 } else {
                     "transactions are not used"
                 };
-                return Err(invalid(format!("kafka.client.{forbidden}"), why));
+                let key = if forbidden == "bootstrap.servers" {
+                    "kafka.client.bootstrap.servers"
+                } else {
+                    "kafka.client.transactional.id"
+                };
+                return Err(invalid(key, why));
             }
         }
 
@@ -482,9 +488,9 @@ impl Config {
         }
         for (idx, rule) in r.rules.iter().enumerate() {
             validate_filter(&rule.filter)
-                .map_err(|m| invalid(format!("routing.rules[{idx}].filter"), m))?;
+                .map_err(|m| invalid("routing.rules", m).within(format!("[{idx}].filter")))?;
             validate_kafka_topic(&rule.topic)
-                .map_err(|m| invalid(format!("routing.rules[{idx}].topic"), m))?;
+                .map_err(|m| invalid("routing.rules", m).within(format!("[{idx}].topic")))?;
         }
 
         let m = &self.metrics;

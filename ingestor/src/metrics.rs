@@ -1,14 +1,23 @@
 //! Counters, logged periodically and served as Prometheus text on `GET /metrics`, next to
-//! `GET /healthz` (the process answers) and `GET /readyz` (consuming its share).
+//! `GET /healthz` (the process answers) and `GET /readyz` (consuming its share); and the
+//! tickers that keep them current ([`watch_lag`], [`log_summaries`]).
+//!
+//! The endpoint is [`jetmq_common::http`], the page [`jetmq_common::prometheus`]; what the
+//! ingestor counts is [`Stats`].
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::PullConsumer;
 use jetmq_common::histogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use jetmq_common::http::{self, Response, Status};
+use jetmq_common::prometheus::Page;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::{debug, info};
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -73,7 +82,8 @@ impl Stats {
 
     /// Prometheus text exposition format, labelled with the ingestor id.
     pub fn prometheus(&self, mqtt_id: u32) -> String {
-        let mut out = String::new();
+        let mqtt_id = mqtt_id.to_string();
+        let mut page = Page::with_labels(&[("mqtt_id", &mqtt_id)]);
         let counters: [(&str, &str, &AtomicU64); 8] = [
             ("consumed", "Messages taken from JetStream", &self.consumed),
             ("produced", "Records Kafka confirmed", &self.produced),
@@ -97,10 +107,11 @@ impl Stats {
             ),
         ];
         for (name, help, value) in counters {
-            out.push_str(&format!(
-                "# HELP jetmq_ingestor_{name}_total {help}.\n# TYPE jetmq_ingestor_{name}_total counter\njetmq_ingestor_{name}_total{{mqtt_id=\"{mqtt_id}\"}} {}\n",
-                Self::get(value)
-            ));
+            page.counter(
+                &format!("jetmq_ingestor_{name}_total"),
+                &format!("{help}."),
+                Self::get(value),
+            );
         }
         let gauges: [(&str, &str, &AtomicI64); 2] = [
             (
@@ -115,6 +126,142 @@ impl Stats {
             ),
         ];
         for (name, help, value) in gauges {
+            page.gauge(
+                &format!("jetmq_ingestor_{name}"),
+                &format!("{help}."),
+                value.load(Ordering::Relaxed),
+            );
+        }
+        page.gauge(
+            "jetmq_ingestor_ready",
+            "Consuming its share (1) or not (0).",
+            i64::from(self.ready.load(Ordering::Relaxed)),
+        );
+        page.histogram(
+            "jetmq_ingestor_kafka_produce_seconds",
+            "Time from handing a record to the Kafka producer until Kafka confirmed it.",
+            &self.produce_latency,
+        );
+        page.finish()
+    }
+
+    /// The answer to a request for `path`.
+    fn answer(&self, path: &str, mqtt_id: u32) -> Response {
+        match path {
+            "/healthz" => Response::text(Status::Ok, "ok\n"),
+            "/readyz" => Response::readiness(self.ready.load(Ordering::Relaxed)),
+            // Every other path is the metrics page, as it always was.
+            _ => Response::metrics(self.prometheus(mqtt_id)),
+        }
+    }
+}
+
+/// Serves `GET /healthz`, `GET /readyz` and `GET /metrics` (any other path, in fact) on
+/// `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, stats: Arc<Stats>, mqtt_id: u32) {
+    http::serve(listener, move |path: &str| stats.answer(path, mqtt_id)).await;
+}
+
+/// Binds the metrics endpoint.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Binds the metrics endpoint on `addr` (`metrics.listen`) and serves it from a task of
+/// its own.
+pub async fn start_endpoint(
+    addr: SocketAddr,
+    stats: Arc<Stats>,
+    mqtt_id: u32,
+) -> anyhow::Result<JoinHandle<()>> {
+    let listener = bind(addr)
+        .await
+        .with_context(|| format!("metrics.listen {addr}"))?;
+    // The bound address: with port 0 the system chose it.
+    let addr = listener.local_addr().unwrap_or(addr);
+    info!(%addr, "metrics endpoint on /metrics");
+    Ok(tokio::spawn(serve(listener, stats, mqtt_id)))
+}
+
+/// Keeps [`Stats::lag`] at the consumer's `num_pending`, asked for every `every`.
+pub fn watch_lag(consumer: PullConsumer, stats: Arc<Stats>, every: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            match consumer.get_info().await {
+                Ok(info) => stats.lag.store(
+                    i64::try_from(info.num_pending).unwrap_or(i64::MAX),
+                    Ordering::Relaxed,
+                ),
+                Err(e) => debug!(error = %e, "consumer info failed"),
+            }
+        }
+    })
+}
+
+/// Logs [`Stats::summary`] every `every` (the first time after `every`, not at once).
+pub fn log_summaries(stats: Arc<Stats>, mqtt_id: u32, every: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            info!(mqtt_id, "{}", stats.summary());
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The page as the ingestor wrote it by hand before it used `jetmq_common::prometheus`.
+    fn handwritten(stats: &Stats, mqtt_id: u32) -> String {
+        let s = stats;
+        let mut out = String::new();
+        let counters: [(&str, &str, &AtomicU64); 8] = [
+            ("consumed", "Messages taken from JetStream", &s.consumed),
+            ("produced", "Records Kafka confirmed", &s.produced),
+            ("failed", "Failed produce attempts", &s.failed),
+            (
+                "dead_lettered",
+                "Records written to the dead-letter topic",
+                &s.dead_lettered,
+            ),
+            ("acked", "Messages acked in JetStream", &s.acked),
+            (
+                "terminated",
+                "Messages terminated in JetStream",
+                &s.terminated,
+            ),
+            ("nacked", "Messages handed back to JetStream", &s.nacked),
+            (
+                "redelivered",
+                "Messages JetStream delivered more than once",
+                &s.redelivered,
+            ),
+        ];
+        for (name, help, value) in counters {
+            out.push_str(&format!(
+                "# HELP jetmq_ingestor_{name}_total {help}.\n# TYPE jetmq_ingestor_{name}_total counter\njetmq_ingestor_{name}_total{{mqtt_id=\"{mqtt_id}\"}} {}\n",
+                Stats::get(value)
+            ));
+        }
+        let gauges: [(&str, &str, &AtomicI64); 2] = [
+            (
+                "in_flight",
+                "Records awaiting Kafka confirmation",
+                &s.in_flight,
+            ),
+            (
+                "lag",
+                "Messages of the share not yet delivered (consumer num_pending, -1 unknown)",
+                &s.lag,
+            ),
+        ];
+        for (name, help, value) in gauges {
             out.push_str(&format!(
                 "# HELP jetmq_ingestor_{name} {help}.\n# TYPE jetmq_ingestor_{name} gauge\njetmq_ingestor_{name}{{mqtt_id=\"{mqtt_id}\"}} {}\n",
                 value.load(Ordering::Relaxed)
@@ -122,9 +269,9 @@ impl Stats {
         }
         out.push_str(&format!(
             "# HELP jetmq_ingestor_ready Consuming its share (1) or not (0).\n# TYPE jetmq_ingestor_ready gauge\njetmq_ingestor_ready{{mqtt_id=\"{mqtt_id}\"}} {}\n",
-            u8::from(self.ready.load(Ordering::Relaxed))
+            u8::from(s.ready.load(Ordering::Relaxed))
         ));
-        self.produce_latency.render(
+        s.produce_latency.render(
             &mut out,
             "jetmq_ingestor_kafka_produce_seconds",
             "Time from handing a record to the Kafka producer until Kafka confirmed it.",
@@ -133,73 +280,18 @@ impl Stats {
         out
     }
 
-    /// Status line and body for a request `path`.
-    fn answer(&self, path: &str, mqtt_id: u32) -> (&'static str, String) {
-        match path {
-            "/healthz" => ("200 OK", "ok\n".to_owned()),
-            "/readyz" if self.ready.load(Ordering::Relaxed) => ("200 OK", "ready\n".to_owned()),
-            "/readyz" => ("503 Service Unavailable", "not ready\n".to_owned()),
-            // Every other path is the metrics page, as it always was.
-            _ => ("200 OK", self.prometheus(mqtt_id)),
-        }
+    #[test]
+    fn the_page_is_byte_for_byte_what_it_was() {
+        let stats = Stats::new();
+        Stats::inc(&stats.consumed);
+        Stats::inc(&stats.failed);
+        stats.in_flight.store(4, Ordering::Relaxed);
+        stats.ready.store(true, Ordering::Relaxed);
+        stats.produce_latency.observe(Duration::from_millis(7));
+        assert_eq!(stats.prometheus(12), handwritten(&stats, 12));
+        stats.ready.store(false, Ordering::Relaxed);
+        assert_eq!(stats.prometheus(0), handwritten(&stats, 0));
     }
-}
-
-/// Serves `GET /healthz`, `GET /readyz` and `GET /metrics` (any other path, in fact) on
-/// `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, stats: Arc<Stats>, mqtt_id: u32) {
-    loop {
-        let (mut socket, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics endpoint accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            // Read the request head (bounded in size and time); its content does not matter.
-            let mut buf = [0u8; 4096];
-            let mut len = 0;
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while len < buf.len() {
-                    match socket.read(&mut buf[len..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            len += n;
-                            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                                break;
-                            }
-                        }
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let path = head.split_whitespace().nth(1).unwrap_or("/metrics");
-            let (status, body) = stats.answer(path, mqtt_id);
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(response.as_bytes()).await;
-            let _ = socket.shutdown().await;
-        });
-    }
-}
-
-/// Binds the metrics endpoint.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[tokio::test]
     async fn endpoint_serves_counters() {

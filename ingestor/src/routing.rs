@@ -72,16 +72,19 @@ pub fn validate_kafka_topic(topic: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The routing rules, checked.
+/// The routing rules, checked: which Kafka topic each MQTT topic goes to.
+///
+/// Named apart from the broker's `Router` (which hands messages to subscribers): this one
+/// only maps topic names.
 #[derive(Debug, Clone)]
-pub struct Router {
+pub struct TopicMap {
     rules: Vec<(String, String)>,
     default_topic: String,
 }
 
-impl Router {
+impl TopicMap {
     pub fn new(config: &RoutingConfig) -> Self {
-        Router {
+        TopicMap {
             rules: config
                 .rules
                 .iter()
@@ -92,7 +95,7 @@ impl Router {
     }
 
     /// The Kafka topic of an MQTT topic.
-    pub fn route(&self, mqtt_topic: &str) -> &str {
+    pub fn kafka_topic(&self, mqtt_topic: &str) -> &str {
         self.rules
             .iter()
             .find(|(filter, _)| filter_matches(filter, mqtt_topic))
@@ -165,7 +168,7 @@ mod tests {
 
     #[test]
     fn first_rule_wins_else_default() {
-        let router = Router::new(&RoutingConfig {
+        let topics = TopicMap::new(&RoutingConfig {
             rules: vec![
                 RouteRule {
                     filter: "sensors/+/temp".into(),
@@ -183,10 +186,10 @@ mod tests {
             default_topic: "default".into(),
             ..Default::default()
         });
-        assert_eq!(router.route("sensors/1/temp"), "temps");
-        assert_eq!(router.route("sensors/1/humidity"), "sensors");
-        assert_eq!(router.route("sensors"), "sensors");
-        assert_eq!(router.route("other"), "rest");
-        assert_eq!(router.route("$SYS/broker"), "default");
+        assert_eq!(topics.kafka_topic("sensors/1/temp"), "temps");
+        assert_eq!(topics.kafka_topic("sensors/1/humidity"), "sensors");
+        assert_eq!(topics.kafka_topic("sensors"), "sensors");
+        assert_eq!(topics.kafka_topic("other"), "rest");
+        assert_eq!(topics.kafka_topic("$SYS/broker"), "default");
     }
 }

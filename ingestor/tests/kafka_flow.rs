@@ -7,7 +7,6 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -17,14 +16,14 @@ use jetmq_common::subject::publish_subject;
 use jetmq_ingestor::mapping::{generate, Mode};
 use support::*;
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 fn serial<F, Fut>(test: F)
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = SERIAL.lock();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

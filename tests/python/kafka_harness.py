@@ -117,24 +117,12 @@ class Tansu(ManagedProcess):
 
 
 def ingestor_toml(nats_urls: Iterable[str], bootstrap: str, extra: str = "") -> str:
-    """Test defaults: short timers, so redelivery and takeover happen within a test."""
-    urls = ",".join(nats_urls)
-    return f"""
-[nats]
-urls = "{urls}"
-ack_wait_secs = 5
-pin_timeout_secs = 3
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-linger_ms = 5
-
-[metrics]
-log_interval_secs = 2
-lag_interval_secs = 1
-
-{extra}
-"""
+    """Test defaults (tests/fixtures/ingestor.toml, shared with the Rust harness): short timers,
+    so redelivery and takeover happen within a test."""
+    template = (REPO_ROOT / "tests" / "fixtures" / "ingestor.toml").read_text()
+    return (template.replace("{nats_urls}", ",".join(nats_urls))
+            .replace("{bootstrap}", bootstrap)
+            .replace("{extra}", extra))
 
 
 class Ingestor(ManagedProcess):

@@ -1,13 +1,17 @@
 //! Real nats-server, tansu (Kafka API) and jetmq-ingestor processes for integration tests.
 //! Every process listens on a free loopback port, works in its own temp dir, and is killed
 //! when its handle is dropped.
+//!
+//! One file, though long (~850 lines): every integration test binary includes it with
+//! `mod support;`, and its sections (binaries, nats-server, tansu, jetmq-ingestor) share
+//! the port, process and log helpers at the top.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -15,6 +19,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use jetmq_common::envelope::Envelope;
 use jetmq_common::subject::publish_subject;
+use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -157,11 +162,7 @@ fn credentials() -> &'static Mutex<HashMap<u16, PathBuf>> {
 }
 
 fn credentials_of(port: u16) -> Option<PathBuf> {
-    credentials()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&port)
-        .cloned()
+    credentials().lock().get(&port).cloned()
 }
 
 /// Generates a cluster's NATS credentials into `dir` (routes: `host:port` of each node).
@@ -217,10 +218,7 @@ impl NatsServer {
     ) -> NatsServer {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).expect("nats dir");
-        credentials()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(port, auth.to_owned());
+        credentials().lock().insert(port, auth.to_owned());
         let body = format!(
             "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{extra}\ninclude \"{relative}/{}\"\n",
             dir.join("js").display(),
@@ -583,26 +581,14 @@ pub struct IngestorProc {
     metrics_port: std::sync::OnceLock<u16>,
 }
 
-/// Test defaults: short timers so redelivery and takeover happen within a test.
+/// Test defaults: short timers so redelivery and takeover happen within a test. The
+/// template is shared with the Python harness (`tests/python/kafka_harness.py`).
 pub fn ingestor_toml(nats_urls: &str, bootstrap: &str, extra: &str) -> String {
-    format!(
-        r#"
-[nats]
-urls = "{nats_urls}"
-ack_wait_secs = 5
-pin_timeout_secs = 3
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-linger_ms = 5
-
-[metrics]
-log_interval_secs = 2
-lag_interval_secs = 1
-
-{extra}
-"#
-    )
+    const TEMPLATE: &str = include_str!("../../../tests/fixtures/ingestor.toml");
+    TEMPLATE
+        .replace("{nats_urls}", nats_urls)
+        .replace("{bootstrap}", bootstrap)
+        .replace("{extra}", extra)
 }
 
 impl IngestorProc {
