@@ -16,6 +16,8 @@
 //! username and client id, a certificate name (`tls.username_from_cert`) and a JWT claim.
 //! Mosquitto made the same change for CVE-2017-7650.
 
+use jetmq_common::settings::InvalidSetting;
+
 use serde::{Deserialize, Serialize};
 
 use crate::topic;
@@ -109,11 +111,15 @@ fn expand<'f>(filter: &'f str, who: Principal<'_>) -> Option<std::borrow::Cow<'f
 }
 
 impl AclConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         for (i, rule) in self.rules.iter().enumerate() {
             let probe = rule.filter.replace("%u", "u").replace("%c", "c");
-            topic::parse_filter(&probe, usize::MAX, usize::MAX)
-                .map_err(|e| format!("rule {} filter {:?}: {e:?}", i + 1, rule.filter))?;
+            topic::parse_filter(&probe, usize::MAX, usize::MAX).map_err(|e| {
+                InvalidSetting::new(
+                    "acl.rules",
+                    format!("rule {} filter {:?}: {e:?}", i + 1, rule.filter),
+                )
+            })?;
         }
         Ok(())
     }

@@ -23,6 +23,7 @@
 //! checks of one username take turns, so a reconnect storm of devices sharing a login costs
 //! one argon2 run, not one per device (each also holds argon2's 19 MiB while it runs).
 
+use jetmq_common::settings::InvalidSetting;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -151,20 +152,23 @@ impl AuthConfig {
     }
 
     /// Syntax checks (no files are read). Errors name the key.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         let mut seen = std::collections::HashSet::new();
         for (i, user) in self.users.iter().enumerate() {
             if user.username.is_empty() {
-                return Err(("auth.users", format!("user {}: empty username", i + 1)));
+                return Err(InvalidSetting::new(
+                    "auth.users",
+                    format!("user {}: empty username", i + 1),
+                ));
             }
             if !seen.insert(user.username.as_str()) {
-                return Err((
+                return Err(InvalidSetting::new(
                     "auth.users",
                     format!("user {:?} is listed twice", user.username),
                 ));
             }
             PasswordHash::new(&user.password_hash).map_err(|e| {
-                (
+                InvalidSetting::new(
                     "auth.users",
                     format!(
                         "user {:?}: password_hash is not a PHC string ({e}); make one with `jetmq-broker hash-password`",
@@ -175,14 +179,14 @@ impl AuthConfig {
         }
         let jwt = &self.jwt;
         if jwt.secret.is_some() && jwt.public_key_file.is_some() {
-            return Err((
+            return Err(InvalidSetting::new(
                 "auth.jwt",
-                "set either secret (HS*) or public_key_file (RS*/ES*), not both".into(),
+                "set either secret (HS*) or public_key_file (RS*/ES*), not both",
             ));
         }
         if jwt.enabled() {
             if jwt.algorithm.symmetric() != jwt.secret.is_some() {
-                return Err((
+                return Err(InvalidSetting::new(
                     "auth.jwt.algorithm",
                     format!(
                         "{:?} needs {}",
@@ -196,10 +200,16 @@ impl AuthConfig {
                 ));
             }
             if jwt.secret.as_deref().is_some_and(|s| s.len() < 32) {
-                return Err(("auth.jwt.secret", "must be at least 32 bytes long".into()));
+                return Err(InvalidSetting::new(
+                    "auth.jwt.secret",
+                    "must be at least 32 bytes long",
+                ));
             }
             if jwt.username_claim.is_empty() {
-                return Err(("auth.jwt.username_claim", "must not be empty".into()));
+                return Err(InvalidSetting::new(
+                    "auth.jwt.username_claim",
+                    "must not be empty",
+                ));
             }
         }
         Ok(())
@@ -616,7 +626,7 @@ mod tests {
         assert!(config.validate().is_ok());
         let mut bad = config.clone();
         bad.users[0].password_hash = "plaintext".into();
-        assert_eq!(bad.validate().unwrap_err().0, "auth.users");
+        assert_eq!(bad.validate().unwrap_err().key, "auth.users");
         let mut twice = config.clone();
         twice.users.push(twice.users[0].clone());
         assert!(twice.validate().is_err());
@@ -885,10 +895,10 @@ mod tests {
     fn jwt_config_is_validated() {
         let mut config = AuthConfig::default();
         config.jwt.secret = Some("short".into());
-        assert_eq!(config.validate().unwrap_err().0, "auth.jwt.secret");
+        assert_eq!(config.validate().unwrap_err().key, "auth.jwt.secret");
         config.jwt.secret = Some(SECRET.into());
         config.jwt.algorithm = JwtAlgorithm::RS256;
-        assert_eq!(config.validate().unwrap_err().0, "auth.jwt.algorithm");
+        assert_eq!(config.validate().unwrap_err().key, "auth.jwt.algorithm");
         config.jwt.algorithm = JwtAlgorithm::HS512;
         assert!(config.validate().is_ok());
         assert!(looks_like_jwt(b"a.b.c").is_some());

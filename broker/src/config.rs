@@ -9,6 +9,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use jetmq_common::natsconn::NatsSecurity;
+use jetmq_common::settings::InvalidSetting;
 
 use crate::auth::AclConfig;
 use crate::authn::AuthConfig;
@@ -392,8 +393,8 @@ pub enum ConfigError {
     MissingFile(PathBuf),
     #[error("invalid configuration: {0}")]
     Invalid(#[from] Box<figment::Error>),
-    #[error("invalid configuration: {key}: {reason}")]
-    Value { key: &'static str, reason: String },
+    #[error("invalid configuration: {0}")]
+    Setting(#[from] InvalidSetting),
 }
 
 impl Config {
@@ -439,10 +440,7 @@ impl Config {
             if ok {
                 Ok(())
             } else {
-                Err(ConfigError::Value {
-                    key,
-                    reason: reason.to_owned(),
-                })
+                Err(InvalidSetting::new(key, reason).into())
             }
         }
         check(
@@ -534,13 +532,7 @@ impl Config {
             "limits.max_write_buffer",
             "must be at least 4096 bytes",
         )?;
-        self.nats
-            .security
-            .validate()
-            .map_err(|e| ConfigError::Value {
-                key: e.key,
-                reason: e.reason,
-            })?;
+        self.nats.security.validate()?;
         check(
             self.nats.replay_buffer_messages > 0,
             "nats.replay_buffer_messages",
@@ -576,29 +568,17 @@ impl Config {
             "drain.server_reference",
             "must be a non-empty string shorter than 64 KiB",
         )?;
-        self.acl.validate().map_err(|reason| ConfigError::Value {
-            key: "acl.rules",
-            reason,
-        })?;
+        self.acl.validate()?;
         check(
             self.listen.ws_path.starts_with('/'),
             "listen.ws_path",
             "must start with '/'",
         )?;
         let tls_listener = self.listen.tls.is_some() || self.listen.wss.is_some();
-        self.tls
-            .validate(tls_listener)
-            .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
-        self.auth
-            .validate()
-            .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
-        self.dns
-            .validate()
-            .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
-        self.telemetry.validate().map_err(|e| ConfigError::Value {
-            key: e.key,
-            reason: e.reason,
-        })?;
+        self.tls.validate(tls_listener)?;
+        self.auth.validate()?;
+        self.dns.validate()?;
+        self.telemetry.validate()?;
         Ok(())
     }
 }

@@ -5,6 +5,7 @@
 //! reconnect attempt of the NATS client, and every `dns.refresh_secs` while connected. See
 //! docs/dns.md for what async-nats lets us do with the answers and where that stops.
 
+use jetmq_common::settings::InvalidSetting;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,12 +44,12 @@ impl Default for DnsConfig {
 }
 
 impl DnsConfig {
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         for ns in &self.nameservers {
-            parse_nameserver(ns).map_err(|e| ("dns.nameservers", e))?;
+            parse_nameserver(ns).map_err(|e| InvalidSetting::new("dns.nameservers", e))?;
         }
         if self.timeout_ms == 0 {
-            return Err(("dns.timeout_ms", "must be positive".to_owned()));
+            return Err(InvalidSetting::new("dns.timeout_ms", "must be positive"));
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! the session they negotiated and new handshakes use the new certificate. A reload that
 //! fails (missing file, key not matching) is logged and the old configuration stays.
 
+use jetmq_common::settings::InvalidSetting;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -82,32 +83,35 @@ impl Default for TlsConfig {
 
 impl TlsConfig {
     /// Checks what can be checked without reading files. `needed`: a TLS listener is on.
-    pub fn validate(&self, needed: bool) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self, needed: bool) -> Result<(), InvalidSetting> {
         if needed && self.cert_file.is_none() {
-            return Err((
+            return Err(InvalidSetting::new(
                 "tls.cert_file",
-                "required by listen.tls / listen.wss".into(),
+                "required by listen.tls / listen.wss",
             ));
         }
         if needed && self.key_file.is_none() {
-            return Err(("tls.key_file", "required by listen.tls / listen.wss".into()));
+            return Err(InvalidSetting::new(
+                "tls.key_file",
+                "required by listen.tls / listen.wss",
+            ));
         }
         if self.client_auth != ClientAuth::None && self.client_ca_file.is_none() {
-            return Err((
+            return Err(InvalidSetting::new(
                 "tls.client_ca_file",
-                "required when tls.client_auth is optional or required".into(),
+                "required when tls.client_auth is optional or required",
             ));
         }
         if self.crl_file.is_some() && self.client_auth == ClientAuth::None {
-            return Err((
+            return Err(InvalidSetting::new(
                 "tls.crl_file",
-                "needs tls.client_auth = \"optional\" or \"required\"".into(),
+                "needs tls.client_auth = \"optional\" or \"required\"",
             ));
         }
         if self.username_from_cert != CertName::None && self.client_auth == ClientAuth::None {
-            return Err((
+            return Err(InvalidSetting::new(
                 "tls.username_from_cert",
-                "needs tls.client_auth = \"optional\" or \"required\"".into(),
+                "needs tls.client_auth = \"optional\" or \"required\"",
             ));
         }
         Ok(())
@@ -329,23 +333,23 @@ mod tests {
     fn validation_names_the_missing_key() {
         let mut config = TlsConfig::default();
         assert!(config.validate(false).is_ok());
-        assert_eq!(config.validate(true).unwrap_err().0, "tls.cert_file");
+        assert_eq!(config.validate(true).unwrap_err().key, "tls.cert_file");
         config.cert_file = Some("c.pem".into());
         config.key_file = Some("k.pem".into());
         config.username_from_cert = CertName::Cn;
         assert_eq!(
-            config.validate(true).unwrap_err().0,
+            config.validate(true).unwrap_err().key,
             "tls.username_from_cert"
         );
         config.client_auth = ClientAuth::Required;
-        assert_eq!(config.validate(true).unwrap_err().0, "tls.client_ca_file");
+        assert_eq!(config.validate(true).unwrap_err().key, "tls.client_ca_file");
         config.client_ca_file = Some("ca.pem".into());
         assert!(config.validate(true).is_ok());
         config.crl_file = Some("crl.pem".into());
         assert!(config.validate(true).is_ok());
         config.client_auth = ClientAuth::None;
         config.username_from_cert = CertName::None;
-        assert_eq!(config.validate(true).unwrap_err().0, "tls.crl_file");
+        assert_eq!(config.validate(true).unwrap_err().key, "tls.crl_file");
     }
 
     #[test]
