@@ -24,10 +24,11 @@
 //! one argon2 run, not one per device (each also holds argon2's 19 MiB while it runs).
 
 use jetmq_common::settings::InvalidSetting;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -493,7 +494,7 @@ impl Authenticator {
         if username.is_empty() {
             return false;
         }
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let cache = self.cache.lock();
         cache
             .get(username)
             .is_some_and(|(known, at)| known == key && at.elapsed() < CACHE_TTL)
@@ -530,7 +531,7 @@ impl Authenticator {
             .await
             .unwrap_or(false);
         if ok && !username.is_empty() {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self.cache.lock();
             if cache.len() >= CACHE_MAX {
                 cache.clear();
             }

@@ -6,10 +6,11 @@
 //! docs/dns.md for what async-nats lets us do with the answers and where that stops.
 
 use jetmq_common::settings::InvalidSetting;
+use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{ConnectOptions, ReconnectToServer, ServerAddr};
@@ -341,15 +342,12 @@ impl NatsAddresses {
                 }
             }
         }
-        *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = out.clone();
+        *self.latest.lock() = out.clone();
         out
     }
 
     fn latest(&self) -> Vec<String> {
-        self.latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.latest.lock().clone()
     }
 
     /// Which server of the client's pool to try next: one the latest answer still lists,

@@ -1,8 +1,9 @@
 //! Retained messages: stored in the `JETMQ_RETAINED` stream (one message per topic), and
 //! mirrored in memory on every node so a SUBSCRIBE is answered without a round trip.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use jetmq_common::envelope::Envelope;
@@ -21,7 +22,7 @@ pub struct RetainedCache {
 impl RetainedCache {
     /// Records the retained message of a topic; an empty payload deletes it.
     pub fn apply(&self, msg: MessageRef) {
-        let mut map = self.by_topic.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.by_topic.write();
         if msg.payload.is_empty() {
             map.remove(&msg.topic);
         } else {
@@ -31,7 +32,7 @@ impl RetainedCache {
 
     /// Retained messages whose topic matches `filter` (without `$share/`).
     pub fn matching(&self, filter: &str) -> Vec<MessageRef> {
-        let map = self.by_topic.read().unwrap_or_else(|p| p.into_inner());
+        let map = self.by_topic.read();
         if !filter.contains(['+', '#']) {
             return map.get(filter).cloned().into_iter().collect();
         }
@@ -42,10 +43,7 @@ impl RetainedCache {
     }
 
     pub fn len(&self) -> usize {
-        self.by_topic
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.by_topic.read().len()
     }
 
     pub fn is_empty(&self) -> bool {

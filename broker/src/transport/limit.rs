@@ -12,9 +12,10 @@
 //! than one user's rate in all. It is attached once CONNECT is authenticated; until then
 //! only the connection's own budget applies.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -112,10 +113,7 @@ impl ConnectRate {
     fn admit_at(&self, now: Instant) -> bool {
         match &self.bucket {
             None => true,
-            Some(bucket) => bucket
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .try_take(now),
+            Some(bucket) => bucket.lock().try_take(now),
         }
     }
 }
@@ -215,7 +213,7 @@ impl PerIp {
 
     fn admit_at(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<PerIpGuard, PerIpRefusal> {
         let key = ip_key(ip);
-        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = self.table.lock();
         if !table.entries.contains_key(&key) && table.entries.len() >= table.sweep_at {
             table.sweep(now);
         }
@@ -245,7 +243,7 @@ impl PerIp {
     }
 
     fn release(&self, key: IpAddr, now: Instant) {
-        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = self.table.lock();
         let Some(entry) = table.entries.get_mut(&key) else {
             return;
         };
@@ -257,11 +255,7 @@ impl PerIp {
 
     /// Addresses tracked now (for tests and the bound above).
     pub fn tracked(&self) -> usize {
-        self.table
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entries
-            .len()
+        self.table.lock().entries.len()
     }
 }
 
@@ -360,7 +354,7 @@ impl UserBudget {
     fn charge(&self, now: Instant, bytes: f64, publishes: f64) -> Option<Duration> {
         let charge = |bucket: &Option<Mutex<Bucket>>, n: f64| {
             bucket.as_ref().and_then(|b| {
-                let mut b = b.lock().unwrap_or_else(|p| p.into_inner());
+                let mut b = b.lock();
                 b.charge(now, n);
                 b.debt_delay()
             })
@@ -408,7 +402,7 @@ impl UserBudgets {
         if !self.enabled() {
             return None;
         }
-        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = self.table.lock();
         if let Some(budget) = table.budgets.get(username).and_then(Weak::upgrade) {
             return Some(budget);
         }
@@ -430,11 +424,7 @@ impl UserBudgets {
 
     #[cfg(test)]
     fn entries(&self) -> usize {
-        self.table
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .budgets
-            .len()
+        self.table.lock().budgets.len()
     }
 }
 

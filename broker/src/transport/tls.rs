@@ -7,8 +7,9 @@
 //! fails (missing file, key not matching) is logged and the old configuration stays.
 
 use jetmq_common::settings::InvalidSetting;
+use parking_lot::{Mutex, RwLock};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use rustls_pki_types::pem::PemObject;
@@ -163,22 +164,19 @@ impl TlsState {
 
     /// The configuration for a new handshake.
     pub fn server_config(&self) -> Arc<ServerConfig> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.read().clone()
     }
 
     /// Re-reads the files; swaps the configuration in if they changed and are valid.
     /// Ok(true): reloaded; Ok(false): nothing changed.
     pub fn reload(&self) -> anyhow::Result<bool> {
         let loaded = read_files(&self.config)?;
-        let mut last = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self.loaded.lock();
         if *last == loaded {
             return Ok(false);
         }
         let server = build(&self.config, &loaded)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(server);
+        *self.current.write() = Arc::new(server);
         *last = loaded;
         Ok(true)
     }
