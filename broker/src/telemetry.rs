@@ -1,12 +1,12 @@
 //! Logs, traces and counters.
 
-use std::fmt::Write as _;
 use std::io::IsTerminal as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use jetmq_common::envelope::Envelope;
 use jetmq_common::histogram::Histogram;
 use jetmq_common::otel::{self, LogFormat, SpanKind, SpanTrait as _, Tracing};
+use jetmq_common::prometheus::Page;
 use opentelemetry::KeyValue;
 use tracing_subscriber::EnvFilter;
 
@@ -95,14 +95,6 @@ impl Counter {
 
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A counter family with one series per label set.
-fn labelled(out: &mut String, name: &str, help: &str, series: impl Iterator<Item = (String, u64)>) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (labels, value) in series {
-        let _ = writeln!(out, "{name}{{{labels}}} {value}");
     }
 }
 
@@ -226,201 +218,74 @@ impl Metrics {
 
     /// Prometheus text exposition. `sessions`: client ids whose session this node holds.
     pub fn render(&self, subscriptions: usize, sessions: usize) -> String {
-        let mut out = String::new();
-        let mut line = |name: &str, kind: &str, help: &str, value: String| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
-        };
-        line(
-            "jetmq_connections",
-            "gauge",
-            "Open MQTT connections.",
-            self.connections.get().to_string(),
-        );
-        line(
-            "jetmq_connections_total",
-            "counter",
-            "MQTT connections accepted.",
-            self.connections_total.get().to_string(),
-        );
-        line(
-            "jetmq_connections_refused_per_ip_total",
-            "counter",
-            "Connections refused by the per-source-address limits (max_connections_per_ip, max_connect_rate_per_ip).",
-            self.connections_refused_per_ip.get().to_string(),
-        );
-        line(
-            "jetmq_subscriptions",
-            "gauge",
-            "Subscriptions of sessions on this node.",
-            subscriptions.to_string(),
-        );
-        line(
-            "jetmq_sessions",
-            "gauge",
-            "Sessions held by connections on this node.",
-            sessions.to_string(),
-        );
-        line(
-            "jetmq_sessions_created_total",
-            "counter",
-            "Connections that started a new session.",
-            self.sessions_created.get().to_string(),
-        );
-        line(
-            "jetmq_messages_dropped_qos0_total",
-            "counter",
-            "QoS 0 messages dropped for slow subscribers.",
-            self.dropped_qos0.get().to_string(),
-        );
-        line(
-            "jetmq_messages_dropped_queue_full_total",
-            "counter",
-            "Messages dropped because a session queue was full.",
-            self.dropped_queue_full.get().to_string(),
-        );
-        line(
-            "jetmq_protocol_errors_total",
-            "counter",
-            "Connections closed for protocol violations.",
-            self.protocol_errors.get().to_string(),
-        );
-        line(
-            "jetmq_session_takeovers_total",
-            "counter",
-            "Sessions taken over by a newer connection.",
-            self.takeovers.get().to_string(),
-        );
-        line(
-            "jetmq_session_replays_total",
-            "counter",
-            "Catch-up replays run for sessions.",
-            self.session_replays.get().to_string(),
-        );
-        line(
-            "jetmq_wills_published_total",
-            "counter",
-            "Will messages published.",
-            self.wills_published.get().to_string(),
-        );
-        line(
-            "jetmq_publish_batches_total",
-            "counter",
-            "QoS 1 publish batches confirmed by JetStream.",
-            self.publish_batches.get().to_string(),
-        );
-        line(
-            "jetmq_publish_batched_messages_total",
-            "counter",
-            "QoS 1 messages confirmed as part of a batch; the others were published one by one.",
-            self.publish_batched_messages.get().to_string(),
-        );
-        line(
-            "jetmq_publish_bundles_total",
-            "counter",
-            "Stream messages sent holding several QoS 1 messages of one topic (bundles).",
-            self.publish_bundles.get().to_string(),
-        );
-        line(
-            "jetmq_publish_bundled_messages_total",
-            "counter",
-            "QoS 1 messages sent inside bundles.",
-            self.publish_bundled_messages.get().to_string(),
-        );
-        line(
-            "jetmq_publish_batch_failures_total",
-            "counter",
-            "QoS 1 publish batches given up and published again (gap, refusal, timeout, no stream leader).",
-            self.publish_batch_failures.get().to_string(),
-        );
-        line(
-            "jetmq_publishes_alone_in_flight",
-            "gauge",
-            "Messages published one by one (QoS 2, QoS 1 outside batches, retained copies, wills) waiting for their JetStream ack.",
-            self.publishes_alone_in_flight.get().to_string(),
-        );
-        line(
-            "jetmq_publishes_alone_waits_total",
-            "counter",
-            "Messages that waited for a free slot because nats.max_publishes_alone were waiting for acks.",
-            self.publishes_alone_waits.get().to_string(),
-        );
-        line(
-            "jetmq_publish_store_full_total",
-            "counter",
-            "QoS 1/2 messages refused because JetStream had no room for them (MQTT 5: quota exceeded 0x97; 3.1.1: disconnected).",
-            self.publish_store_full.get().to_string(),
-        );
-        line(
-            "jetmq_message_store_full",
-            "gauge",
-            "1 from a publish refused for lack of room until the message stream has room again.",
-            self.message_store_full.get().to_string(),
-        );
-        line(
-            "jetmq_message_stream_bytes",
-            "gauge",
-            "Bytes in the message stream (JETMQ_MSGS), as last probed.",
-            self.message_stream_bytes.get().to_string(),
-        );
-        line(
-            "jetmq_message_stream_max_bytes",
-            "gauge",
-            "The message stream's max_bytes (-1: none), as last probed.",
-            self.message_stream_max_bytes.get().to_string(),
-        );
-        line(
-            "jetmq_draining",
-            "gauge",
-            "1 while the node drains: unready, listeners closed, clients sent away in waves.",
-            self.draining.get().to_string(),
-        );
-        line(
-            "jetmq_drain_disconnects_total",
-            "counter",
-            "Clients asked to leave by a drain.",
-            self.drain_disconnects.get().to_string(),
-        );
-        labelled(
-            &mut out,
-            "jetmq_messages_received_total",
-            "PUBLISH packets received from clients, by QoS.",
-            (0..3u8).map(|q| (format!("qos=\"{q}\""), self.messages_received.get(q))),
-        );
-        labelled(
-            &mut out,
-            "jetmq_messages_sent_total",
-            "PUBLISH packets sent to clients, by QoS.",
-            (0..3u8).map(|q| (format!("qos=\"{q}\""), self.messages_sent.get(q))),
-        );
-        labelled(
-            &mut out,
-            "jetmq_sessions_resumed_total",
-            "Connections that resumed a stored session, by who held it before.",
-            PreviousOwner::LABELS
-                .iter()
-                .zip(&self.sessions_resumed)
-                .map(|(label, c)| (format!("previous_owner=\"{label}\""), c.get())),
-        );
-        self.publish_ack_latency.render(
-            &mut out,
-            "jetmq_jetstream_publish_ack_seconds",
-            "Time from a QoS 1/2 publish to JetStream until its ack.",
-            "",
-        );
-        let _ = writeln!(
-            out,
-            "# HELP jetmq_build_info Version of this node.\n# TYPE jetmq_build_info gauge\njetmq_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
-        out
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let mut page = Page::new();
+        page
+            .gauge("jetmq_connections", "Open MQTT connections.", self.connections.get())
+            .counter("jetmq_connections_total", "MQTT connections accepted.", self.connections_total.get())
+            .counter("jetmq_connections_refused_per_ip_total", "Connections refused by the per-source-address limits (max_connections_per_ip, max_connect_rate_per_ip).", self.connections_refused_per_ip.get())
+            .gauge("jetmq_subscriptions", "Subscriptions of sessions on this node.", count(subscriptions))
+            .gauge("jetmq_sessions", "Sessions held by connections on this node.", count(sessions))
+            .counter("jetmq_sessions_created_total", "Connections that started a new session.", self.sessions_created.get())
+            .counter("jetmq_messages_dropped_qos0_total", "QoS 0 messages dropped for slow subscribers.", self.dropped_qos0.get())
+            .counter("jetmq_messages_dropped_queue_full_total", "Messages dropped because a session queue was full.", self.dropped_queue_full.get())
+            .counter("jetmq_protocol_errors_total", "Connections closed for protocol violations.", self.protocol_errors.get())
+            .counter("jetmq_session_takeovers_total", "Sessions taken over by a newer connection.", self.takeovers.get())
+            .counter("jetmq_session_replays_total", "Catch-up replays run for sessions.", self.session_replays.get())
+            .counter("jetmq_wills_published_total", "Will messages published.", self.wills_published.get())
+            .counter("jetmq_publish_batches_total", "QoS 1 publish batches confirmed by JetStream.", self.publish_batches.get())
+            .counter("jetmq_publish_batched_messages_total", "QoS 1 messages confirmed as part of a batch; the others were published one by one.", self.publish_batched_messages.get())
+            .counter("jetmq_publish_bundles_total", "Stream messages sent holding several QoS 1 messages of one topic (bundles).", self.publish_bundles.get())
+            .counter("jetmq_publish_bundled_messages_total", "QoS 1 messages sent inside bundles.", self.publish_bundled_messages.get())
+            .counter("jetmq_publish_batch_failures_total", "QoS 1 publish batches given up and published again (gap, refusal, timeout, no stream leader).", self.publish_batch_failures.get())
+            .gauge("jetmq_publishes_alone_in_flight", "Messages published one by one (QoS 2, QoS 1 outside batches, retained copies, wills) waiting for their JetStream ack.", self.publishes_alone_in_flight.get())
+            .counter("jetmq_publishes_alone_waits_total", "Messages that waited for a free slot because nats.max_publishes_alone were waiting for acks.", self.publishes_alone_waits.get())
+            .counter("jetmq_publish_store_full_total", "QoS 1/2 messages refused because JetStream had no room for them (MQTT 5: quota exceeded 0x97; 3.1.1: disconnected).", self.publish_store_full.get())
+            .gauge("jetmq_message_store_full", "1 from a publish refused for lack of room until the message stream has room again.", self.message_store_full.get())
+            .gauge("jetmq_message_stream_bytes", "Bytes in the message stream (JETMQ_MSGS), as last probed.", self.message_stream_bytes.get())
+            .gauge("jetmq_message_stream_max_bytes", "The message stream's max_bytes (-1: none), as last probed.", self.message_stream_max_bytes.get())
+            .gauge("jetmq_draining", "1 while the node drains: unready, listeners closed, clients sent away in waves.", self.draining.get())
+            .counter("jetmq_drain_disconnects_total", "Clients asked to leave by a drain.", self.drain_disconnects.get())
+            .counters(
+                "jetmq_messages_received_total",
+                "PUBLISH packets received from clients, by QoS.",
+                "qos",
+                (0..3u8).map(|q| (q, self.messages_received.get(q))),
+            )
+            .counters(
+                "jetmq_messages_sent_total",
+                "PUBLISH packets sent to clients, by QoS.",
+                "qos",
+                (0..3u8).map(|q| (q, self.messages_sent.get(q))),
+            )
+            .counters(
+                "jetmq_sessions_resumed_total",
+                "Connections that resumed a stored session, by who held it before.",
+                "previous_owner",
+                PreviousOwner::LABELS
+                    .iter()
+                    .zip(&self.sessions_resumed)
+                    .map(|(label, c)| (label, c.get())),
+            )
+            .histogram(
+                "jetmq_jetstream_publish_ack_seconds",
+                "Time from a QoS 1/2 publish to JetStream until its ack.",
+                &self.publish_ack_latency,
+            )
+            .gauges(
+                "jetmq_build_info",
+                "Version of this node.",
+                "version",
+                [(env!("CARGO_PKG_VERSION"), 1)],
+            );
+        page.finish()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use std::time::Duration;
 
     #[test]
