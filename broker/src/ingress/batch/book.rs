@@ -14,8 +14,11 @@ use bytes::Bytes;
 use jetmq_common::retry::Backoff;
 use tokio::time::Instant;
 
-use super::reply::{alone_reply, reply_subject};
-use super::*;
+use super::reply::{alone_reply, reply_subject, ApiError};
+use super::{
+    BatchError, BatchFailure, QueuedPublish, ACK_TIMEOUT, BACKOFF_FIRST, BACKOFF_MAX,
+    GIVE_UP_AFTER, MAX_BATCHES, MAX_BUNDLE_BYTES, MAX_QUEUED, REQUESTED_FLOW, WINDOWS_PER_BATCH,
+};
 use crate::ingress::order::SUSPECT_AFTER;
 
 /// What the server is asked to do with a message (the `$FI` reply subject's operation).
@@ -320,9 +323,9 @@ impl Book {
     }
 
     /// The oldest message published alone or batch in flight has had no answer for
-    /// [`SUSPECT_AFTER`]. JetStream answers within milliseconds when it works, and a stream leader election
-    /// takes seconds: messages sent between a silent loss and this hold find no leader and
-    /// fail, which puts everything back in order ([`Book::requeue_in_flight`]).
+    /// [`SUSPECT_AFTER`]. JetStream answers within milliseconds when it works, and a stream
+    /// leader election takes seconds: messages sent between a silent loss and this hold find
+    /// no leader and fail, which puts everything back in order ([`Book::requeue_in_flight`]).
     pub(super) fn suspect(&self, now: Instant) -> bool {
         let alone = self
             .alone
