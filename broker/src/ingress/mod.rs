@@ -3,7 +3,15 @@
 //! QoS 0 is a plain NATS publish (no acknowledgement). QoS 1 goes through the node's
 //! [`batch::BatchPublisher`] when the stream allows batches; QoS 2 (which needs JetStream's
 //! de-duplication by `Nats-Msg-Id`), retained copies and wills are published one by one and
-//! each acknowledged.
+//! each acknowledged. Everything here calls a message published on its own, with its own
+//! acknowledgement, a message published *alone* (`nats.max_publishes_alone`,
+//! `nats.batch_publish_after`).
+//!
+//! How it is used: the server builds one [`Ingress`] per node; a connection calls
+//! [`Ingress::publish_in_order`] with its [`PublishOrder`] (a will: [`Ingress::publish`])
+//! and acknowledges the PUBLISH once the returned [`AckFuture`] resolves. A
+//! [`PublishError`] tells it whether to answer "quota exceeded"
+//! ([`PublishError::is_store_full`]) or disconnect so that the client sends it again.
 
 pub mod batch;
 mod order;
