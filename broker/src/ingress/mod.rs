@@ -3,7 +3,15 @@
 //! QoS 0 is a plain NATS publish (no acknowledgement). QoS 1 goes through the node's
 //! [`batch::BatchPublisher`] when the stream allows batches; QoS 2 (which needs JetStream's
 //! de-duplication by `Nats-Msg-Id`), retained copies and wills are published one by one and
-//! each acknowledged.
+//! each acknowledged. Everything here calls a message published on its own, with its own
+//! acknowledgement, a message published *alone* (`nats.max_publishes_alone`,
+//! `nats.batch_publish_after`).
+//!
+//! How it is used: the server builds one [`Ingress`] per node; a connection calls
+//! [`Ingress::publish_in_order`] with its [`PublishOrder`] (a will: [`Ingress::publish`])
+//! and acknowledges the PUBLISH once the returned [`AckFuture`] resolves. A
+//! [`PublishError`] tells it whether to answer "quota exceeded"
+//! ([`PublishError::is_store_full`]) or disconnect so that the client sends it again.
 
 pub mod batch;
 mod order;
@@ -26,6 +34,8 @@ use crate::telemetry::PublishTrace;
 pub type AckFuture = Pin<Box<dyn Future<Output = Result<(), PublishError>> + Send>>;
 
 /// Retries of a publish that found no stream leader: 50 ms, 100 ms, ... about 8 s in all.
+/// The pauses grow linearly (50 ms more each time), not by doubling, so this loop does not
+/// use [`jetmq_common::retry::Backoff`].
 const NO_RESPONDERS_RETRIES: u32 = 17;
 
 /// Tells publishers apart for the batch task's bundles (equal hashes only make bundles
@@ -49,13 +59,20 @@ async fn send_on(
     }
     js.send_publish(subject.to_owned(), publish)
         .await
-        .map_err(|e| PublishError::Store(e.to_string()))
+        .map_err(PublishError::Store)
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    /// JetStream did not take the message, or did not acknowledge it.
     #[error("message could not be stored: {0}")]
-    Store(String),
+    Store(#[source] jetstream::context::PublishError),
+    /// NATS did not take a QoS 0 message (the connection is closed).
+    #[error("message could not be stored: {0}")]
+    Send(#[source] async_nats::client::PublishError),
+    /// The node did not send the message, or gave up waiting for it: no error underneath.
+    #[error("message could not be stored: {0}")]
+    NotStored(&'static str),
     #[error("message could not be stored: {0}")]
     Batch(#[from] batch::BatchError),
     #[error("message envelope: {0}")]
@@ -63,7 +80,7 @@ pub enum PublishError {
     /// JetStream refused the message for lack of room (see
     /// [`jetmq_common::streams::is_store_full`]).
     #[error("message store full: {0}")]
-    StoreFull(String),
+    StoreFull(#[source] jetstream::context::PublishError),
 }
 
 impl PublishError {
@@ -77,15 +94,15 @@ impl PublishError {
     }
 
     /// From a JetStream publish acknowledgement that did not come.
-    fn from_ack(err: &jetstream::context::PublishError) -> PublishError {
-        let code = std::error::Error::source(err)
+    fn from_ack(err: jetstream::context::PublishError) -> PublishError {
+        let code = std::error::Error::source(&err)
             .and_then(|source| source.downcast_ref::<jetstream::Error>())
             .map(|api| api.error_code().0);
         match code {
             Some(code) if jetmq_common::streams::is_store_full(code) => {
-                PublishError::StoreFull(err.to_string())
+                PublishError::StoreFull(err)
             }
-            _ => PublishError::Store(err.to_string()),
+            _ => PublishError::Store(err),
         }
     }
 }
@@ -132,11 +149,11 @@ impl Ingress {
                 tokio::time::timeout(ALONE_SLOT_WAIT, self.alone.clone().acquire_owned())
                     .await
                     .map_err(|_| {
-                        PublishError::Store(
-                            "JetStream has not acknowledged earlier messages for 10 s".to_owned(),
+                        PublishError::NotStored(
+                            "JetStream has not acknowledged earlier messages for 10 s",
                         )
                     })?
-                    .map_err(|_| PublishError::Store("node is shutting down".to_owned()))?
+                    .map_err(|_| PublishError::NotStored("node is shutting down"))?
             }
         };
         self.metrics.publishes_alone_in_flight.inc();
@@ -197,7 +214,7 @@ impl Ingress {
                         .await
                 }
             };
-            let sent = sent.map_err(|e| PublishError::Store(e.to_string()));
+            let sent = sent.map_err(PublishError::Send);
             if let Some(t) = trace {
                 t.end(sent.as_ref().err().map(|e| e as _));
             }
@@ -232,9 +249,7 @@ impl Ingress {
                                 stored_alone(first, js, subject, body, None, headers, None).await
                             }
                             Ok(Err(err)) => Err(err.into()),
-                            Err(_) => {
-                                Err(PublishError::Store("batch publisher stopped".to_owned()))
-                            }
+                            Err(_) => Err(PublishError::NotStored("batch publisher stopped")),
                         }
                     })
                 }
@@ -278,9 +293,9 @@ impl Ingress {
                         drop(slot);
                     });
                     Box::pin(async move {
-                        result.await.unwrap_or_else(|_| {
-                            Err(PublishError::Store("publish task ended".to_owned()))
-                        })
+                        result
+                            .await
+                            .unwrap_or(Err(PublishError::NotStored("publish task ended")))
                     })
                 }
             };
@@ -308,13 +323,13 @@ impl Ingress {
             .js
             .publish(subject::retained_subject(topic), retained_body)
             .await
-            .map_err(|e| PublishError::Store(e.to_string()))?;
+            .map_err(PublishError::Store)?;
         Ok(Box::pin(async move {
             main.await?;
             retained_ack
                 .await
                 .map(|_| ())
-                .map_err(|e| PublishError::from_ack(&e))
+                .map_err(PublishError::from_ack)
         }))
     }
 }
@@ -350,8 +365,8 @@ async fn stored_alone(
                     if let Some((order, earlier)) = &order {
                         retrying = Some(order.retrying());
                         if !earlier.clone().stored().await {
-                            return Err(PublishError::Store(
-                                "an earlier message of this publisher was not stored".to_owned(),
+                            return Err(PublishError::NotStored(
+                                "an earlier message of this publisher was not stored",
                             ));
                         }
                     }
@@ -367,7 +382,7 @@ async fn stored_alone(
                 )
                 .await?;
             }
-            Err(err) => return Err(PublishError::from_ack(&err)),
+            Err(err) => return Err(PublishError::from_ack(err)),
         }
     }
 }

@@ -18,12 +18,13 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use futures::future::{FutureExt, Shared};
+use parking_lot::Mutex;
 use tokio::sync::{oneshot, Notify};
 
 type Outcome = Shared<oneshot::Receiver<bool>>;
@@ -77,7 +78,6 @@ impl Settle {
         self.inner
             .unsettled
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .retain(|(ticket, _)| *ticket != self.ticket);
         self.inner.calm.notify_waiters();
         // Nobody waits if no later message needed to be sent again.
@@ -101,17 +101,11 @@ impl PublishOrder {
     /// own. Call in the order the messages are sent.
     pub fn take_turn(&self) -> (Earlier, Settle) {
         let (tx, rx) = oneshot::channel();
-        let earlier = self
-            .inner
-            .last
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .replace(rx.shared());
+        let earlier = self.inner.last.lock().replace(rx.shared());
         let ticket = self.inner.next_ticket.fetch_add(1, Ordering::Relaxed);
         self.inner
             .unsettled
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .push_back((ticket, Instant::now()));
         let settle = Settle {
             outcome: tx,
@@ -138,7 +132,6 @@ impl PublishOrder {
                 .inner
                 .unsettled
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner)
                 .front()
                 .map(|(_, sent_at)| *sent_at);
             if !retrying && oldest.is_none_or(|at| at + SUSPECT_AFTER > Instant::now()) {

@@ -22,12 +22,12 @@ pub struct SubEntry {
 }
 
 #[derive(Default, Debug)]
-struct Node {
-    children: HashMap<Box<str>, Node>,
+struct TrieNode {
+    children: HashMap<Box<str>, TrieNode>,
     subscribers: HashMap<SessionKey, SubEntry>,
 }
 
-impl Node {
+impl TrieNode {
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.subscribers.is_empty()
     }
@@ -35,7 +35,7 @@ impl Node {
 
 #[derive(Default, Debug)]
 pub struct SubscriptionIndex {
-    root: Node,
+    root: TrieNode,
     len: usize,
 }
 
@@ -76,7 +76,7 @@ impl SubscriptionIndex {
         removed
     }
 
-    fn remove_at(node: &mut Node, levels: &[&str], session: SessionKey) -> bool {
+    fn remove_at(node: &mut TrieNode, levels: &[&str], session: SessionKey) -> bool {
         match levels.split_first() {
             None => node.subscribers.remove(&session).is_some(),
             Some((level, rest)) => {
@@ -99,7 +99,7 @@ impl SubscriptionIndex {
         Self::collect(&self.root, &levels, 0, dollar, out);
     }
 
-    fn collect(node: &Node, levels: &[&str], depth: usize, dollar: bool, out: &mut Vec<Match>) {
+    fn collect(node: &TrieNode, levels: &[&str], depth: usize, dollar: bool, out: &mut Vec<Match>) {
         let wildcards_allowed = !(dollar && depth == 0);
         if wildcards_allowed {
             if let Some(hash) = node.children.get("#") {
@@ -121,7 +121,7 @@ impl SubscriptionIndex {
     }
 }
 
-fn push_all(node: &Node, out: &mut Vec<Match>) {
+fn push_all(node: &TrieNode, out: &mut Vec<Match>) {
     out.extend(node.subscribers.iter().map(|(session, entry)| Match {
         session: *session,
         entry: *entry,

@@ -12,7 +12,9 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::Notify;
@@ -45,8 +47,9 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, VecDeque<Delivery>> {
-        // A panic while holding this lock cannot leave the queue half-modified.
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+        // A panic while holding this lock cannot leave the queue half-modified (and
+        // parking_lot does not poison the lock).
+        self.queue.lock()
     }
 }
 
@@ -161,7 +164,7 @@ impl Drop for MailboxReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::tests::delivery;
+    use crate::routing::message::tests::delivery;
     use std::time::Duration;
 
     #[test]

@@ -39,6 +39,7 @@ pub async fn replay_range(
 }
 
 /// Empty answers in a row after which a JetStream replay gives up (and is retried later).
+/// The pause before the next fetch grows linearly (20 ms more each time), not by doubling.
 const MAX_EMPTY_FETCHES: u32 = 10;
 
 async fn from_jetstream(

@@ -15,12 +15,13 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::Hasher;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
+use parking_lot::{Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
 use super::{decode_stream_messages, position, SessionKey, SubEntry};
@@ -191,8 +192,8 @@ impl SharedGroups {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<GroupKey, Group>> {
-        self.groups.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, HashMap<GroupKey, Group>> {
+        self.groups.lock()
     }
 
     /// `after`: the position after which the group's messages are wanted, if this node

@@ -26,6 +26,8 @@ const BASE_PATIENCE: u32 = 2;
 
 /// Upper bound of the patience after rebuilds that did not help (e.g. the stream's last
 /// message was deleted by hand and can never be delivered): one rebuild a minute at most.
+/// (The patience doubles like a backoff, but counts checks rather than pausing, so it is
+/// not a [`jetmq_common::retry::Backoff`].)
 const MAX_PATIENCE: u32 = 30;
 
 #[derive(Debug)]

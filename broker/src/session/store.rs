@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, Operation};
 use bytes::Bytes;
+use jetmq_common::retry::Backoff;
 use tokio::time::Instant;
 
 use super::{hex_encode, SessionRecord};
@@ -231,7 +232,7 @@ impl SessionStore {
         if Instant::now() + pause >= deadline {
             return Err(err);
         }
-        tracing::debug!(key = what, error = %err, tries = wait.tries, pause_ms = pause.as_millis() as u64, "session store unavailable; waiting to try again");
+        tracing::debug!(key = what, error = %err, tries = wait.tries(), pause_ms = pause.as_millis() as u64, "session store unavailable; waiting to try again");
         tokio::time::sleep(pause).await;
         Ok(())
     }
@@ -337,7 +338,7 @@ async fn attempt<T>(
 /// says when to try next.
 struct OutageWait {
     policy: Arc<OutagePolicy>,
-    tries: u32,
+    backoff: Backoff,
     since: Instant,
 }
 
@@ -356,22 +357,19 @@ impl OutageWait {
         }
         Some(OutageWait {
             policy: policy.clone(),
-            tries: 0,
+            // Up to half again on each pause, so that the waiters spread out.
+            backoff: Backoff::new(FIRST_PAUSE, MAX_PAUSE).with_spread(0.5),
             since: Instant::now(),
         })
     }
 
     fn next_pause(&mut self) -> Duration {
-        let base = FIRST_PAUSE
-            .saturating_mul(1 << self.tries.min(10))
-            .min(MAX_PAUSE);
-        self.tries += 1;
-        // Up to half again, from the clock's low bits: spread, not secret.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        base + base.mul_f64(f64::from(nanos % 1000) / 2000.0)
+        self.backoff.next_pause()
+    }
+
+    /// Pauses handed out so far.
+    fn tries(&self) -> u32 {
+        self.backoff.attempts()
     }
 }
 
@@ -389,8 +387,8 @@ impl Drop for OutageWait {
 
 /// Waiting out error 10164 (see [`StoreError::InFlight`]), for any conditional KV write.
 pub(crate) struct InFlightWait {
-    tries: u32,
-    pause: std::time::Duration,
+    /// 1 ms, doubling up to 50 ms; its attempts count the tries.
+    backoff: Backoff,
 }
 
 impl InFlightWait {
@@ -400,22 +398,20 @@ impl InFlightWait {
 
     pub(crate) fn new() -> InFlightWait {
         InFlightWait {
-            tries: 0,
-            pause: std::time::Duration::from_millis(1),
+            backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(50)),
         }
     }
 
     pub(crate) async fn pause(&mut self) -> Result<(), StoreError> {
-        self.tries += 1;
-        if self.tries > Self::MAX_TRIES {
+        if self.backoff.attempts() >= Self::MAX_TRIES {
             return Err(StoreError::Conflict);
         }
+        let pause = self.backoff.next_pause();
         tracing::debug!(
-            tries = self.tries,
+            tries = self.backoff.attempts(),
             "KV write refused while another write to the key was in flight; trying again"
         );
-        tokio::time::sleep(self.pause).await;
-        self.pause = (self.pause * 2).min(std::time::Duration::from_millis(50));
+        tokio::time::sleep(pause).await;
         Ok(())
     }
 }
