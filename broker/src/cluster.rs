@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::{self, stream::Stream};
 use async_nats::ConnectOptions;
+use jetmq_common::retry::Backoff;
 use jetmq_common::streams::{self, MessageStreamSettings};
 
 use crate::config::{Config, NatsConfig};
@@ -23,15 +24,14 @@ pub struct Cluster {
     pub sessions: SessionStore,
 }
 
-impl Cluster {
-    /// The position of the message stream's end as JetStream has it now (every message
-    /// stored so far is at or before it); None if it does not answer within `timeout`.
-    pub async fn stored_upto(&self, timeout: Duration) -> Option<u64> {
-        let info = tokio::time::timeout(timeout, self.messages.get_info()).await;
-        info.ok()?
-            .ok()
-            .map(|info| crate::routing::position::end_of(info.state.last_sequence))
-    }
+/// The position of the end of `messages` (the message stream) as JetStream has it now
+/// (every message stored so far is at or before it); None if it does not answer within
+/// `timeout`.
+pub async fn stored_upto(messages: &Stream, timeout: Duration) -> Option<u64> {
+    let info = tokio::time::timeout(timeout, messages.get_info()).await;
+    info.ok()?
+        .ok()
+        .map(|info| crate::routing::position::end_of(info.state.last_sequence))
 }
 
 /// Subject on which node `node_id` receives "drop this connection" requests.
@@ -228,17 +228,19 @@ where
     Fut: std::future::Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
-    let mut delay = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         match call().await {
             Ok(value) => return Ok(value),
-            Err(err) if tokio::time::Instant::now() + delay < deadline => {
+            Err(err) => {
+                let pause = backoff.next_pause();
+                if tokio::time::Instant::now() + pause >= deadline {
+                    return Err(err);
+                }
                 tracing::warn!(what, error = %err, "JetStream not ready; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(pause).await;
             }
-            Err(err) => return Err(err),
         }
     }
 }

@@ -19,10 +19,10 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::client::publish_will;
+use crate::node::Node;
 use crate::routing::shared::{consumers_in_use, UnusedGroups};
-use crate::server::Node;
 use crate::session::{now_ms, SessionRecord, StoreError};
+use crate::will::publish_will;
 
 /// A node whose heartbeat is older than this counts as dead.
 pub const NODE_TTL: Duration = Duration::from_secs(15);
@@ -46,6 +46,9 @@ fn heartbeat_key(node_id: &str) -> String {
     format!("node.{node_id}")
 }
 
+/// The janitor of `node`, started by the server once the node is built: writes the
+/// node's heartbeat into `nodes_kv` (`JETMQ_NODES`) and, while it holds the lease, settles
+/// the sessions nobody else will. Returns when `shutdown` is cancelled.
 pub async fn run(node: Arc<Node>, nodes_kv: kv::Store, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     let mut lease: Option<u64> = None;
@@ -65,7 +68,7 @@ pub async fn run(node: Arc<Node>, nodes_kv: kv::Store, shutdown: CancellationTok
         }
         let beat = Heartbeat {
             node_id: node.config.node_id.clone(),
-            first_connection: node.first_connection_id(),
+            first_connection: node.registry.first_connection_id(),
             connections: node.metrics.connections.get(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
@@ -348,7 +351,7 @@ async fn settle(
         _ => store.save(&record, revision).await.map(|_| ())?,
     }
     if let Some(will) = will {
-        publish_will(node, client_id, record.username.as_deref(), &will).await;
+        publish_will(&node.context, client_id, record.username.as_deref(), &will).await;
     }
     Ok(())
 }

@@ -1,276 +1,71 @@
-//! The node: start-up, listeners, health endpoint, shutdown.
+//! The server: runs a node from start-up to exit.
+//!
+//! [`run`] is the whole life of a node, in two steps. [`start`] builds the node
+//! ([`Node::connect`]) and starts what runs beside the connections: the stream readers, the
+//! kick and drain subscriptions, the JetStream probe and the [`crate::janitor`]. [`serve`]
+//! then opens the listeners, hands every accepted connection to [`client::serve`] with its
+//! [`crate::node::ConnContext`], answers `/healthz`, `/readyz` and `/metrics`, and shuts
+//! down: gracefully on `drain` (`drain_clients`), at once on `shutdown`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use jetmq_codec::ReasonCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::authn::Authenticator;
 use crate::client;
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
-use crate::ingress::batch::BatchPublisher;
-use crate::ingress::Ingress;
-use crate::retained::{self, RetainedCache};
-use crate::routing::shared::SharedGroups;
-use crate::routing::{self, ReplayRing, Router};
-use crate::telemetry::Metrics;
-use crate::transport::tls::CertName;
+use crate::node::{serve_kicks, Node};
+use crate::retained;
+use crate::routing;
+use crate::routing::mailbox::{Control, MailboxSender};
 use crate::transport::{self, Edge, Kind};
 
-/// Sent to a connection by whoever needs it gone.
-pub use crate::routing::mailbox::Control;
-use crate::routing::mailbox::MailboxSender;
-
-pub struct LocalClient {
-    pub connection: u64,
-    /// The connection's mailbox, through which it takes orders ([`Control`]).
-    pub control: MailboxSender,
-}
-
-/// Everything a connection needs from its node.
-pub struct Node {
-    pub config: Config,
-    pub cluster: Cluster,
-    pub router: Arc<Router>,
-    pub retained: Arc<RetainedCache>,
-    pub shared: Arc<SharedGroups>,
-    pub ingress: Ingress,
-    pub metrics: Arc<Metrics>,
-    /// Checks CONNECT credentials (see [`crate::authn`]).
-    pub authn: Authenticator,
-    /// Live connections on this node by client id.
-    pub clients: Mutex<HashMap<String, LocalClient>>,
-    next_id: AtomicU64,
-    first_connection_id: u64,
-    pub ready: AtomicBool,
-    /// The message stream answered its last probe (see [`probe_jetstream`]).
-    pub jetstream_ok: AtomicBool,
-    /// Heartbeat writes that failed in a row (see [`crate::janitor`]): a write needs the
-    /// bucket's quorum, which a stream-info probe alone does not prove.
-    pub store_write_failures: AtomicU32,
-    /// Cancelled when a graceful drain is requested (signal, `jetmq-broker drain`).
-    pub drain: CancellationToken,
-    /// Cancelled for the hard stop: background tasks end, connections close at once.
-    pub shutdown: CancellationToken,
-    /// Every accepted connection's task, so a drain can wait until each session is written.
-    connections: TaskTracker,
-    /// Session writes that only move an idle session's cursor forward, in flight at once
-    /// (see `client::persist`): every connection's cursor follows the same stream, so
-    /// without a bound they all come due in the same second.
-    pub idle_cursor_writes: Arc<Semaphore>,
-}
-
-/// At most this many idle-cursor session writes in flight per node (`Node::idle_cursor_writes`).
-const IDLE_CURSOR_WRITES: usize = 64;
-
-impl Node {
-    pub fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Connection ids of this process start here (see [`crate::janitor::Heartbeat`]).
-    pub fn first_connection_id(&self) -> u64 {
-        self.first_connection_id
-    }
-
-    /// Asks the connection `connection` of `client_id` on `node` to go away.
-    pub async fn kick(&self, node: &str, client_id: &str, connection: u64) {
-        if node == self.config.node_id {
-            self.kick_local(client_id, connection);
-            return;
-        }
-        let payload = format!("{connection}\n{client_id}");
-        if let Err(err) = self
-            .cluster
-            .client
-            .publish(cluster::kick_subject(node), payload.into())
-            .await
-        {
-            tracing::warn!(client_id, node, error = %err, "cannot notify previous owner of a session");
-        }
-    }
-
-    fn kick_local(&self, client_id: &str, connection: u64) {
-        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(local) = clients.get(client_id) {
-            if local.connection == connection {
-                local.control.order(Control::TakenOver);
-            }
-        }
-    }
-
-    fn is_live_here(&self, client_id: &str, connection: u64) -> bool {
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(client_id)
-            .is_some_and(|c| c.connection == connection)
-    }
-
-    /// Asks a session's current connection to go away and waits (bounded) until it has
-    /// written its final state: where it got to in the stream, which QoS 2 messages are
-    /// released. The next owner then starts from there instead of from the last periodic
-    /// write, which matters when a client roams to another node within milliseconds.
-    /// A dead node or one that does not answer in time changes nothing: the caller claims
-    /// the session as it is stored and kicks afterwards.
-    ///
-    /// Returns false when the owner's node did not answer at all (dead, or cut off): then
-    /// nobody there will end that connection's session or publish its will.
-    pub async fn hand_over(&self, node: &str, client_id: &str, connection: u64) -> bool {
-        if node == self.config.node_id {
-            self.kick_local(client_id, connection);
-            self.wait_until_gone(client_id, connection).await;
-            return true;
-        }
-        let payload = format!("{connection}\n{client_id}");
-        let request = self
-            .cluster
-            .client
-            .request(cluster::kick_subject(node), payload.into());
-        match tokio::time::timeout(HANDOVER_WAIT, request).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(err)) => {
-                tracing::debug!(client_id, node, error = %err, "previous owner did not hand the session over");
-                false
-            }
-            Err(_) => {
-                tracing::info!(
-                    client_id,
-                    node,
-                    "previous owner did not hand the session over in time"
-                );
-                false
-            }
-        }
-    }
-
-    async fn wait_until_gone(&self, client_id: &str, connection: u64) {
-        // Takeovers are rare; polling the registry costs nothing per connection, unlike a
-        // completion channel held by every connection.
-        let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
-        while self.is_live_here(client_id, connection) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-}
-
-/// How long a new owner waits for the previous connection's final session write.
-const HANDOVER_WAIT: Duration = Duration::from_secs(2);
-
-/// Starts the node and serves until `drain` (graceful: see [`drain_clients`]) or `shutdown`
-/// (immediate) is cancelled.
+/// Starts the node and serves until `drain` (graceful: see `drain_clients`) or `shutdown`
+/// (immediate) is cancelled; called once by `main`.
 pub async fn run(
     config: Config,
     drain: CancellationToken,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::default());
     // Certificates and keys first: a typo in a path should not wait for NATS.
     let edge = Edge::new(&config)?;
-    let authn = Authenticator::new(&config.auth)?;
-    if !config
-        .auth
-        .admits_anyone(config.tls.username_from_cert != CertName::None)
-    {
-        tracing::warn!(
-            "no way to log in is configured (auth.allow_anonymous is false and there are no \
-             auth.users, no auth.jwt, no tls.username_from_cert): every CONNECT will be refused"
-        );
-    }
-    let cluster = cluster::connect(&config).await?;
-    let start = cluster::with_retries("message stream state", || {
-        let stream = cluster.messages.clone();
-        async move { stream.get_info().await }
-    })
-    .await
-    .context("cannot read message stream state")?
-    .state
-    .last_sequence;
-    let start = crate::routing::position::end_of(start);
-    let router = Arc::new(Router::new(
-        start,
-        ReplayRing::new(
-            config.nats.replay_buffer_messages,
-            config.nats.replay_buffer_bytes,
-        ),
-        metrics.clone(),
-    ));
-    let retained = Arc::new(RetainedCache::default());
-    let first_connection_id = crate::session::now_ms().saturating_mul(1000);
+    let node = start(config, drain, shutdown).await?;
+    serve(node, edge).await
+}
+
+/// Builds the node and starts its background tasks; returns once retained messages are
+/// loaded (or after 30 s), so that the node is ready to serve.
+pub async fn start(
+    config: Config,
+    drain: CancellationToken,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<Node>> {
+    let node = Arc::new(Node::connect(config, drain, shutdown.clone()).await?);
     let nodes_kv = cluster::with_retries("node bucket", || {
         jetmq_common::streams::ensure_kv_bucket(
-            &cluster.js,
+            &node.cluster.js,
             jetmq_common::streams::NODE_BUCKET,
-            node_replicas(&cluster),
+            node_replicas(&node.cluster),
             crate::janitor::NODE_TTL,
             64 * 1024,
         )
     })
     .await?;
-    let batches = if !config.nats.batch_publish {
-        None
-    } else if !cluster.messages.cached_info().config.allow_batch_publish {
-        tracing::warn!("the message stream does not allow batch publishing (nats-server older than 2.14?); QoS 1 is published one message at a time");
-        None
-    } else {
-        let publisher = BatchPublisher::start(
-            cluster.client.clone(),
-            shutdown.clone(),
-            metrics.clone(),
-            config.nats.batch_publish_after,
-            config.nats.bundle_max_messages,
-        )
-        .await
-        .context("cannot subscribe to the batch publishing inbox")?;
-        Some(publisher)
-    };
-    let ingress = Ingress {
-        client: cluster.client.clone(),
-        js: Arc::new(cluster.js.clone()),
-        retained: retained.clone(),
-        batches,
-        alone: Arc::new(tokio::sync::Semaphore::new(config.nats.max_publishes_alone)),
-        metrics: metrics.clone(),
-    };
-    let node = Arc::new(Node {
-        config,
-        router: router.clone(),
-        retained: retained.clone(),
-        shared: SharedGroups::new(cluster.messages.clone(), shutdown.clone()),
-        ingress,
-        metrics,
-        authn,
-        clients: Mutex::new(HashMap::new()),
-        // Unique across restarts of a node under the same id, so the janitor can tell a
-        // previous process's sessions from the current one's.
-        next_id: AtomicU64::new(first_connection_id),
-        first_connection_id,
-        ready: AtomicBool::new(false),
-        jetstream_ok: AtomicBool::new(true),
-        store_write_failures: AtomicU32::new(0),
-        drain: drain.clone(),
-        shutdown: shutdown.clone(),
-        connections: TaskTracker::new(),
-        idle_cursor_writes: Arc::new(Semaphore::new(IDLE_CURSOR_WRITES)),
-        cluster,
-    });
 
     let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
     spawn_critical(
         "retained reader",
         retained::run_retained_reader(
-            retained,
+            node.retained.clone(),
             node.cluster.retained.clone(),
             node.cluster.client.clone(),
             loaded_tx,
@@ -281,7 +76,7 @@ pub async fn run(
     spawn_critical(
         "message stream reader",
         routing::run_stream_reader(
-            router,
+            node.router.clone(),
             node.cluster.messages.clone(),
             node.cluster.client.clone(),
             shutdown.clone(),
@@ -294,7 +89,7 @@ pub async fn run(
         .subscribe(cluster::kick_subject(&node.config.node_id))
         .await
         .context("cannot subscribe to node control subject")?;
-    tokio::spawn(serve_kicks(node.clone(), kicks));
+    tokio::spawn(serve_kicks(node.registry.clone(), kicks));
     tokio::spawn(probe_jetstream(node.clone()));
     let drain_requests = node
         .cluster
@@ -315,7 +110,14 @@ pub async fn run(
     {
         tracing::warn!("retained messages still loading after 30 s; serving anyway");
     }
+    Ok(node)
+}
 
+/// Serves a started node: opens the health endpoint and the MQTT listeners of `edge`,
+/// accepts connections until a drain or the hard stop, then sends the clients away
+/// (waves, or at once) and returns once their sessions are written back. Err when the
+/// drain's deadline cut it short or a listener could not be opened.
+pub async fn serve(node: Arc<Node>, edge: Arc<Edge>) -> anyhow::Result<()> {
     if let Some(addr) = node.config.listen.http {
         let listener = TcpListener::bind(addr)
             .await
@@ -334,7 +136,7 @@ pub async fn run(
             "no MQTT listener configured (listen.tcp, listen.tls, listen.ws, listen.wss)"
         );
     }
-    edge.spawn_reloader(shutdown.clone());
+    edge.spawn_reloader(node.shutdown.clone());
     node.ready.store(true, Ordering::Release);
     // Unready strictly before the listeners close: DNS health checks should stop sending
     // clients here no later than the node stops taking them.
@@ -374,7 +176,7 @@ pub async fn run(
     } else {
         drain_clients(&node).await
     };
-    shutdown.cancel();
+    node.shutdown.cancel();
     // With NATS unreachable a flush would wait forever; shutdown must not.
     match tokio::time::timeout(Duration::from_secs(5), node.cluster.client.flush()).await {
         Ok(Ok(())) => {}
@@ -465,19 +267,18 @@ async fn accept_loop(
             edge.refuse(kind, stream, peer);
             continue;
         }
-        let tracker = node.connections.clone();
-        let node = node.clone();
+        let context = node.context.clone();
         let edge = edge.clone();
         let task = async move {
             // TLS / WebSocket handshake, bounded by limits.connect_timeout_ms.
             // Boxed: the TLS / WebSocket handshake state is large and needed only briefly.
             if let Some((stream, peer_info)) = Box::pin(edge.upgrade(kind, stream, peer)).await {
-                transport::scope(peer_info, Box::pin(client::serve(node, stream, peer))).await;
+                Box::pin(client::serve(context, stream, peer_info)).await;
             }
             drop(per_ip);
             drop(permit);
         };
-        tracker.spawn(task);
+        node.connections.spawn(task);
     }
 }
 
@@ -509,7 +310,7 @@ async fn drain_clients(node: &Node) -> anyhow::Result<()> {
     let deadline = started + Duration::from_millis(config.timeout_ms);
     let duration = Duration::from_millis(config.duration_ms);
     node.metrics.draining.set(1);
-    let total = local_clients(node, &HashSet::new()).len();
+    let total = node.registry.len();
     let waves = (config.waves as usize).min(total).max(1);
     tracing::info!(
         clients = total,
@@ -528,7 +329,7 @@ async fn drain_clients(node: &Node) -> anyhow::Result<()> {
                 _ = node.connections.wait() => break,
                 _ = node.shutdown.cancelled() => break,
             }
-            let remaining = local_clients(node, &signalled);
+            let remaining = node.registry.connections_except(&signalled);
             let share = remaining.len().div_ceil(waves - wave + 1);
             let sent = signal(remaining.into_iter().take(share), &mut signalled);
             node.metrics.drain_disconnects.add(sent as u64);
@@ -544,7 +345,7 @@ async fn drain_clients(node: &Node) -> anyhow::Result<()> {
     // Connections still in their handshake when the drain began register late; they go too.
     let mut sweep = tokio::time::interval(Duration::from_millis(100));
     loop {
-        let late = local_clients(node, &signalled);
+        let late = node.registry.connections_except(&signalled);
         if !late.is_empty() {
             let sent = signal(late.into_iter(), &mut signalled);
             node.metrics.drain_disconnects.add(sent as u64);
@@ -576,17 +377,6 @@ async fn drain_clients(node: &Node) -> anyhow::Result<()> {
         "drain did not finish within drain.timeout_ms = {} ms ({left} connections left)",
         config.timeout_ms
     )
-}
-
-/// Registered connections not yet asked to leave.
-fn local_clients(node: &Node, signalled: &HashSet<u64>) -> Vec<(u64, MailboxSender)> {
-    node.clients
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .filter(|c| !signalled.contains(&c.connection))
-        .map(|c| (c.connection, c.control.clone()))
-        .collect()
 }
 
 fn signal(
@@ -695,30 +485,6 @@ fn watch_store_room(node: &Node, info: &async_nats::jetstream::stream::Info, see
     refusals
 }
 
-async fn serve_kicks(node: Arc<Node>, mut kicks: async_nats::Subscriber) {
-    while let Some(message) = kicks.next().await {
-        let Ok(text) = std::str::from_utf8(&message.payload) else {
-            continue;
-        };
-        let Some((connection, client_id)) = text.split_once('\n') else {
-            continue;
-        };
-        let Ok(connection) = connection.parse::<u64>() else {
-            continue;
-        };
-        node.kick_local(client_id, connection);
-        if let Some(reply) = message.reply {
-            // The requester waits for the session's final write: answer once it is done.
-            let node = node.clone();
-            let client_id = client_id.to_owned();
-            tokio::spawn(async move {
-                node.wait_until_gone(&client_id, connection).await;
-                let _ = node.cluster.client.publish(reply, Default::default()).await;
-            });
-        }
-    }
-}
-
 /// A deliberately tiny HTTP/1.1 responder: three GET paths, no keep-alive.
 async fn serve_http(node: Arc<Node>, listener: TcpListener) {
     loop {
@@ -756,7 +522,7 @@ async fn answer_http(node: Arc<Node>, mut stream: TcpStream) -> std::io::Result<
             }
         }
         "/metrics" => {
-            let sessions = node.clients.lock().unwrap_or_else(|p| p.into_inner()).len();
+            let sessions = node.registry.len();
             (
                 "200 OK",
                 node.metrics
@@ -771,14 +537,6 @@ async fn answer_http(node: Arc<Node>, mut stream: TcpStream) -> std::io::Result<
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
-}
-
-/// Reason code a connection gets when the node closes it for `control`.
-pub fn control_reason(control: Control) -> ReasonCode {
-    match control {
-        Control::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
-        Control::Shutdown => ReasonCode::SERVER_SHUTTING_DOWN,
-    }
 }
 
 pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {

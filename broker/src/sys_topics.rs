@@ -13,8 +13,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use jetmq_common::envelope::Envelope;
 
+use crate::node::ConnContext;
 use crate::routing::{MessageRef, StoredMessage};
-use crate::server::Node;
 use crate::topic;
 
 /// The namespace this node serves; clients cannot publish into it.
@@ -46,16 +46,17 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn of(node: &Node) -> Snapshot {
-        let started_ms = node.first_connection_id() / 1000;
+    /// The figures of the node `context` belongs to, as they are now.
+    pub fn of(context: &ConnContext) -> Snapshot {
+        let started_ms = context.registry.first_connection_id() / 1000;
         Snapshot {
-            node_id: node.config.node_id.clone(),
+            node_id: context.config.node_id.clone(),
             uptime_secs: crate::session::now_ms().saturating_sub(started_ms) / 1000,
-            clients_connected: node.clients.lock().unwrap_or_else(|p| p.into_inner()).len(),
-            subscriptions: node.router.subscription_count(),
-            retained: node.retained.len(),
-            messages_received: node.metrics.messages_received.total(),
-            messages_sent: node.metrics.messages_sent.total(),
+            clients_connected: context.registry.len(),
+            subscriptions: context.router.subscription_count(),
+            retained: context.retained.len(),
+            messages_received: context.metrics.messages_received.total(),
+            messages_sent: context.metrics.messages_sent.total(),
         }
     }
 
@@ -95,13 +96,14 @@ impl Snapshot {
     }
 }
 
-/// The node's `$SYS` messages matching `filter`; cheap for every other filter.
-pub fn matching(node: &Node, filter: &str) -> Vec<MessageRef> {
+/// The node's `$SYS` messages matching `filter`, for a connection's SUBSCRIBE; cheap for
+/// every other filter.
+pub fn matching(context: &ConnContext, filter: &str) -> Vec<MessageRef> {
     // Only a filter starting with `$SYS` can match: wildcards never match a leading `$`.
     if !filter.starts_with("$SYS") {
         return Vec::new();
     }
-    Snapshot::of(node).matching(filter)
+    Snapshot::of(context).matching(filter)
 }
 
 #[cfg(test)]

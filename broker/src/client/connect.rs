@@ -5,10 +5,11 @@ use jetmq_codec::{
 };
 
 use crate::authn::{Credentials, Refusal};
-use crate::server::Node;
+use crate::node::ConnContext;
 use crate::session::{now_ms, Owner, SessionRecord, StoreError, StoredProperties, StoredWill};
 use crate::telemetry::PreviousOwner;
 use crate::topic;
+use crate::transport::PeerInfo;
 
 /// What the handshake settled.
 pub(super) struct Admission {
@@ -25,10 +26,15 @@ pub(super) struct Admission {
     pub expires_at: Option<u64>,
 }
 
-/// Checks a CONNECT and authenticates the client (see [`crate::authn`]). `Err` carries the
-/// CONNACK reason to refuse it with.
-pub(super) async fn admit(node: &Node, connect: &Connect) -> Result<Admission, ReasonCode> {
-    let limits = &node.config.limits;
+/// Checks a CONNECT and authenticates the client (see [`crate::authn`]); `peer` is what the
+/// transport learned about it (a verified certificate's name, its per-user read budget).
+/// `Err` carries the CONNACK reason to refuse it with.
+pub(super) async fn admit(
+    context: &ConnContext,
+    connect: &Connect,
+    peer: &PeerInfo,
+) -> Result<Admission, ReasonCode> {
+    let limits = &context.config.limits;
     let v5 = connect.protocol.is_v5();
     let mut client_id = connect.client_id.clone();
     let mut assigned = false;
@@ -37,7 +43,7 @@ pub(super) async fn admit(node: &Node, connect: &Connect) -> Result<Admission, R
             // 3.1.1: a server-chosen id cannot be resumed, so a persistent session needs one.
             return Err(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
         }
-        client_id = format!("jetmq-{}-{:016x}", node.config.node_id, rand_u64());
+        client_id = format!("jetmq-{}-{:016x}", context.config.node_id, rand_u64());
         assigned = true;
     }
     if client_id.len() > limits.max_client_id_length {
@@ -79,8 +85,7 @@ pub(super) async fn admit(node: &Node, connect: &Connect) -> Result<Admission, R
     if connect.properties.authentication_method.is_some() {
         return Err(ReasonCode::BAD_AUTHENTICATION_METHOD);
     }
-    let peer = crate::transport::current_peer();
-    let identity = node
+    let identity = context
         .authn
         .authenticate(Credentials {
             username: connect.username.as_deref(),
@@ -94,10 +99,13 @@ pub(super) async fn admit(node: &Node, connect: &Connect) -> Result<Admission, R
             Refusal::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
             Refusal::Busy => ReasonCode::SERVER_BUSY,
         })?;
-    let unusable = node.config.acl.unsafe_placeholders(crate::auth::Principal {
-        username: identity.username.as_deref(),
-        client_id: &client_id,
-    });
+    let unusable = context
+        .config
+        .acl
+        .unsafe_placeholders(crate::auth::Principal {
+            username: identity.username.as_deref(),
+            client_id: &client_id,
+        });
     if !unusable.is_empty() {
         // Not refused: the ACL fails closed for this client (see crate::auth).
         tracing::warn!(
@@ -169,12 +177,12 @@ pub(super) struct Claim {
 /// Makes this connection the owner of the client id's session, cluster-wide. Races with
 /// other connections are settled by the KV revision check; the loser retries on fresh data.
 pub(super) async fn claim_session(
-    node: &Node,
+    context: &ConnContext,
     admission: &Admission,
     connect: &Connect,
     connection: u64,
 ) -> Result<Claim, StoreError> {
-    let store = &node.cluster.sessions;
+    let store = &context.sessions;
     // Compare-and-set conflicts so far; waiting out a store outage does not count.
     let mut conflicts = 0;
     let mut handed_over_by = None;
@@ -185,7 +193,7 @@ pub(super) async fn claim_session(
     // its CONNACK meanwhile.
     let deadline = store.outage_deadline();
     let this_connection = Owner {
-        node: node.config.node_id.clone(),
+        node: context.config.node_id.clone(),
         connection,
     };
     loop {
@@ -198,7 +206,8 @@ pub(super) async fn claim_session(
             .filter(|owner| *owner != this_connection);
         if handed_over_by.is_none() {
             if let Some(owner) = &previous_owner {
-                owner_unreachable = !node
+                owner_unreachable = !context
+                    .registry
                     .hand_over(&owner.node, &admission.client_id, owner.connection)
                     .await;
                 handed_over_by = Some(owner.clone());
@@ -228,7 +237,7 @@ pub(super) async fn claim_session(
                 (record, true)
             }
             _ => (
-                SessionRecord::new(&admission.client_id, node.router.position()),
+                SessionRecord::new(&admission.client_id, context.router.position()),
                 false,
             ),
         };
@@ -244,20 +253,20 @@ pub(super) async fn claim_session(
         match store.save_until(&record, revision, deadline).await {
             Ok(revision) => {
                 count_claim(
-                    node,
+                    context,
                     session_present,
                     previous_owner.as_ref().or(handed_over_by.as_ref()),
                 );
                 if previous_owner.is_some() || handed_over_by.is_some() {
-                    node.metrics.takeovers.inc();
+                    context.metrics.takeovers.inc();
                 }
                 if let Some((will, username)) =
                     orphaned_will.filter(|(w, _)| w.delay_secs == 0 || !session_present)
                 {
                     tracing::info!(client_id = %admission.client_id, "publishing the will of the connection lost with its node");
                     // Under the lost connection's username: the ACL judges its will.
-                    super::will::publish_will(
-                        node,
+                    crate::will::publish_will(
+                        context,
                         &admission.client_id,
                         username.as_deref(),
                         &will,
@@ -267,7 +276,9 @@ pub(super) async fn claim_session(
                 // Still owned after the hand-over: the old connection did not answer in time
                 // (or its node is gone); make sure it goes.
                 if let Some(owner) = previous_owner {
-                    node.kick(&owner.node, &admission.client_id, owner.connection)
+                    context
+                        .registry
+                        .kick(&owner.node, &admission.client_id, owner.connection)
                         .await;
                 }
                 return Ok(Claim {
@@ -283,28 +294,28 @@ pub(super) async fn claim_session(
     }
 }
 
-fn count_claim(node: &Node, session_present: bool, previous_owner: Option<&Owner>) {
+fn count_claim(context: &ConnContext, session_present: bool, previous_owner: Option<&Owner>) {
     if !session_present {
-        node.metrics.sessions_created.inc();
+        context.metrics.sessions_created.inc();
         return;
     }
     // A session still owned by another node when its client comes back here is, after a
     // node failure, exactly the "session load after failover" operators want to see.
     let previous = match previous_owner {
         None => PreviousOwner::None,
-        Some(owner) if owner.node == node.config.node_id => PreviousOwner::ThisNode,
+        Some(owner) if owner.node == context.config.node_id => PreviousOwner::ThisNode,
         Some(_) => PreviousOwner::OtherNode,
     };
-    node.metrics.session_resumed(previous);
+    context.metrics.session_resumed(previous);
 }
 
 pub(super) fn connack(
-    node: &Node,
+    context: &ConnContext,
     connect: &Connect,
     admission: &Admission,
     session_present: bool,
 ) -> Packet {
-    let limits = &node.config.limits;
+    let limits = &context.config.limits;
     let mut properties = ConnAckProperties::default();
     if connect.protocol.is_v5() {
         properties.receive_maximum = Some(limits.receive_maximum);

@@ -24,8 +24,11 @@ pub(super) type PendingAck = Pin<Box<dyn Future<Output = InboundDone> + Send>>;
 
 impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
     pub(super) async fn handle_publish(&mut self, mut publish: Publish) -> Result<(), Exit> {
-        self.node.metrics.messages_received.inc(publish.qos as u8);
-        let limits = &self.node.config.limits;
+        self.context
+            .metrics
+            .messages_received
+            .inc(publish.qos as u8);
+        let limits = &self.context.config.limits;
         if !publish.properties.subscription_identifiers.is_empty() {
             // [MQTT-3.3.4-6]: only the server puts them in (EMQX and HiveMQ close here too).
             return Err(self.protocol_error(
@@ -96,7 +99,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         // The node itself answers for $SYS/broker/ (crate::sys_topics): no spoofing it.
         if crate::sys_topics::is_reserved(&publish.topic)
             || !self
-                .node
+                .context
                 .config
                 .acl
                 .allowed(self.principal(), Action::Publish, &publish.topic)
@@ -108,7 +111,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         match publish.qos {
             QoS::AtMostOnce => {
                 if let Err(err) = self
-                    .node
+                    .context
                     .ingress
                     .publish(&publish.topic, &envelope, publish.payload, None)
                     .await
@@ -222,7 +225,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         let qos = QoS::from_u8(envelope.qos).unwrap_or(QoS::AtLeastOnce);
         let started = std::time::Instant::now();
         match self
-            .node
+            .context
             .ingress
             .publish_in_order(
                 &topic,
@@ -234,7 +237,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             .await
         {
             Ok(ack) => {
-                let metrics = self.node.metrics.clone();
+                let metrics = self.context.metrics.clone();
                 self.acks.push_back(Box::pin(async move {
                     let result = ack.await;
                     if result.is_ok() {
@@ -287,8 +290,8 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     /// cannot be told, is disconnected without an acknowledgement and sends the message again
     /// when it reconnects (acknowledging it would lose it). See docs/security.md, "Quotas".
     fn store_full(&mut self, packet_id: u16, qos: QoS, err: &PublishError) -> Result<(), Exit> {
-        self.node.metrics.publish_store_full.inc();
-        if self.node.metrics.message_store_full.swap(1) == 0 {
+        self.context.metrics.publish_store_full.inc();
+        if self.context.metrics.message_store_full.swap(1) == 0 {
             tracing::warn!(error = %err, "message store full: publishes are refused (MQTT 5: quota exceeded 0x97; 3.1.1: disconnected) until space frees");
         }
         if !self.v5 {

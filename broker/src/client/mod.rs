@@ -6,15 +6,13 @@
 //! it is needed after the connection ends, because whatever must survive is in the
 //! session record.
 
+mod close;
 mod connect;
 mod fresh_retained;
 mod inbound;
 mod outbound;
 mod persist;
 mod subscriptions;
-mod will;
-
-pub(crate) use will::publish_will;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -30,10 +28,11 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::connection::{FrameReader, FrameWriter, ReadError, Transport};
-use crate::routing::mailbox::{mailbox, MailboxReceiver, MailboxSender};
+use crate::node::{control_reason, ConnContext, LocalClient};
+use crate::routing::mailbox::{mailbox, Control, MailboxReceiver, MailboxSender};
 use crate::routing::{SessionKey, SessionLink, SubEntry, NOT_LAGGED};
-use crate::server::{control_reason, Control, LocalClient, Node};
 use crate::session::SessionRecord;
+use crate::transport::PeerInfo;
 
 use crate::session::delivery::{AckKind, DeliveryState};
 use inbound::PendingAck;
@@ -65,7 +64,7 @@ enum Exit {
 }
 
 pub(crate) struct Client<R, W> {
-    node: Arc<Node>,
+    context: Arc<ConnContext>,
     reader: FrameReader<R>,
     writer: FrameWriter<W>,
     peer: SocketAddr,
@@ -121,19 +120,20 @@ pub(crate) struct Client<R, W> {
     closing: Option<Instant>,
 }
 
-/// Serves one accepted socket until it closes. Never panics on client input; every way out
-/// is logged with the client id.
-pub async fn serve<S: Transport>(node: Arc<Node>, stream: S, peer: SocketAddr) {
-    node.metrics.connections.inc();
-    node.metrics.connections_total.inc();
+/// Serves one accepted socket until it closes: called by the server for every connection
+/// once its transport handshake is done, with what the transport learned about the peer.
+/// Never panics on client input; every way out is logged with the client id.
+pub async fn serve<S: Transport>(context: Arc<ConnContext>, stream: S, peer: PeerInfo) {
+    context.metrics.connections.inc();
+    context.metrics.connections_total.inc();
     let (read_half, write_half) = tokio::io::split(stream);
-    let reader = FrameReader::new(read_half, node.config.limits.max_packet_size as usize);
+    let reader = FrameReader::new(read_half, context.config.limits.max_packet_size as usize);
     let writer = FrameWriter::new(write_half);
     // Every log line about this connection carries the node and (once known) the client id.
     let span = tracing::info_span!(
         "client",
-        node = %node.config.node_id,
-        %peer,
+        node = %context.config.node_id,
+        peer = %peer.addr,
         client_id = tracing::field::Empty
     );
     // The handshake's state (CONNECT packet, session claim) is large and short-lived: boxed,
@@ -143,7 +143,8 @@ pub async fn serve<S: Transport>(node: Arc<Node>, stream: S, peer: SocketAddr) {
     // to the end of its block, i.e. across every await below, and the future then holds
     // the client twice (1.3 KB more per connection).
     async {
-        let Some(mut client) = Box::pin(handshake(node.clone(), reader, writer, peer)).await else {
+        let Some(mut client) = Box::pin(handshake(context.clone(), reader, writer, peer)).await
+        else {
             return;
         };
         let exit = client.run_loop().await;
@@ -155,19 +156,20 @@ pub async fn serve<S: Transport>(node: Arc<Node>, stream: S, peer: SocketAddr) {
     }
     .instrument(span)
     .await;
-    node.metrics.connections.dec();
+    context.metrics.connections.dec();
 }
 
 /// A connection past CONNACK.
 type Established<S> = Client<ReadHalf<S>, WriteHalf<S>>;
 
 async fn handshake<S: Transport>(
-    node: Arc<Node>,
+    context: Arc<ConnContext>,
     mut reader: FrameReader<ReadHalf<S>>,
     mut writer: FrameWriter<WriteHalf<S>>,
-    peer: SocketAddr,
+    peer_info: PeerInfo,
 ) -> Option<Established<S>> {
-    let timeout = Duration::from_millis(node.config.limits.connect_timeout_ms);
+    let peer = peer_info.addr;
+    let timeout = Duration::from_millis(context.config.limits.connect_timeout_ms);
     let first = match tokio::time::timeout(timeout, reader.next()).await {
         Err(_) => {
             tracing::info!(%peer, "no CONNECT within {timeout:?}; closing");
@@ -191,19 +193,19 @@ async fn handshake<S: Transport>(
             return None;
         }
         Ok(Err(err)) => {
-            node.metrics.protocol_errors.inc();
+            context.metrics.protocol_errors.inc();
             tracing::info!(%peer, error = %err, "closing before CONNECT completed");
             return None;
         }
         Ok(Ok(packet)) => packet,
     };
     let Packet::Connect(connect) = first else {
-        node.metrics.protocol_errors.inc();
+        context.metrics.protocol_errors.inc();
         tracing::info!(%peer, packet = first.name(), "first packet was not CONNECT; closing");
         return None;
     };
     writer.version = connect.protocol;
-    let admission = match Box::pin(connect::admit(&node, &connect)).await {
+    let admission = match Box::pin(connect::admit(&context, &connect, &peer_info)).await {
         Ok(admission) => admission,
         Err(reason) => {
             tracing::info!(%peer, client_id = %connect.client_id, reason = reason.0, "CONNECT refused");
@@ -215,9 +217,9 @@ async fn handshake<S: Transport>(
     if let Some(max) = connect.properties.maximum_packet_size {
         writer.peer_max_packet_size = max as usize;
     }
-    let connection = node.next_id();
+    let connection = context.registry.next_id();
     let claim = match Box::pin(connect::claim_session(
-        &node, &admission, &connect, connection,
+        &context, &admission, &connect, connection,
     ))
     .await
     {
@@ -232,23 +234,18 @@ async fn handshake<S: Transport>(
     let client_id: Arc<str> = Arc::from(admission.client_id.as_str());
     tracing::Span::current().record("client_id", &*client_id);
     let (tx, rx) = mailbox(ROUTER_QUEUE);
-    if let Some(previous) = node
-        .clients
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            admission.client_id.clone(),
-            LocalClient {
-                connection,
-                control: tx.clone(),
-            },
-        )
-    {
+    if let Some(previous) = context.registry.register(
+        admission.client_id.clone(),
+        LocalClient {
+            connection,
+            control: tx.clone(),
+        },
+    ) {
         previous.control.order(Control::TakenOver);
     }
     if writer
         .queue(&connect::connack(
-            &node,
+            &context,
             &connect,
             &admission,
             claim.session_present,
@@ -261,7 +258,7 @@ async fn handshake<S: Transport>(
 
     let lagged = Arc::new(AtomicU64::new(NOT_LAGGED));
     let subscriptions = subscriptions::entries(&claim.record.subscriptions);
-    let live_from = node.router.attach(
+    let live_from = context.router.attach(
         connection,
         SessionLink {
             client_id: client_id.clone(),
@@ -271,7 +268,7 @@ async fn handshake<S: Transport>(
         &subscriptions,
     );
     let receive_maximum = connect.properties.receive_maximum.unwrap_or(u16::MAX);
-    let limits = &node.config.limits;
+    let limits = &context.config.limits;
     let mut delivery = DeliveryState::new(
         limits.max_queued_messages,
         limits.max_queued_bytes,
@@ -287,7 +284,7 @@ async fn handshake<S: Transport>(
     );
     delivery.replay_upto = Some(live_from);
     let mut client = Client {
-        node: node.clone(),
+        context: context.clone(),
         reader,
         writer,
         peer,
@@ -334,15 +331,15 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     async fn run_loop(&mut self) -> Exit {
         let mut persist_tick = tokio::time::interval(PERSIST_INTERVAL);
         persist_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let stall_limit = self.node.config.limits.max_write_buffer;
+        let stall_limit = self.context.config.limits.max_write_buffer;
         let packet_read_timeout =
-            Duration::from_millis(self.node.config.limits.packet_read_timeout_ms);
+            Duration::from_millis(self.context.config.limits.packet_read_timeout_ms);
         // Both futures live as long as the loop. Made afresh in every pass they cost a
         // registration and a removal each time: a keep-alive timer is an insert into and a
         // removal from the timer wheel per packet. The shutdown future is polled in every
         // pass and takes its token's lock each time; a child token of our own keeps that
         // lock out of reach of the node's other connections.
-        let shutdown = self.node.shutdown.child_token().cancelled_owned();
+        let shutdown = self.context.shutdown.child_token().cancelled_owned();
         tokio::pin!(shutdown);
         // Armed at the keep-alive deadline as it was then; packets since only move the
         // deadline later, so when it fires it is checked and moved on, at most once per
@@ -407,7 +404,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     };
                 }
                 _ = sleep_until(packet_deadline) => {
-                    self.node.metrics.protocol_errors.inc();
+                    self.context.metrics.protocol_errors.inc();
                     tracing::info!(client_id = %self.client_id, peer = %self.peer, timeout = ?packet_read_timeout, "packet not completed in time; disconnecting");
                     self.send_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
                     return Exit::Abnormal;
@@ -539,7 +536,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 tracing::debug!(client_id = %self.client_id, "connection closed by client")
             }
             ReadError::Decode(err) => {
-                self.node.metrics.protocol_errors.inc();
+                self.context.metrics.protocol_errors.inc();
                 tracing::info!(client_id = %self.client_id, peer = %self.peer, error = %err, "protocol violation; disconnecting");
                 self.send_disconnect(err.reason_code());
             }
@@ -564,7 +561,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         if !self.v5 {
             return;
         }
-        let reference = self.node.config.drain.server_reference.clone();
+        let reference = self.context.config.drain.server_reference.clone();
         let reason = if reference.is_some() {
             ReasonCode::USE_ANOTHER_SERVER
         } else {
@@ -576,7 +573,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     }
 
     fn protocol_error(&mut self, reason: ReasonCode, what: &str) -> Exit {
-        self.node.metrics.protocol_errors.inc();
+        self.context.metrics.protocol_errors.inc();
         tracing::info!(client_id = %self.client_id, peer = %self.peer, reason = reason.0, "{what}; disconnecting");
         self.send_disconnect(reason);
         Exit::Abnormal
@@ -623,7 +620,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                         ));
                     }
                     self.record.expiry_secs =
-                        expiry.min(self.node.config.limits.max_session_expiry);
+                        expiry.min(self.context.config.limits.max_session_expiry);
                 }
                 Err(Exit::Disconnect {
                     publish_will: disconnect.reason == ReasonCode::DISCONNECT_WITH_WILL,
@@ -645,7 +642,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
 
     /// Cleans up after the loop: the will, the session record, the router and registry.
     async fn finish(&mut self, exit: Exit) {
-        self.node.router.detach(
+        self.context.router.detach(
             self.session_key,
             self.subscriptions.iter().map(|(f, _)| f.clone()),
         );
@@ -673,19 +670,15 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             }
             Exit::Abnormal => Box::pin(self.end_session(0)).await,
             Exit::Shutdown => {
-                let min_will_delay = self.node.config.drain.will_delay_secs;
+                let min_will_delay = self.context.config.drain.will_delay_secs;
                 Box::pin(self.end_session(min_will_delay)).await
             }
         }
         // Only now, with the session written: a new owner waiting in a hand-over watches
-        // for this entry to go (see Node::hand_over).
-        let mut clients = self.node.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if clients
-            .get(&*self.client_id)
-            .is_some_and(|c| c.connection == self.connection)
-        {
-            clients.remove(&*self.client_id);
-        }
+        // for this entry to go (see Registry::hand_over).
+        self.context
+            .registry
+            .unregister(&self.client_id, self.connection);
     }
 }
 

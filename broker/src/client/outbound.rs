@@ -36,7 +36,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     }
 
     fn queue_overflow(&self) {
-        self.node.metrics.dropped_queue_full.inc();
+        self.context.metrics.dropped_queue_full.inc();
         tracing::debug!(client_id = %self.client_id, "session queue full; dropping message");
     }
 
@@ -50,7 +50,10 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         let lagged = self.lagged.load(Ordering::Acquire);
         if lagged != NOT_LAGGED && self.deliveries.is_empty() && !self.delivery.is_full() {
             self.delivery.position = self.delivery.position.max(lagged.saturating_sub(1));
-            let upto = self.node.router.clear_lag(self.session_key, &self.lagged);
+            let upto = self
+                .context
+                .router
+                .clear_lag(self.session_key, &self.lagged);
             self.delivery.replay_upto = Some(upto);
         }
     }
@@ -61,7 +64,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         {
             return;
         }
-        let router_position = self.node.router.position();
+        let router_position = self.context.router.position();
         if self.deliveries.is_empty() {
             self.delivery.position = self.delivery.position.max(router_position);
         }
@@ -87,13 +90,13 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             self.delivery.replay_reached(upto);
             return;
         }
-        self.node.metrics.session_replays.inc();
-        let node = self.node.clone();
+        self.context.metrics.session_replays.inc();
+        let context = self.context.clone();
         let after = self.delivery.position;
         self.replay = Some(Box::pin(async move {
             replay_range(
-                &node.router,
-                &node.cluster.messages,
+                &context.router,
+                &context.messages,
                 &filters,
                 after,
                 upto,
@@ -144,9 +147,9 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
 
     fn send_publish(&mut self, delivery: Delivery, packet_id: u16, dup: bool) {
         let msg = &delivery.msg;
-        if !self.node.config.acl.allows_everything()
+        if !self.context.config.acl.allows_everything()
             && !self
-                .node
+                .context
                 .config
                 .acl
                 .allowed(self.principal(), Action::Subscribe, &msg.topic)
@@ -199,7 +202,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         };
         match self.writer.queue(&Packet::Publish(publish)) {
             Ok(true) => {
-                self.node.metrics.messages_sent.inc(delivery.qos as u8);
+                self.context.metrics.messages_sent.inc(delivery.qos as u8);
                 self.delivery.sent(delivery, packet_id);
             }
             Ok(false) => {

@@ -86,7 +86,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             && !self.delivery.released_changed
             && !self.delivery.delivered_since_persist;
         let permit = if cursor_only {
-            match self.node.idle_cursor_writes.clone().try_acquire_owned() {
+            match self.context.idle_cursor_writes.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => return,
             }
@@ -99,7 +99,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.delivery.released_changed = false;
         self.delivery.delivered_since_persist = false;
         self.riding_on_persist = std::mem::take(&mut self.waiting_for_persist);
-        let store = self.node.cluster.sessions.clone();
+        let store = self.context.sessions.clone();
         let record = self.record.clone();
         let revision = self.revision;
         self.persist = Some(Box::pin(async move {
@@ -129,7 +129,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 // The write already waited the whole grace: the store is gone for good, as
                 // far as this connection can tell. The client reconnects, and its claim
                 // waits for the store in turn.
-                tracing::warn!(client_id = %self.client_id, error = %err, grace_ms = self.node.config.session.store_outage_grace_ms, "session store unavailable for longer than the grace; disconnecting");
+                tracing::warn!(client_id = %self.client_id, error = %err, grace_ms = self.context.config.session.store_outage_grace_ms, "session store unavailable for longer than the grace; disconnecting");
                 self.write_again();
                 self.send_disconnect(jetmq_codec::ReasonCode::SERVER_BUSY);
                 Err(Exit::Abnormal)
@@ -166,7 +166,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     /// whose acknowledgement was lost and that landed anyway, or a stale read). Then the
     /// connection keeps the session and writes its state again on the newer revision.
     async fn revision_conflict(&mut self) -> Result<(), Exit> {
-        let sessions = &self.node.cluster.sessions;
+        let sessions = &self.context.sessions;
         let stored = sessions
             .load_until(&self.client_id, sessions.outage_deadline())
             .await;
@@ -215,7 +215,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                     if self.delivery.push_extra(delivery)
                         == crate::session::delivery::Accept::Dropped
                     {
-                        self.node.metrics.dropped_queue_full.inc();
+                        self.context.metrics.dropped_queue_full.inc();
                     }
                 }
                 Ok(())

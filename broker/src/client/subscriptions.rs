@@ -57,13 +57,10 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         // read all of those yet (a message this node acknowledged a moment ago, even to this
         // client), and its own position would hand them to the new subscription, although
         // they were published before it. Without an answer, the router's position it is.
-        let stored_upto = self
-            .node
-            .cluster
-            .stored_upto(STORED_UPTO_WAIT)
+        let stored_upto = crate::cluster::stored_upto(&self.context.messages, STORED_UPTO_WAIT)
             .await
             .unwrap_or(0);
-        let limits = &self.node.config.limits;
+        let limits = &self.context.config.limits;
         let (max_levels, max_len, max_subs) = (
             limits.max_topic_levels,
             limits.max_topic_length,
@@ -95,7 +92,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 ));
             }
             if !self
-                .node
+                .context
                 .config
                 .acl
                 .allowed(self.principal(), Action::Subscribe, parsed.filter)
@@ -128,11 +125,11 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             }
             if let Some(group) = parsed.share_group {
                 // Shared subscriptions get no retained messages (MQTT 5, 4.8.2).
-                self.node.shared.join(
+                self.context.shared.join(
                     group,
                     parsed.filter,
                     self.shared_member(entry),
-                    self.node.router.position().max(stored_upto),
+                    self.context.router.position().max(stored_upto),
                 );
                 reasons.push(granted(options.qos));
                 continue;
@@ -150,7 +147,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 _ => false,
             };
             if send_retained {
-                let stored = self.node.retained.matching(parsed.filter);
+                let stored = self.context.retained.matching(parsed.filter);
                 // Most retained messages are old: the cheap test first.
                 for msg in stored
                     .iter()
@@ -168,7 +165,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                             .remember(msg);
                     }
                 }
-                let sys = crate::sys_topics::matching(&self.node, parsed.filter);
+                let sys = crate::sys_topics::matching(&self.context, parsed.filter);
                 for msg in stored.into_iter().chain(sys) {
                     if entry.no_local && *msg.envelope.client_id == *self.client_id {
                         continue;
@@ -185,7 +182,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             reasons.push(granted(options.qos));
         }
         if !added.is_empty() {
-            self.node.router.subscribe(self.session_key, &added);
+            self.context.router.subscribe(self.session_key, &added);
         }
         let reasons = if self.v5 {
             reasons
@@ -224,18 +221,18 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
     /// Joins the groups of the session's stored shared subscriptions (on connect).
     pub(super) fn join_shared(&self) {
         for (group, filter, entry) in shared_entries(&self.record.subscriptions) {
-            self.node.shared.join(
+            self.context.shared.join(
                 &group,
                 &filter,
                 self.shared_member(entry),
-                self.node.router.position(),
+                self.context.router.position(),
             );
         }
     }
 
     pub(super) fn leave_shared(&self) {
         for (group, filter, _) in shared_entries(&self.record.subscriptions) {
-            self.node.shared.leave(&group, &filter, self.session_key);
+            self.context.shared.leave(&group, &filter, self.session_key);
         }
     }
 
@@ -247,13 +244,13 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             match topic::parse_filter(filter, usize::MAX, usize::MAX) {
                 Ok(parsed) if parsed.share_group.is_some() => {
                     let group = parsed.share_group.unwrap_or_default();
-                    self.node
+                    self.context
                         .shared
                         .leave(group, parsed.filter, self.session_key);
                 }
                 _ => {
                     self.subscriptions.retain(|(f, _)| f != filter);
-                    self.node.router.unsubscribe(self.session_key, filter);
+                    self.context.router.unsubscribe(self.session_key, filter);
                 }
             }
             reasons.push(if self.record.subscriptions.len() < before {

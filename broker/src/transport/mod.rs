@@ -4,15 +4,16 @@
 //! CONNECT rate and per-connection read limits.
 //!
 //! Every accepted socket goes through [`Edge::upgrade`]; the result is one [`Stream`] type
-//! whatever the transport, so the client code exists once. What the transport learned
-//! about the peer (the username of a verified client certificate) travels to the CONNECT
-//! handling as a task-local [`PeerInfo`], read with [`current_peer`].
+//! whatever the transport, so the client code exists once, and a [`PeerInfo`]: what the
+//! transport learned about the peer (its address, the username of a verified client
+//! certificate, its per-user read budget). The server passes both to
+//! [`crate::client::serve`], which hands the peer info on to the CONNECT handling.
 
 pub mod limit;
 pub mod tls;
 pub mod websocket;
 
-use std::future::Future;
+use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -80,10 +81,13 @@ pub fn listeners(listen: &ListenConfig) -> Vec<(Kind, SocketAddr)> {
     .collect()
 }
 
-/// What the transport knows about the peer, for authentication.
-#[derive(Debug, Clone, Default)]
+/// What the transport knows about the peer: made by [`Edge::upgrade`], passed to
+/// [`crate::client::serve`] with the stream, used for logging and authentication.
+#[derive(Debug, Clone)]
 pub struct PeerInfo {
-    pub transport: Option<Kind>,
+    /// The peer's socket address.
+    pub addr: SocketAddr,
+    pub transport: Kind,
     /// From a client certificate that passed verification (`tls.username_from_cert`).
     pub cert_username: Option<String>,
     /// Where the authenticated username's shared read budget goes (None: no per-user
@@ -108,20 +112,6 @@ impl PeerInfo {
             }
         }
     }
-}
-
-tokio::task_local! {
-    static PEER: PeerInfo;
-}
-
-/// Runs `future` (a connection's [`crate::client::serve`]) with `info` as its peer info.
-pub async fn scope<F: Future>(info: PeerInfo, future: F) -> F::Output {
-    PEER.scope(info, future).await
-}
-
-/// The peer info of the connection this task serves (empty outside [`scope`]).
-pub fn current_peer() -> PeerInfo {
-    PEER.try_with(PeerInfo::clone).unwrap_or_default()
 }
 
 /// Everything listeners share: TLS state, limits.
@@ -272,7 +262,8 @@ impl Edge {
         stream: TcpStream,
         peer: SocketAddr,
     ) -> Option<(Stream, PeerInfo)> {
-        match tokio::time::timeout(self.handshake_timeout, self.handshake(kind, stream)).await {
+        let handshake = self.handshake(kind, stream, peer);
+        match tokio::time::timeout(self.handshake_timeout, handshake).await {
             Ok(Ok(upgraded)) => Some(upgraded),
             Ok(Err(err)) => {
                 tracing::debug!(%peer, transport = %kind, error = %err, "handshake failed");
@@ -285,9 +276,15 @@ impl Edge {
         }
     }
 
-    async fn handshake(&self, kind: Kind, stream: TcpStream) -> anyhow::Result<(Stream, PeerInfo)> {
+    async fn handshake(
+        &self,
+        kind: Kind,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> anyhow::Result<(Stream, PeerInfo)> {
         let mut info = PeerInfo {
-            transport: Some(kind),
+            addr: peer,
+            transport: kind,
             cert_username: None,
             user_limit: None,
         };

@@ -1,103 +1,9 @@
-//! Wills and the end of a session.
-
-use std::sync::Arc;
-use std::time::Duration;
-
-use bytes::Bytes;
-use jetmq_common::envelope::{Envelope, MessageProperties};
+//! The end of a connection's session: the final session write, at a hand-over or at close,
+//! and the connection's will, published (through [`crate::will`]) or scheduled.
 
 use super::Client;
-use crate::auth::{Action, Principal};
-use crate::server::Node;
 use crate::session::{now_ms, StoreError, StoredWill};
-
-/// Publishes a will and waits until it is stored.
-pub(crate) async fn publish_will(
-    node: &Node,
-    client_id: &str,
-    username: Option<&str>,
-    will: &StoredWill,
-) {
-    let who = Principal {
-        username,
-        client_id,
-    };
-    if crate::sys_topics::is_reserved(&will.topic)
-        || !node.config.acl.allowed(who, Action::Publish, &will.topic)
-    {
-        tracing::info!(client_id, topic = %will.topic, "will denied by ACL; not published");
-        return;
-    }
-    let p = &will.properties;
-    let envelope = Envelope {
-        qos: will.qos.min(2),
-        retain: will.retain,
-        client_id: client_id.to_owned(),
-        timestamp_ms: now_ms(),
-        properties: MessageProperties {
-            payload_format_indicator: p.payload_format_indicator,
-            message_expiry_interval: p.message_expiry_interval,
-            content_type: p.content_type.clone(),
-            response_topic: p.response_topic.clone(),
-            correlation_data: p.correlation_data.clone().map(Bytes::from),
-            user_properties: p.user_properties.clone(),
-        },
-    };
-    let payload = Bytes::from(will.payload.clone());
-    let stored = match node
-        .ingress
-        .publish(&will.topic, &envelope, payload, None)
-        .await
-    {
-        Ok(ack) => tokio::time::timeout(Duration::from_secs(10), ack)
-            .await
-            .map_err(|_| "timed out".to_owned())
-            .and_then(|r| r.map_err(|e| e.to_string())),
-        Err(err) => Err(err.to_string()),
-    };
-    match stored {
-        Ok(()) => {
-            node.metrics.wills_published.inc();
-            tracing::info!(client_id, topic = %will.topic, "will published");
-        }
-        Err(err) => {
-            tracing::warn!(client_id, topic = %will.topic, error = %err, "will could not be published")
-        }
-    }
-}
-
-/// Publishes a delayed will when it falls due, unless the session was resumed meanwhile.
-async fn will_timer(node: Arc<Node>, client_id: String, due_ms: u64) {
-    let wait = due_ms.saturating_sub(now_ms());
-    tokio::select! {
-        _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
-        _ = node.shutdown.cancelled() => return,
-    }
-    let store = &node.cluster.sessions;
-    let Ok((Some(mut record), revision)) = store.load(&client_id).await else {
-        return;
-    };
-    if record.owner.is_some() || record.will_due_ms != Some(due_ms) {
-        return;
-    }
-    let Some(will) = record.will.take() else {
-        return;
-    };
-    record.will_due_ms = None;
-    // Written before the will goes out, so that a resume or a janitor acting at the same
-    // moment makes this write fail and the will is published at most once.
-    let result = if record.is_expired(now_ms()) {
-        store.delete(&client_id, revision).await
-    } else {
-        store.save(&record, revision).await.map(|_| ())
-    };
-    match result {
-        Ok(()) => publish_will(&node, &client_id, record.username.as_deref(), &will).await,
-        Err(err) => {
-            tracing::debug!(client_id, error = %err, "session record changed before the delayed will was due; not published")
-        }
-    }
-}
+use crate::will::{publish_will, will_timer};
 
 impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R, W> {
     pub(super) async fn publish_own_will(&mut self) {
@@ -108,7 +14,13 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
 
     /// Publishes `will` as this connection's.
     pub(super) async fn send_will(&mut self, will: &StoredWill) {
-        publish_will(&self.node, &self.client_id, self.username.as_deref(), will).await;
+        publish_will(
+            &self.context,
+            &self.client_id,
+            self.username.as_deref(),
+            will,
+        )
+        .await;
     }
 
     /// Another connection takes the session: write where this one got to, so the next
@@ -130,7 +42,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
         self.record.cursor = self.delivery.durable_cursor();
         self.record.released = self.delivery.released_in_order();
         self.record.sent_upto = Some(self.delivery.sent_upto());
-        let sessions = &self.node.cluster.sessions;
+        let sessions = &self.context.sessions;
         match sessions
             .save_until(&self.record, self.revision, sessions.outage_deadline())
             .await
@@ -164,7 +76,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
                 }
             }
         }
-        let store = self.node.cluster.sessions.clone();
+        let store = self.context.sessions.clone();
         let now = now_ms();
         if self.record.expiry_secs == 0 {
             // The session ends with the connection, and a pending will goes out with it.
@@ -214,7 +126,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             Ok(_) => {
                 if let Some(due) = due {
                     tokio::spawn(will_timer(
-                        self.node.clone(),
+                        self.context.clone(),
                         self.client_id.to_string(),
                         due,
                     ));
