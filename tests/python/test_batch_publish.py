@@ -1,4 +1,4 @@
-"""QoS 1 publishing in JetStream fast-ingest batches (broker/src/ingress/batch.rs), against a
+"""QoS 1 publishing in JetStream fast-ingest batches (broker/src/ingress/batch/), against a
 real nats-server: the stream allows batches, messages go in batches and every one arrives,
 the switch turns it off, an older stream is upgraded, and a stream that stops allowing
 batches while the node runs makes it fall back to one message at a time without losing any.

@@ -1,5 +1,5 @@
 """Bundles: while QoS 1 messages queue for a JetStream batch, the broker stores those of one
-topic as one stream message (broker/src/ingress/batch.rs, common/src/envelope.rs). Against a
+topic as one stream message (broker/src/ingress/batch/, common/src/envelope.rs). Against a
 real nats-server: bundles form, the stream holds fewer messages than were published, and every
 reader takes them apart again, in order: a live subscriber, a shared subscription group, and a
 persistent session that resumes from JetStream in the middle of a bundle.
