@@ -5,6 +5,10 @@
 //! session writes and on timers. All per-connection state lives in [`Client`]; nothing in
 //! it is needed after the connection ends, because whatever must survive is in the
 //! session record.
+//!
+//! It stays one file of about 700 lines because its heart is that one `select!` loop
+//! (`run_loop`, 175 lines) and the handshake that sets up what the loop reads; the
+//! handling of each packet kind already lives in the child modules.
 
 mod close;
 mod connect;
