@@ -197,6 +197,26 @@ def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05,
                            + (f" (last error: {last_exc})" if last_exc else ""))
 
 
+def freeze(pid: int, timeout: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and return only once every one of its threads has stopped.
+
+    kill() returns when the signal is queued, not when the process has stopped: the kernel
+    wakes one thread to start the group stop, and on a busy machine the others can run on
+    for milliseconds (long enough to read a socket's EOF and write a session record).
+    A test that hangs a node and then acts must wait for this."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def all_stopped() -> bool:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            # the state follows the parenthesised command name, which may hold spaces
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state not in ("T", "t"):
+                return False
+        return True
+
+    wait_until(all_stopped, timeout, 0.002, f"process {pid} to stop")
+
+
 def tail(path: Path, lines: int = 60) -> str:
     try:
         with open(path, "rb") as f:

@@ -302,7 +302,7 @@ def test_will_of_a_client_of_a_hung_node_published_once(fresh_cluster):
         device = cl.raw(a, version=V5)
         device.mqtt_connect(cid, clean=False, props={"SessionExpiryInterval": 600},
                             will={"topic": topic, "payload": b"device lost", "qos": 1})
-        os.kill(hung.pid, signal.SIGSTOP)
+        harness.freeze(hung.pid)
         try:
             device.close()  # no DISCONNECT: the device gave up on a node that stopped answering
             again = cl(b, client_id=cid, version=V5, clean=False, session_expiry=600).connect(timeout=15)

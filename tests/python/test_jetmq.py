@@ -268,7 +268,7 @@ def test_publishes_waiting_for_jetstream_are_bounded_node_wide(broker_factory, n
         pubs = [cl.raw(version=V5) for _ in range(3)]
         for i, p in enumerate(pubs):
             p.mqtt_connect(uid(f"alone-p{i}"))
-        os.kill(nats.pid, signal.SIGSTOP)
+        harness.freeze(nats.pid)
         try:
             sent = {i: [p.publish(topic, f"{i}-{k}".encode(), qos=1) for k in range(3)] for i, p in enumerate(pubs)}
             harness.wait_until(lambda: metric("jetmq_publishes_alone_waits_total") >= 1, 5, 0.1,
