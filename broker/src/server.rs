@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use jetmq_common::http::{self, Response};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -485,58 +485,33 @@ fn watch_store_room(node: &Node, info: &async_nats::jetstream::stream::Info, see
     refusals
 }
 
-/// A deliberately tiny HTTP/1.1 responder: three GET paths, no keep-alive.
+/// Health, readiness and metrics (see [`jetmq_common::http`]) until the node shuts down.
 async fn serve_http(node: Arc<Node>, listener: TcpListener) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = node.shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(_) => continue,
-            },
-        };
-        let node = node.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer_http(node, stream)).await;
-        });
+    let shutdown = node.shutdown.clone();
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = http::serve(listener, move |path| answer_http(&node, path)) => {}
     }
 }
 
-async fn answer_http(node: Arc<Node>, mut stream: TcpStream) -> std::io::Result<()> {
-    let mut request = vec![0u8; 2048];
-    let n = stream.read(&mut request).await?;
-    let head = String::from_utf8_lossy(&request[..n]);
-    let path = head.split_whitespace().nth(1).unwrap_or("/");
-    let (status, body) = match path {
-        "/healthz" => ("200 OK", "ok\n".to_owned()),
+fn answer_http(node: &Node, path: &str) -> Response {
+    match path {
+        "/healthz" => Response::text(http::Status::Ok, "ok\n"),
         "/readyz" => {
             let connected =
                 node.cluster.client.connection_state() == async_nats::connection::State::Connected;
-            if node.ready.load(Ordering::Acquire)
-                && connected
-                && node.jetstream_ok.load(Ordering::Acquire)
-            {
-                ("200 OK", "ready\n".to_owned())
-            } else {
-                ("503 Service Unavailable", "not ready\n".to_owned())
-            }
-        }
-        "/metrics" => {
-            let sessions = node.registry.len();
-            (
-                "200 OK",
-                node.metrics
-                    .render(node.router.subscription_count(), sessions),
+            Response::readiness(
+                node.ready.load(Ordering::Acquire)
+                    && connected
+                    && node.jetstream_ok.load(Ordering::Acquire),
             )
         }
-        _ => ("404 Not Found", "not found\n".to_owned()),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+        "/metrics" => Response::metrics(
+            node.metrics
+                .render(node.router.subscription_count(), node.registry.len()),
+        ),
+        _ => Response::not_found(),
+    }
 }
 
 pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
