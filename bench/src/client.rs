@@ -2,6 +2,7 @@
 //! workspace's codec. One task drives one connection (no per-connection event loop, no
 //! channels), so tens of thousands of connections stay cheap.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -10,7 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
 use jetmq_codec::{
     decode_packet, encode_packet, ConnAck, Connect, ConnectProperties, Disconnect, Packet,
-    ProtocolVersion, QoS, ReasonCode, Subscribe, SubscribeFilter, SubscriptionOptions,
+    ProtocolVersion, PubResp, Publish, QoS, ReasonCode, Subscribe, SubscribeFilter,
+    SubscriptionOptions,
 };
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -137,6 +139,39 @@ impl Conn {
 
     pub fn queue(&mut self, packet: &Packet) -> Result<()> {
         encode_packet(packet, self.version, &mut self.wbuf).context("encode")
+    }
+
+    /// Acknowledges an incoming PUBLISH as a device does: PUBACK for QoS 1, PUBREC for
+    /// QoS 2, nothing for QoS 0. `qos2_held` holds the QoS 2 packet ids received and not
+    /// yet released; returns false for a QoS 2 message sent again before its PUBREL, which
+    /// is not a new delivery.
+    pub fn acknowledge(&mut self, publish: &Publish, qos2_held: &mut HashSet<u16>) -> Result<bool> {
+        match publish.qos {
+            QoS::AtMostOnce => Ok(true),
+            QoS::AtLeastOnce => {
+                self.queue(&Packet::PubAck(PubResp::new(
+                    publish.packet_id,
+                    ReasonCode::SUCCESS,
+                )))?;
+                Ok(true)
+            }
+            QoS::ExactlyOnce => {
+                self.queue(&Packet::PubRec(PubResp::new(
+                    publish.packet_id,
+                    ReasonCode::SUCCESS,
+                )))?;
+                Ok(qos2_held.insert(publish.packet_id))
+            }
+        }
+    }
+
+    /// Answers a PUBREL: the QoS 2 message `packet_id` is complete.
+    pub fn release(&mut self, packet_id: u16, qos2_held: &mut HashSet<u16>) -> Result<()> {
+        qos2_held.remove(&packet_id);
+        self.queue(&Packet::PubComp(PubResp::new(
+            packet_id,
+            ReasonCode::SUCCESS,
+        )))
     }
 
     /// Writes what it can without waiting.

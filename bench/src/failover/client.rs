@@ -398,13 +398,7 @@ impl Client {
     fn handle(&mut self, conn: &mut Conn, packet: Packet) -> Result<()> {
         match packet {
             Packet::Publish(p) => self.on_publish(conn, p)?,
-            Packet::PubRel(r) => {
-                self.qos2_pending.remove(&r.packet_id);
-                conn.queue(&Packet::PubComp(PubResp::new(
-                    r.packet_id,
-                    ReasonCode::SUCCESS,
-                )))?;
-            }
+            Packet::PubRel(r) => conn.release(r.packet_id, &mut self.qos2_pending)?,
             Packet::PubAck(r) => self.on_ack(conn, r, QoS::AtLeastOnce, false)?,
             Packet::PubRec(r) => self.on_ack(conn, r, QoS::ExactlyOnce, false)?,
             Packet::PubComp(r) => self.on_ack(conn, r, QoS::ExactlyOnce, true)?,
@@ -416,26 +410,11 @@ impl Client {
     }
 
     fn on_publish(&mut self, conn: &mut Conn, p: Publish) -> Result<()> {
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce if !self.puback_delay.is_zero() => {
-                let due = Instant::now() + self.puback_delay;
-                self.delayed_acks.push_back((due, p.packet_id));
-            }
-            QoS::AtLeastOnce => conn.queue(&Packet::PubAck(PubResp::new(
-                p.packet_id,
-                ReasonCode::SUCCESS,
-            )))?,
-            QoS::ExactlyOnce => {
-                conn.queue(&Packet::PubRec(PubResp::new(
-                    p.packet_id,
-                    ReasonCode::SUCCESS,
-                )))?;
-                if !self.qos2_pending.insert(p.packet_id) {
-                    // A retransmission of a message this client already has (before PUBREL).
-                    return Ok(());
-                }
-            }
+        if p.qos == QoS::AtLeastOnce && !self.puback_delay.is_zero() {
+            let due = Instant::now() + self.puback_delay;
+            self.delayed_acks.push_back((due, p.packet_id));
+        } else if !conn.acknowledge(&p, &mut self.qos2_pending)? {
+            return Ok(());
         }
         let now = payload::now_ns();
         let shared = &self.shared;

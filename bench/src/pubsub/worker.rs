@@ -248,13 +248,7 @@ impl Worker {
     fn handle(&mut self, conn: &mut Conn, packet: Packet) -> Result<()> {
         match packet {
             Packet::Publish(p) => self.on_publish(conn, p)?,
-            Packet::PubRel(r) => {
-                self.qos2_pending.remove(&r.packet_id);
-                conn.queue(&Packet::PubComp(PubResp::new(
-                    r.packet_id,
-                    ReasonCode::SUCCESS,
-                )))?;
-            }
+            Packet::PubRel(r) => conn.release(r.packet_id, &mut self.qos2_pending)?,
             Packet::PubAck(r) => self.on_ack(conn, r, AckKind::Ack)?,
             Packet::PubRec(r) => self.on_ack(conn, r, AckKind::Rec)?,
             Packet::PubComp(r) => self.on_ack(conn, r, AckKind::Comp)?,
@@ -266,22 +260,8 @@ impl Worker {
     }
 
     fn on_publish(&mut self, conn: &mut Conn, p: Publish) -> Result<()> {
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => conn.queue(&Packet::PubAck(PubResp::new(
-                p.packet_id,
-                ReasonCode::SUCCESS,
-            )))?,
-            QoS::ExactlyOnce => {
-                conn.queue(&Packet::PubRec(PubResp::new(
-                    p.packet_id,
-                    ReasonCode::SUCCESS,
-                )))?;
-                if !self.qos2_pending.insert(p.packet_id) {
-                    // Retransmission of a message we already have: not a new delivery.
-                    return Ok(());
-                }
-            }
+        if !conn.acknowledge(&p, &mut self.qos2_pending)? {
+            return Ok(());
         }
         let Role::Sub(s) = self.role else {
             return Ok(());
