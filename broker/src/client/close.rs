@@ -33,27 +33,48 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Client<R
             match pending.await {
                 Ok(revision) => self.revision = revision,
                 Err(StoreError::Conflict) => return true,
-                Err(_) => return false,
+                // Landed or not, nobody knows (the node may have hung with it in flight):
+                // the final write below finds out.
+                Err(_) => {}
             }
         }
-        self.record.owner = None;
+        let own = self.record.owner.take();
         self.record.will_due_ms = None;
         self.record.disconnected_at_ms = Some(now_ms());
         self.record.cursor = self.delivery.durable_cursor();
         self.record.released = self.delivery.released_in_order();
         self.record.sent_upto = Some(self.delivery.sent_upto());
         let sessions = &self.context.sessions;
-        match sessions
-            .save_until(&self.record, self.revision, sessions.outage_deadline())
-            .await
-        {
-            Ok(_) => false,
-            Err(StoreError::Conflict) => true,
-            Err(err) => {
-                tracing::warn!(client_id = %self.client_id, error = %err, "session write failed at hand-over");
-                false
+        let mut revision = self.revision;
+        // Twice at most: the second time on the revision of this connection's own write.
+        for _ in 0..2 {
+            match sessions
+                .save_until(&self.record, revision, sessions.outage_deadline())
+                .await
+            {
+                Ok(_) => return false,
+                Err(StoreError::Conflict) => {
+                    // Only a claim changes the owner: a record that still names this
+                    // connection holds a write of its own whose answer was lost.
+                    match sessions
+                        .load_until(&self.client_id, sessions.outage_deadline())
+                        .await
+                    {
+                        Ok((Some(stored), stored_revision))
+                            if own.is_some() && stored.owner == own =>
+                        {
+                            revision = stored_revision
+                        }
+                        _ => return true,
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(client_id = %self.client_id, error = %err, "session write failed at hand-over");
+                    return false;
+                }
             }
         }
+        true
     }
 
     /// The connection is gone: publish or schedule the will, then either delete the session
