@@ -49,4 +49,9 @@ pub struct ConnContext {
     /// (see `client::persist`): every connection's cursor follows the same stream, so
     /// without a bound they all come due in the same second.
     pub idle_cursor_writes: Arc<Semaphore>,
+    /// Connections writing their final session state (and will) at once (see
+    /// `client::Client::finish`): a mass disconnect ends thousands of sessions in the same
+    /// moment, and each final write in flight holds its step, a copy of the record and a KV
+    /// request.
+    pub closing_writes: Arc<Semaphore>,
 }

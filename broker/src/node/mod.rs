@@ -41,6 +41,9 @@ use crate::transport::tls::CertName;
 /// At most this many idle-cursor session writes in flight per node
 /// ([`ConnContext::idle_cursor_writes`]).
 const IDLE_CURSOR_WRITES: usize = 64;
+/// At most this many connections end their session at once per node
+/// ([`ConnContext::closing_writes`]).
+const CLOSING_WRITES: usize = 256;
 
 /// One broker process: what the server, the janitor and the health endpoint work on.
 /// Shared as `Arc<Node>`; connections get [`Node::context`] instead.
@@ -152,6 +155,7 @@ impl Node {
             registry: registry.clone(),
             shutdown: shutdown.clone(),
             idle_cursor_writes: Arc::new(Semaphore::new(IDLE_CURSOR_WRITES)),
+            closing_writes: Arc::new(Semaphore::new(CLOSING_WRITES)),
         });
         Ok(Node {
             config,
